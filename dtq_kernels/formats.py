@@ -1,0 +1,366 @@
+"""Number formats: the single source of truth for quantize / dequantize math.
+
+Everything that turns floats into codes (reference ops, calibration, QuantLinear, tests) calls into this
+module, so the conventions below hold everywhere:
+
+* Symmetric INTn: scale = absmax / (2^(n-1) - 1), codes in ±(2^(n-1) - 1), stored in int8 containers.
+* Asymmetric INTn: codes in [-2^(n-1), 2^(n-1) - 1] with an integer zero point z:
+  x ≈ scale · (q - z).
+* FP formats: scale = absmax / maxval (E4M3 448, E2M1 6, E1M2 1.75, E3M0 16).
+* Rounding is to the nearest representable value, ties to even (for INT: even integer; for FP4: the
+  grid value whose code has an even mantissa/index). Values beyond the range saturate.
+* A zero scale (all-zero row, group or block) gives zero codes.
+* FP4 codes are 4 bits: bit 3 is the sign, bits 0-2 index the format's 8 magnitudes. Zero is always
+  code 0 (no negative zero), so packed tensors are canonical.
+* 4-bit packing: two codes per byte along the last dimension, element 2i in the low nibble.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Format", "get_format", "FORMAT_NAMES", "check_finite", "int_qmax", "int_qrange", "absmax_scale",
+    "quantize_int", "dequantize_int", "asymmetric_params", "fp4_grid", "fp4_table", "fp4_int_table",
+    "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
+    "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
+    "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight",
+]
+
+# Magnitudes of the three 4-bit float formats (sign handled separately), indexed by the 3-bit code.
+_FP4_GRIDS = {
+    # 2 exponent bits (bias 1), 1 mantissa bit; the OCP/NVIDIA E2M1.
+    "fp4_e2m1": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+    # 1 exponent bit, 2 mantissa bits: a uniform grid of step 0.25.
+    "fp4_e1m2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    # 3 exponent bits (bias 3), no mantissa: zero and powers of two 2^-2 .. 2^4.
+    "fp4_e3m0": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+}
+# Exact integer images of the grids (grid · factor), used by 8-bit MMA kernels on pre-Blackwell GPUs:
+# the factor is folded into the scale, so decoding to int8 loses nothing.
+_FP4_INT_FACTOR = {"fp4_e2m1": 2, "fp4_e1m2": 4, "fp4_e3m0": 4}
+
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class Format:
+    """A number format. `maxval` is the largest code magnitude (INT) or value (FP)."""
+
+    name: str
+    kind: str  # "int", "fp8", "fp4", "block_fp4"
+    bits: int
+    maxval: float
+    block_size: int | None = None  # for nvfp4 / mxfp4
+
+    @property
+    def is_int(self) -> bool:
+        return self.kind == "int"
+
+
+def _build_formats() -> dict[str, Format]:
+    fmts = {f"int{n}": Format(f"int{n}", "int", n, float(2 ** (n - 1) - 1)) for n in range(2, 9)}
+    fmts["fp8_e4m3"] = Format("fp8_e4m3", "fp8", 8, FP8_E4M3_MAX)
+    for name, grid in _FP4_GRIDS.items():
+        fmts[name] = Format(name, "fp4", 4, grid[-1])
+    fmts["nvfp4"] = Format("nvfp4", "block_fp4", 4, 6.0, block_size=16)
+    fmts["mxfp4"] = Format("mxfp4", "block_fp4", 4, 6.0, block_size=32)
+    return fmts
+
+
+_FORMATS = _build_formats()
+FORMAT_NAMES = tuple(_FORMATS)
+
+
+def get_format(name: str | Format) -> Format:
+    if isinstance(name, Format):
+        return name
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(FORMAT_NAMES)}") from None
+
+
+def check_finite(x: torch.Tensor, what: str = "input") -> None:
+    """Raise a clear error for NaN/Inf: a scale computed from them would silently poison every code."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(f"{what} contains non-finite values ({n_nan} NaN, {n_inf} Inf); "
+                         "quantization needs finite data")
+
+
+# ----------------------------------------------------------------------------------------------- INT
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8 (int8 containers), got {bits!r}")
+
+
+def int_qmax(bits: int) -> int:
+    _check_bits(bits)
+    return 2 ** (bits - 1) - 1
+
+
+def int_qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+    qmax = int_qmax(bits)
+    return (-qmax, qmax) if symmetric else (-qmax - 1, qmax)
+
+
+def absmax_scale(absmax: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """scale = absmax / maxval, in fp32 with IEEE division (kernels use div_rn to match bit for bit)."""
+    return absmax.float() / get_format(fmt).maxval
+
+
+def _safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in fp32, treating a zero scale as 1 (its data is all zero, or it is forced to code 0)."""
+    scale = scale.float()
+    return x.float() / torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, bits: int,
+                 zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes q = clamp(round_half_even(x / scale) + z, qmin, qmax) as int8. `scale` broadcasts against x.
+
+    Symmetric when zero_point is None (codes in ±qmax), else asymmetric (codes in [-qmax-1, qmax]).
+    """
+    qmin, qmax = int_qrange(bits, symmetric=zero_point is None)
+    q = torch.round(_safe_div(x, scale))  # torch.round rounds half to even
+    q = torch.where(torch.as_tensor(scale).float() == 0, torch.zeros_like(q), q)
+    if zero_point is not None:
+        q = q + zero_point.float()
+    return q.clamp(qmin, qmax).to(torch.int8)
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    qf = q.float()
+    if zero_point is not None:
+        qf = qf - zero_point.float()
+    return qf * scale.float()
+
+
+def asymmetric_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) mapping [min(xmin,0), max(xmax,0)] onto the full signed range of `bits`."""
+    qmin, qmax = int_qrange(bits, symmetric=False)
+    lo = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
+    hi = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
+    scale = (hi - lo) / (qmax - qmin)
+    zero = torch.round(qmin - lo / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(qmin, qmax)
+    return scale, zero.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------- FP4
+
+def _fp4_name(fmt: str | Format) -> str:
+    f = get_format(fmt)
+    if f.kind == "block_fp4":
+        return "fp4_e2m1"  # NVFP4 and MXFP4 elements are E2M1
+    if f.kind != "fp4":
+        raise ValueError(f"{f.name} is not a 4-bit float format")
+    return f.name
+
+
+def fp4_grid(fmt: str | Format) -> torch.Tensor:
+    """The 8 non-negative magnitudes of a 4-bit float format, ascending (fp32)."""
+    return torch.tensor(_FP4_GRIDS[_fp4_name(fmt)], dtype=torch.float32)
+
+
+def fp4_table(fmt: str | Format) -> torch.Tensor:
+    """16-entry decode table: code c -> value (codes 8..15 are the negatives; code 8 decodes to -0.0)."""
+    g = fp4_grid(fmt)
+    return torch.cat([g, -g])
+
+
+def fp4_int_table(fmt: str | Format) -> tuple[torch.Tensor, int]:
+    """(int8 table[16], factor): table[c] == fp4_table[c] · factor exactly, for 8-bit MMA decoding."""
+    name = _fp4_name(fmt)
+    factor = _FP4_INT_FACTOR[name]
+    return (fp4_table(name) * factor).to(torch.int8), factor
+
+
+def _round_to_grid(mag: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest grid value to mag >= 0; ties go to the even index; saturates at the top."""
+    mids = (grid[1:] + grid[:-1]) / 2
+    idx = torch.bucketize(mag, mids, right=False)  # number of midpoints strictly below mag
+    at_tie = (idx < len(mids)) & (mag == mids[idx.clamp(max=len(mids) - 1)])
+    return torch.where(at_tie & (idx % 2 == 1), idx + 1, idx)
+
+
+def quantize_fp4(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """4-bit codes (uint8 in 0..15) of x / scale rounded to the format's grid, saturating."""
+    grid = fp4_grid(fmt).to(x.device)
+    xs = _safe_div(x, scale)
+    idx = _round_to_grid(xs.abs(), grid)
+    sign = ((xs < 0) & (idx > 0)).to(torch.uint8)  # canonical zero: no -0 code
+    code = idx.to(torch.uint8) | (sign << 3)
+    return torch.where(scale.float() == 0, torch.zeros_like(code), code)
+
+
+def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    return fp4_table(fmt).to(codes.device)[codes.long()] * scale.float()
+
+
+# ----------------------------------------------------------------------------------------------- FP8
+
+def quantize_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """float8_e4m3fn of x / scale, round to nearest even, saturating at ±448 (the cast alone gives NaN)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return _safe_div(x, scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes (values 0..15, any integer dtype) per uint8 along the last dim (must be even)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"4-bit packing needs an even last dimension, got {codes.shape[-1]}")
+    c = codes.to(torch.uint8) & 0xF
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed 4-bit data must be uint8, got {packed.dtype}")
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes in [-8, 7] (two's complement nibbles) packed two per byte."""
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("int4 codes must lie in [-8, 7]")
+    return pack_nibbles(q.to(torch.int16) & 0xF)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    n = unpack_nibbles(packed).to(torch.int16)
+    return torch.where(n >= 8, n - 16, n).to(torch.int8)
+
+
+# ------------------------------------------------------------------------------- block-scaled FP4
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    if x.shape[-1] % block:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the block size {block}")
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4: E2M1 codes in 16-element blocks, an E4M3 scale per block and one fp32 tensor scale.
+
+    tensor_scale = amax / (6 · 448) so that every block scale fits E4M3; block scale =
+    e4m3(block_amax / 6 / tensor_scale). Returns (packed uint8 [..., K/2], block scales float8_e4m3fn
+    [..., K/16], tensor_scale fp32 scalar).
+    """
+    check_finite(x, "nvfp4 input")
+    xb = _blocks(x, 16)
+    tensor_scale = xb.abs().amax() / (6.0 * FP8_E4M3_MAX)
+    ts = tensor_scale if float(tensor_scale) > 0 else torch.ones_like(tensor_scale)
+    block_scale = quantize_fp8_e4m3(xb.abs().amax(-1) / 6.0 / ts)
+    eff = block_scale.float() * ts
+    codes = quantize_fp4(xb, eff[..., None], "fp4_e2m1")
+    return pack_nibbles(codes.flatten(-2)), block_scale, tensor_scale
+
+
+def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    codes = unpack_nibbles(packed)
+    cb = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 16, 16)
+    vals = dequantize_fp4(cb, block_scale.float()[..., None] * tensor_scale.float(), "fp4_e2m1")
+    return vals.flatten(-2)
+
+
+def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 (OCP MX): E2M1 codes in 32-element blocks with a shared E8M0 power-of-two scale.
+
+    scale = 2^(floor(log2(block_amax)) - 2) (2 is E2M1's largest exponent), stored as a biased uint8
+    exponent (bias 127); an all-zero block stores 0 (2^-127). Values above 6·scale saturate.
+    Returns (packed uint8 [..., K/2], scales uint8 [..., K/32]).
+    """
+    check_finite(x, "mxfp4 input")
+    xb = _blocks(x, 32)
+    amax = xb.abs().amax(-1)
+    _, e = torch.frexp(amax)  # amax = m · 2^e with m in [0.5, 1): floor(log2 amax) = e - 1
+    exp = torch.where(amax > 0, e - 1 - 2, torch.full_like(e, -127)).clamp(-127, 127)
+    scale = torch.ldexp(torch.ones_like(amax), exp)
+    codes = quantize_fp4(xb, scale[..., None], "fp4_e2m1")
+    return pack_nibbles(codes.flatten(-2)), (exp + 127).to(torch.uint8)
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    codes = unpack_nibbles(packed)
+    cb = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 32, 32)
+    scale = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - 127)
+    return dequantize_fp4(cb, scale[..., None], "fp4_e2m1").flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+@dataclass
+class QuantizedWeight:
+    """Weight codes [N, K] (int8 for INT, uint8 4-bit codes for FP4, float8 for FP8), unpacked, plus
+    scales [N] (per output channel) or [N, K / group_size] (per group along K)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    fmt: str
+    group_size: int | None = None
+    zero_point: torch.Tensor | None = None
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    if group_size is None:
+        return w.float()[:, None, :]  # [N, 1, K]: one group spanning K
+    if group_size <= 0 or w.shape[1] % group_size:
+        raise ValueError(f"group_size {group_size} must be positive and divide in_features {w.shape[1]}")
+    return w.float().reshape(w.shape[0], w.shape[1] // group_size, group_size)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None = None,
+                    clip_ratio: torch.Tensor | float = 1.0, symmetric: bool = True) -> QuantizedWeight:
+    """Round-to-nearest weight quantization with absmax (× clip_ratio) scales per channel or group.
+
+    clip_ratio broadcasts against the scale ([N] or [N, G]); calibration methods pass searched clips.
+    """
+    f = get_format(fmt)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    check_finite(w, "weight")
+    wg = _grouped(w, group_size)
+    clip = torch.as_tensor(clip_ratio, dtype=torch.float32)
+    clip = clip[:, None] if clip.ndim == 1 else clip  # per-channel clips apply to every group
+    zero = None
+    if f.is_int and not symmetric:
+        scale, zero = asymmetric_params(wg.amin(-1) * clip, wg.amax(-1) * clip, f.bits)
+        codes = quantize_int(wg, scale[..., None], f.bits, zero[..., None])
+    elif f.kind == "block_fp4":
+        raise ValueError(f"{f.name} carries its own block scales: use quantize_{f.name}")
+    else:
+        scale = absmax_scale(wg.abs().amax(-1) * clip, f)
+        if f.is_int:
+            codes = quantize_int(wg, scale[..., None], f.bits)
+        elif f.kind == "fp4":
+            codes = quantize_fp4(wg, scale[..., None], f)
+        else:
+            codes = quantize_fp8_e4m3(wg, scale[..., None])
+    if group_size is None:
+        scale = scale[:, 0]
+        zero = None if zero is None else zero[:, 0]
+    return QuantizedWeight(codes.reshape(w.shape), scale, f.name, group_size, zero)
+
+
+def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
+    """The float weights a kernel multiplies by: codes × scale (− zero point), shape [N, K]."""
+    n, k = qw.codes.shape
+    g = qw.group_size or k
+    codes = qw.codes.reshape(n, k // g, g)
+    scale = (qw.scale if qw.group_size else qw.scale[:, None])[..., None]
+    zero = None if qw.zero_point is None else (qw.zero_point if qw.group_size else qw.zero_point[:, None])[..., None]
+    f = get_format(qw.fmt)
+    if f.is_int:
+        out = dequantize_int(codes, scale, zero)
+    elif f.kind == "fp4":
+        out = dequantize_fp4(codes, scale, f)
+    else:
+        out = codes.float() * scale
+    return out.reshape(n, k)

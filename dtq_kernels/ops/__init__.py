@@ -1,0 +1,14 @@
+"""torch.library custom ops in the `dtq` namespace (torch.ops.dtq.*).
+
+Each op has three places (DESIGN.md §1): its schema + fake impl + dispatch in a family module here
+(`quantize_ops`, `gemm_ops`, ...), its pure-torch reference in `reference.py`, and fast kernels in
+`triton/` and `cuda.py` that register themselves with `_dispatch.register_kernel`.
+"""
+from . import gemm_ops, quantize_ops  # noqa: F401  (defines the ops)
+from . import triton as _triton_kernels  # noqa: F401  (registers the Triton kernels)
+from ._dispatch import BACKENDS, CUDA_DEFAULTS, BackendError, kernels_for, last_backend, use_backend
+from .gemm_ops import int8_gemm
+from .quantize_ops import quantize_per_token
+
+__all__ = ["BACKENDS", "CUDA_DEFAULTS", "BackendError", "kernels_for", "last_backend", "use_backend",
+           "int8_gemm", "quantize_per_token"]

@@ -1,0 +1,25 @@
+"""Triton helpers shared by the kernels. Each is exact on the GPU and in the interpreter."""
+import os
+
+import triton
+import triton.language as tl
+
+# In the interpreter, cost grows with programs x loop iterations and a multi-config autotuner fails
+# ("0 active drivers"): kernels pick large single configs there and their tuned ones on a GPU.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def rne(x):
+    """Round half to even for |x| < 2^22 (no libdevice in the interpreter; the GPU keeps the order)."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def round_to_e4m3_grid(x):
+    """Saturating round-to-nearest-even onto float8_e4m3fn values, in fp32, so the later cast is exact
+    (the interpreter's fp32 -> fp8 cast rounds some values wrongly)."""
+    a = tl.minimum(tl.abs(x), 448.0)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    q = rne(a * ((130 - e) << 23).to(tl.float32, bitcast=True)) * ((124 + e) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x < 0, -q, q)

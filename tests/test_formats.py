@@ -1,0 +1,200 @@
+"""Property tests of the number formats (the single source of quantization math)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dtq_kernels import formats as F
+
+finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
+rows = st.lists(finite, min_size=1, max_size=64)
+
+
+def all_e4m3_values() -> torch.Tensor:
+    v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return v[torch.isfinite(v)].unique()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@given(data=rows)
+@settings(max_examples=40, deadline=None)
+def test_int_symmetric_round_trip_within_half_step(bits, data):
+    x = torch.tensor(data)
+    scale = F.absmax_scale(x.abs().amax(), f"int{bits}")
+    q = F.quantize_int(x, scale, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax
+    err = (F.dequantize_int(q, scale) - x).abs()
+    assert bool((err <= scale / 2 * (1 + 1e-6) + 1e-30).all())
+    if float(scale) > 0:  # the absmax element maps to ±qmax exactly
+        assert int(q.abs().max()) == qmax
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_int_grid_values_are_exact_and_ties_go_to_even(bits):
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.tensor(0.5)
+    codes = torch.arange(-qmax, qmax + 1)
+    assert torch.equal(F.quantize_int(codes * 0.5, scale, bits), codes.to(torch.int8))
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) * 0.5
+    assert F.quantize_int(halves, scale, bits).tolist() == [0, 2, 2, 0, -2, -2]
+    # saturation
+    assert F.quantize_int(torch.tensor([1e9, -1e9]), scale, bits).tolist() == [qmax, -qmax]
+
+
+def test_int_zero_scale_gives_zero_codes():
+    q = F.quantize_int(torch.zeros(5), torch.tensor(0.0), 8)
+    assert q.tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@given(data=rows)
+@settings(max_examples=40, deadline=None)
+def test_int_asymmetric_round_trip(bits, data):
+    x = torch.tensor(data)
+    scale, zero = F.asymmetric_params(x.min(), x.max(), bits)
+    q = F.quantize_int(x, scale, bits, zero)
+    qmin, qmax = F.int_qrange(bits, symmetric=False)
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    err = (F.dequantize_int(q, scale, zero) - x).abs()
+    # half a step, plus the half step the rounded zero point may shift the grid
+    assert bool((err <= scale * (1 + 1e-5) + 1e-30).all())
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"])
+def test_fp4_every_grid_value_is_exact(fmt):
+    table = F.fp4_table(fmt)
+    codes = F.quantize_fp4(table, torch.tensor(1.0), fmt)
+    assert torch.equal(F.dequantize_fp4(codes, torch.tensor(1.0), fmt), table.abs() * torch.sign(table))
+    assert int(codes[8]) == 0  # -0 is canonicalized to code 0
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"])
+@given(data=rows)
+@settings(max_examples=40, deadline=None)
+def test_fp4_rounds_to_nearest_grid_value(fmt, data):
+    x = torch.tensor(data)
+    scale = F.absmax_scale(x.abs().amax(), fmt)
+    deq = F.dequantize_fp4(F.quantize_fp4(x, scale, fmt), scale, fmt)
+    grid = F.fp4_table(fmt)[:8] * scale
+    xs = x.abs().clamp(max=float(grid[-1]))
+    best = (xs[:, None] - grid[None, :]).abs().min(dim=1).values
+    assert torch.allclose((deq.abs() - xs).abs(), best, rtol=1e-6, atol=1e-30)
+
+
+def test_fp4_ties_go_to_even_code():
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    codes = F.quantize_fp4(mids, torch.tensor(1.0), "fp4_e2m1")
+    assert codes.tolist() == [0, 2, 2, 4, 4, 6, 6]
+    assert F.quantize_fp4(torch.tensor([100.0, -100.0]), torch.tensor(1.0), "fp4_e2m1").tolist() == [7, 15]
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"])
+def test_fp4_int_tables_are_exact_multiples(fmt):
+    table, factor = F.fp4_int_table(fmt)
+    assert torch.equal(table.float(), F.fp4_table(fmt) * factor)
+
+
+def test_fp8_e4m3_rounds_to_nearest_even_and_saturates():
+    grid = all_e4m3_values()
+    assert torch.equal(F.quantize_fp8_e4m3(grid).float(), grid)
+    pos = grid[grid >= 0]
+    mids = (pos[1:] + pos[:-1]) / 2
+    got = F.quantize_fp8_e4m3(mids).float()
+    lo_code = torch.arange(len(mids))  # index of the lower neighbour in pos: ties go to the even code
+    lo_bits = pos[:-1].to(torch.float8_e4m3fn).view(torch.uint8)
+    expect = torch.where(lo_bits % 2 == 0, pos[lo_code], pos[lo_code + 1])
+    assert torch.equal(got, expect)
+    assert F.quantize_fp8_e4m3(torch.tensor([1e6, -1e6])).float().tolist() == [448.0, -448.0]
+
+
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=64).filter(lambda v: len(v) % 2 == 0))
+def test_nibble_packing_round_trip(codes):
+    c = torch.tensor(codes, dtype=torch.uint8)
+    packed = F.pack_nibbles(c)
+    assert packed.numel() == len(codes) // 2
+    assert torch.equal(F.unpack_nibbles(packed), c)
+    assert int(packed[0]) == codes[0] | (codes[1] << 4)
+
+
+def test_int4_pack_round_trip_and_range_check():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    assert torch.equal(F.unpack_int4(F.pack_int4(q)), q)
+    with pytest.raises(ValueError, match="int4"):
+        F.pack_int4(torch.tensor([8, 0], dtype=torch.int8))
+    with pytest.raises(ValueError, match="even"):
+        F.pack_nibbles(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_nvfp4_round_trip_and_zero_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    x[1, :16] = 0  # an all-zero block
+    packed, bscale, tscale = F.quantize_nvfp4(x)
+    assert packed.shape == (8, 32) and bscale.shape == (8, 4) and bscale.dtype == torch.float8_e4m3fn
+    y = F.dequantize_nvfp4(packed, bscale, tscale)
+    assert torch.equal(y[1, :16], torch.zeros(16))
+    # error per element is at most half the E2M1 step at its magnitude (step 2 near 6) times block scale,
+    # plus the block scale's own E4M3 rounding (relative 2^-4)
+    eff = bscale.float() * tscale
+    bound = (eff * 1.0).repeat_interleave(16, dim=1) * 1.0 + x.abs() * 2 ** -4
+    assert bool(((y - x).abs() <= bound + 1e-7).all())
+
+
+def test_mxfp4_power_of_two_scales():
+    torch.manual_seed(1)
+    x = torch.randn(4, 64) * 10
+    x[2, 32:] = 0
+    packed, scales = F.quantize_mxfp4(x)
+    assert scales.dtype == torch.uint8 and scales.shape == (4, 2) and int(scales[2, 1]) == 0
+    y = F.dequantize_mxfp4(packed, scales)
+    amax = x.reshape(4, 2, 32).abs().amax(-1)
+    expect_exp = torch.floor(torch.log2(amax[amax > 0])) - 2
+    assert torch.equal(scales[amax > 0].float() - 127, expect_exp)
+    scale = torch.exp2(scales.float() - 127).repeat_interleave(32, dim=1)
+    # E2M1 saturates at 6·scale, and amax/scale lies in [4, 8): saturation error is < 2·scale
+    assert bool(((y - x).abs() <= 2 * scale).all())
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32), ("int6", None), ("fp4_e2m1", 32),
+                                       ("fp8_e4m3", None), ("fp4_e1m2", 16)])
+def test_quantize_weight_round_trip(fmt, group):
+    torch.manual_seed(2)
+    w = torch.randn(48, 128)
+    qw = F.quantize_weight(w, fmt, group_size=group)
+    assert qw.scale.shape == ((48,) if group is None else (48, 128 // group))
+    w_hat = F.dequantize_weight(qw)
+    rel = float((w_hat - w).norm() / w.norm())
+    limits = {"int8": 0.01, "int6": 0.04, "int4": 0.15, "fp4_e2m1": 0.15, "fp8_e4m3": 0.04, "fp4_e1m2": 0.15}
+    assert rel < limits[fmt]
+
+
+def test_asymmetric_weight_beats_symmetric_on_shifted_data():
+    torch.manual_seed(3)
+    w = torch.rand(16, 64)  # all positive: symmetric wastes the negative half of the grid
+    sym = F.dequantize_weight(F.quantize_weight(w, "int4"))
+    asym = F.dequantize_weight(F.quantize_weight(w, "int4", symmetric=False))
+    assert (asym - w).norm() < 0.6 * (sym - w).norm()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(bad):
+    w = torch.randn(4, 32)
+    w[1, 3] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        F.quantize_weight(w, "int8")
+    with pytest.raises(ValueError, match="non-finite"):
+        F.quantize_nvfp4(w)
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(ValueError, match="unknown format"):
+        F.get_format("int9")
+    with pytest.raises(ValueError, match="bits"):
+        F.int_qmax(9)
+    with pytest.raises(ValueError, match="group_size"):
+        F.quantize_weight(torch.randn(4, 30), "int4", group_size=32)
+    with pytest.raises(ValueError, match="multiple of the block"):
+        F.quantize_mxfp4(torch.randn(2, 48))
+    assert math.isclose(F.get_format("fp4_e1m2").maxval, 1.75)
