@@ -26,6 +26,7 @@ __all__ = [
     "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
     "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
     "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight",
+    "TWO_REGION_MODES", "quantize_two_region", "dequantize_two_region",
 ]
 
 # Magnitudes of the three 4-bit float formats (sign handled separately), indexed by the 3-bit code.
@@ -364,3 +365,39 @@ def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
     else:
         out = codes.float() * scale
     return out.reshape(n, k)
+
+
+# ------------------------------------------------------------------------- two-region (MRQ) codes
+#
+# One signed int8 code serves both two-region quantizers of TQ-DiT (ALGORITHMS.md §2.5-2.6). A code q
+# decodes as  value = q · c_pos  if q >= 0,  q · c_neg  if q < 0,  so a GEMM consumes it exactly as two
+# integer accumulations (positive and negative parts of the codes) scaled by c_pos and c_neg.
+# * mode "sign" (post-GELU): c_pos = Δ₊ > 0 for x >= 0, c_neg = Δ₋ > 0 for x < 0.
+# * mode "split" (post-softmax, x in [0, 1]): low region [0, p) has step Δ_lo = c_pos and
+#   p = Δ_lo · qmax; the high region has step Δ_hi, stored as c_neg = -Δ_hi so that its codes are
+#   negative and decode to positive values. The ratio Δ_hi / Δ_lo is a power of two in TQ-DiT.
+
+TWO_REGION_MODES = ("sign", "split")
+
+
+def quantize_two_region(x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor, bits: int,
+                        mode: str) -> torch.Tensor:
+    """Two-region codes (int8, ±qmax) of x; c_pos / c_neg broadcast against x (see the note above)."""
+    if mode not in TWO_REGION_MODES:
+        raise ValueError(f"two-region mode must be one of {TWO_REGION_MODES}, got {mode!r}")
+    qmax = int_qmax(bits)
+    xf = x.float()
+    c_pos, c_neg = torch.as_tensor(c_pos).float(), torch.as_tensor(c_neg).float()
+    if mode == "sign":
+        q = torch.where(xf >= 0, torch.round(xf / c_pos), torch.round(xf / c_neg))
+    else:
+        low = xf < c_pos * qmax
+        q = torch.where(low, torch.round(xf / c_pos), torch.round(xf / c_neg))
+        # a value just under p can round up to qmax + 1 in the low region: the high region then holds it
+        q = torch.where(low & (q > qmax), torch.round(xf / c_neg), q)
+    return q.clamp(-qmax, qmax).to(torch.int8)
+
+
+def dequantize_two_region(q: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor) -> torch.Tensor:
+    qf = q.float()
+    return torch.where(qf >= 0, qf * torch.as_tensor(c_pos).float(), qf * torch.as_tensor(c_neg).float())

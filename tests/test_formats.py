@@ -198,3 +198,29 @@ def test_bad_arguments_raise_clearly():
     with pytest.raises(ValueError, match="multiple of the block"):
         F.quantize_mxfp4(torch.randn(2, 48))
     assert math.isclose(F.get_format("fp4_e1m2").maxval, 1.75)
+
+
+def test_two_region_sign_mode_post_gelu():
+    x = torch.tensor([-0.17, -0.05, 0.0, 0.3, 5.0, 100.0])
+    c_pos, c_neg = torch.tensor(0.05), torch.tensor(0.17 / 127)
+    q = F.quantize_two_region(x, c_pos, c_neg, 8, "sign")
+    assert q.tolist() == [-127, round(-0.05 / (0.17 / 127)), 0, 6, 100, 127]
+    y = F.dequantize_two_region(q, c_pos, c_neg)
+    assert torch.allclose(y[:5], torch.tensor([-0.17, -0.05, 0.0, 0.3, 5.0]), atol=float(c_neg) / 2 + 1e-6)
+
+
+def test_two_region_split_mode_post_softmax():
+    bits, qmax = 8, 127
+    p = 2.0 ** -4
+    d_lo, d_hi = p / qmax, 1.0 / qmax
+    x = torch.tensor([0.0, p / 3, p * (1 - 1e-4), p, 0.5, 1.0])
+    q = F.quantize_two_region(x, torch.tensor(d_lo), torch.tensor(-d_hi), bits, "split")
+    assert int(q[0]) == 0 and 0 < int(q[1]) <= qmax and int(q[4]) < 0 and int(q[5]) == -qmax
+    y = F.dequantize_two_region(q, torch.tensor(d_lo), torch.tensor(-d_hi))
+    assert bool((y >= 0).all())
+    low = x < p
+    assert bool(((y - x).abs()[low] <= d_lo / 2 + 1e-9).all())
+    assert bool(((y - x).abs()[~low] <= d_hi / 2 + 1e-9).all())
+    # values in the low region keep 2^4 times finer resolution than a single 8-bit grid would give
+    with pytest.raises(ValueError, match="mode"):
+        F.quantize_two_region(x, d_lo, d_hi, 8, "both")
