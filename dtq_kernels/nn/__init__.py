@@ -1,0 +1,4 @@
+"""Drop-in quantized modules."""
+from .spec import LinearQuantSpec
+
+__all__ = ["LinearQuantSpec"]

@@ -1,0 +1,85 @@
+"""QuantPlan: what calibration decided, per layer; what `dtq.quantize` applies and checkpoints store.
+
+The JSON part (formats, modes, small scale tables, which layers stay FP) is human-readable; large
+per-channel vectors (smoothing factors, calibrated weights) live in `tensors` and are saved in
+safetensors beside the JSON by the checkpoint module.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .nn.spec import LinearQuantSpec
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """One quantized linear layer.
+
+    act_scales: None (dynamic / weight-only), [G] per time group (static), or [G][2] (two-region
+    (c_pos, c_neg) per time group). weight_clip: None (absmax), a float, or a per-output-channel list
+    of clip ratios applied to the weight scales. Tensor entries for the layer live in
+    QuantPlan.tensors under "<layer>.<name>": "smooth" [K] (input divisor, folded into the weight),
+    "weight" [N, K] (a calibrated weight replacing the module's, e.g. after balancing or GPTQ).
+    """
+
+    spec: LinearQuantSpec
+    act_scales: list | None = None
+    weight_clip: float | list[float] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "act_scales": self.act_scales, "weight_clip": self.weight_clip,
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerPlan":
+        return cls(spec=LinearQuantSpec.from_dict(d["spec"]), act_scales=d.get("act_scales"),
+                   weight_clip=d.get("weight_clip"), note=d.get("note", ""))
+
+
+@dataclass
+class QuantPlan:
+    """recipe: its name in dtq.recipes(); model_type: the adapter that applies ("dit", "pixart", ...);
+    time_groups / num_train_timesteps: the TGQ grouping g = min(floor(t·G/T), G−1) (DESIGN.md §3);
+    layers: module path -> LayerPlan (a Linear absent from it stays floating point);
+    attention: module path -> attention quantization settings (dict), if the recipe quantizes it;
+    kept_fp: Linear layers deliberately kept in floating point (for `dtq info`)."""
+
+    recipe: str
+    model_type: str
+    num_train_timesteps: int = 1000
+    time_groups: int = 1
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    attention: dict[str, dict] = field(default_factory=dict)
+    kept_fp: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: int = PLAN_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k not in ("layers", "tensors")}
+        d["layers"] = {name: lp.to_dict() for name, lp in self.layers.items()}
+        d["tensor_names"] = sorted(self.tensors)
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, tensors: dict[str, torch.Tensor] | None = None) -> "QuantPlan":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"quantization plan is not valid JSON: {e}") from None
+        version = d.get("version")
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(f"quantization plan format version {version!r} is not supported "
+                             f"(this dtq_kernels reads version {PLAN_FORMAT_VERSION})")
+        tensors = dict(tensors or {})
+        missing = set(d.pop("tensor_names", [])) - set(tensors)
+        if missing:
+            raise ValueError(f"quantization plan names tensors that are missing: {sorted(missing)[:5]}")
+        layers = {name: LayerPlan.from_dict(lp) for name, lp in d.pop("layers").items()}
+        return cls(**d, layers=layers, tensors=tensors)
