@@ -32,6 +32,12 @@ _KERNELS: dict[str, dict[str, Callable]] = {}
 CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     # Not measured yet on a GPU: Triton is the default because it compiles for every arch we target.
     "quantize_per_token": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton INT8 GEMM family is the only fast kernel for these ops
+    # (benchmarks/bench_gemm.py compares it with cuBLAS bf16, torch._int_mm and FP8 _scaled_mm).
+    "int8_gemm": {"any": "triton"},
+    "int8_gemm_static": {"any": "triton"},
+    "int8_gemm_wzp": {"any": "triton"},
+    "int8_gemm_two_region": {"any": "triton"},
 }
 
 last_backend: dict[str, str] = {}

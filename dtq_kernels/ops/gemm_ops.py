@@ -1,4 +1,9 @@
-"""GEMM ops on quantized operands: schema, fake impl and dispatch."""
+"""GEMM ops on quantized operands: schema, fake impl and dispatch.
+
+All take int8 activation codes a [M, K] and int8 weight codes w [N, K] (W6A6 and narrower codes are
+the same ops: the codes are just smaller) and return out [M, N] in out_dtype (fp32, fp16 or bf16),
+with the integer product exact in int32 and the scaling epilogue in fp32.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,23 +15,56 @@ from ._checks import FLOAT_DTYPES, check, check_out_dtype, check_same_device, ch
 from ._dispatch import dispatch, register_kernel
 
 register_kernel("int8_gemm", "reference")(reference.int8_gemm)
+register_kernel("int8_gemm_static", "reference")(reference.int8_gemm_static)
+register_kernel("int8_gemm_wzp", "reference")(reference.int8_gemm_wzp)
+register_kernel("int8_gemm_two_region", "reference")(reference.int8_gemm_two_region)
 
 
-def _check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype) -> None:
-    op = "int8_gemm"
+def _check_operands(op, a, w, w_scale, bias, out_dtype) -> None:
+    """What every GEMM of the family needs: int8 a [M, K], int8 w [N, K], f32 w_scale [N], bias [N]?"""
     check_tensor(a, op, "a", (torch.int8,), ndim=2)
     check_tensor(w, op, "w", (torch.int8,), ndim=2)
     check(a.shape[1] == w.shape[1], op, f"K mismatch: a is {tuple(a.shape)} but w is {tuple(w.shape)} "
           "(w must be [N, K])")
-    check_tensor(a_scale, op, "a_scale", (torch.float32,), ndim=1)
-    check(a_scale.shape[0] in (a.shape[0], 1), op,
-          f"a_scale must have M={a.shape[0]} entries (per token) or 1 (per tensor), got {a_scale.shape[0]}")
     check_tensor(w_scale, op, "w_scale", (torch.float32,), ndim=1)
     check(w_scale.shape[0] == w.shape[0], op, f"w_scale must have N={w.shape[0]} entries, got {w_scale.shape[0]}")
     if bias is not None:
         check_tensor(bias, op, "bias", FLOAT_DTYPES, ndim=1)
         check(bias.shape[0] == w.shape[0], op, f"bias must have N={w.shape[0]} entries, got {bias.shape[0]}")
     check_out_dtype(out_dtype, op)
+
+
+def _check_a_scale(op, a, a_scale) -> None:
+    check_tensor(a_scale, op, "a_scale", (torch.float32,), ndim=1)
+    check(a_scale.shape[0] in (a.shape[0], 1), op,
+          f"a_scale must have M={a.shape[0]} entries (per token) or 1 (per tensor), got {a_scale.shape[0]}")
+
+
+def _check_group_idx(op, group_idx) -> None:
+    check_tensor(group_idx, op, "group_idx", (torch.int32,), ndim=1)
+    check(group_idx.shape[0] == 1, op, f"group_idx must have 1 entry, got {group_idx.shape[0]}")
+
+
+def _check_group_in_range(op, group_idx: torch.Tensor, groups: int) -> None:
+    """Values are checked only in the real impl (fake tensors have none). On CPU the value is at hand:
+    a clear ValueError. On CUDA, reading it would sync the host and break CUDA-graph capture, so a
+    device-side assert is queued before the kernel: an out-of-range index fails the next CUDA call
+    with "dtq: group_idx out of range" instead of reading past the table. (The kernels also clamp the
+    index so they never read out of bounds before the assert is reported.)"""
+    if group_idx.device.type == "cuda":
+        torch._assert_async((group_idx[0] >= 0) & (group_idx[0] < groups),
+                            f"dtq.{op}: group_idx out of range [0, {groups})")
+    elif group_idx.device.type == "cpu":
+        g = int(group_idx[0])
+        check(0 <= g < groups, op, f"group_idx {g} is out of range for a table of {groups} time groups")
+
+
+# ------------------------------------------------------------------------------------ int8_gemm
+
+def _check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype) -> None:
+    op = "int8_gemm"
+    _check_operands(op, a, w, w_scale, bias, out_dtype)
+    _check_a_scale(op, a, a_scale)
     check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias)
 
 
@@ -41,4 +79,86 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
 @int8_gemm.register_fake
 def _(a, a_scale, w, w_scale, bias, out_dtype):
     _check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- int8_gemm_static
+
+def _check_int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dtype) -> None:
+    op = "int8_gemm_static"
+    _check_operands(op, a, w, w_scale, bias, out_dtype)
+    check_tensor(scale_table, op, "scale_table", (torch.float32,), ndim=1)
+    check(scale_table.shape[0] >= 1, op, "scale_table must have at least one time group")
+    _check_group_idx(op, group_idx)
+    check_same_device(op, a=a, scale_table=scale_table, group_idx=group_idx, w=w, w_scale=w_scale, bias=bias)
+
+
+@torch.library.custom_op("dtq::int8_gemm_static", mutates_args=())
+def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
+                     w_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """int8_gemm with a per-tensor activation scale scale_table[group_idx[0]], read on the device
+    (static scales per time group: no host sync, CUDA-graph safe)."""
+    _check_int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dtype)
+    _check_group_in_range("int8_gemm_static", group_idx, scale_table.shape[0])
+    return dispatch("int8_gemm_static", a.device)(a, scale_table, group_idx, w, w_scale, bias, out_dtype)
+
+
+@int8_gemm_static.register_fake
+def _(a, scale_table, group_idx, w, w_scale, bias, out_dtype):
+    _check_int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# -------------------------------------------------------------------------------- int8_gemm_wzp
+
+def _check_int8_gemm_wzp(a, a_scale, w, w_scale, w_zero, bias, out_dtype) -> None:
+    op = "int8_gemm_wzp"
+    _check_operands(op, a, w, w_scale, bias, out_dtype)
+    _check_a_scale(op, a, a_scale)
+    check_tensor(w_zero, op, "w_zero", (torch.int32,), ndim=1)
+    check(w_zero.shape[0] == w.shape[0], op, f"w_zero must have N={w.shape[0]} entries, got {w_zero.shape[0]}")
+    check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, w_zero=w_zero, bias=bias)
+
+
+@torch.library.custom_op("dtq::int8_gemm_wzp", mutates_args=())
+def int8_gemm_wzp(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                  w_zero: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """Asymmetric weights w ≈ w_scale·(q − w_zero): out = (a · (w − w_zero)ᵀ in int32) · a_scale ·
+    w_scale + bias, the integer part computed as a·wᵀ − rowsum(a)·w_zeroᵀ."""
+    _check_int8_gemm_wzp(a, a_scale, w, w_scale, w_zero, bias, out_dtype)
+    return dispatch("int8_gemm_wzp", a.device)(a, a_scale, w, w_scale, w_zero, bias, out_dtype)
+
+
+@int8_gemm_wzp.register_fake
+def _(a, a_scale, w, w_scale, w_zero, bias, out_dtype):
+    _check_int8_gemm_wzp(a, a_scale, w, w_scale, w_zero, bias, out_dtype)
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------- int8_gemm_two_region
+
+def _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype) -> None:
+    op = "int8_gemm_two_region"
+    _check_operands(op, a, w, w_scale, bias, out_dtype)
+    check_tensor(coef_table, op, "coef_table", (torch.float32,), ndim=2)
+    check(coef_table.shape[0] >= 1 and coef_table.shape[1] == 2, op,
+          f"coef_table must be [G, 2] (c_pos, c_neg per time group), got {tuple(coef_table.shape)}")
+    _check_group_idx(op, group_idx)
+    check_same_device(op, a=a, coef_table=coef_table, group_idx=group_idx, w=w, w_scale=w_scale, bias=bias)
+
+
+@torch.library.custom_op("dtq::int8_gemm_two_region", mutates_args=())
+def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
+                         w_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """Two-region activation codes (formats.quantize_two_region) times int8 weights:
+    out = (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias with
+    (c_pos, c_neg) = coef_table[group_idx[0]]; both integer accumulations exact in int32."""
+    _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
+    _check_group_in_range("int8_gemm_two_region", group_idx, coef_table.shape[0])
+    return dispatch("int8_gemm_two_region", a.device)(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
+
+
+@int8_gemm_two_region.register_fake
+def _(a, coef_table, group_idx, w, w_scale, bias, out_dtype):
+    _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)

@@ -31,3 +31,36 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
+                     w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """int8_gemm with the per-tensor activation scale scale_table[group_idx[0]] (a static, per time
+    group scale); the op layer has checked the index."""
+    return int8_gemm(a, scale_table[group_idx.long()], w, w_scale, bias, out_dtype)
+
+
+def int8_gemm_wzp(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                  w_zero: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Asymmetric weights (formats.quantize_weight(..., symmetric=False): w ≈ w_scale·(q − z)):
+    (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias. Exact through float64 like int_matmul: products
+    are < 2^15 and K · 2^15 < 2^53."""
+    acc = (a.double() @ (w.double() - w_zero.double()[:, None]).T).to(torch.int32)
+    out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
+                         w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Two-region codes a (formats.quantize_two_region: value = q·c_pos if q >= 0 else q·c_neg) times
+    int8 weights: (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias, both integer parts
+    exact, (c_pos, c_neg) = coef_table[group_idx[0]]."""
+    c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
+    acc_pos = int_matmul(a.clamp(min=0), w).float()
+    acc_neg = int_matmul(a.clamp(max=0), w).float()
+    out = (acc_pos * c_pos + acc_neg * c_neg) * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

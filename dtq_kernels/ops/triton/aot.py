@@ -42,9 +42,14 @@ def compile_spec(spec: dict, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    # Arguments the launcher would specialize as multiples of 16 (torch's 16-byte-aligned pointers,
+    # strides like K=1152): the JIT does this at run time, and it decides vectorized/async loads.
+    attrs = {(spec["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.get("divisible_by_16", ())}
     src = ASTSource(fn=spec["fn"], signature={**spec["signature"], **{k: "constexpr" for k in spec["constexprs"]}},
-                    constexprs=spec["constexprs"])
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                    constexprs=spec["constexprs"], attrs=attrs)
+    # launch options the kernel really runs with (warps and pipeline stages change registers and smem)
+    options = {k: spec[k] for k in ("num_warps", "num_stages") if k in spec}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = kernel.asm["ptx"]
     missing = [frag for frag in spec.get("expect", {}).get(arch, []) if frag not in ptx]
     return {"missing": missing, "shared": kernel.metadata.shared, **_resources(ptx, arch)}
