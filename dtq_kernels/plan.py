@@ -25,21 +25,29 @@ class LayerPlan:
     of clip ratios applied to the weight scales. Tensor entries for the layer live in
     QuantPlan.tensors under "<layer>.<name>": "smooth" [K] (input divisor, folded into the weight),
     "weight" [N, K] (a calibrated weight replacing the module's, e.g. after balancing or GPTQ).
+    step_group_specs: None (`spec` at every timestep), or one spec per plan time group (length
+    QuantPlan.time_groups, group g = min(floor(t·G/T), G−1)) for per-step-group precision such as
+    ViDiT-Q-MP's W4/W8; they differ from `spec` only in the weight format, and `spec` is the lowest
+    precision the layer uses.
     """
 
     spec: LinearQuantSpec
     act_scales: list | None = None
     weight_clip: float | list[float] | None = None
     note: str = ""
+    step_group_specs: list[LinearQuantSpec] | None = None
 
     def to_dict(self) -> dict:
+        sgs = None if self.step_group_specs is None else [s.to_dict() for s in self.step_group_specs]
         return {"spec": self.spec.to_dict(), "act_scales": self.act_scales, "weight_clip": self.weight_clip,
-                "note": self.note}
+                "note": self.note, "step_group_specs": sgs}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
+        sgs = d.get("step_group_specs")
         return cls(spec=LinearQuantSpec.from_dict(d["spec"]), act_scales=d.get("act_scales"),
-                   weight_clip=d.get("weight_clip"), note=d.get("note", ""))
+                   weight_clip=d.get("weight_clip"), note=d.get("note", ""),
+                   step_group_specs=None if sgs is None else [LinearQuantSpec.from_dict(s) for s in sgs])
 
 
 @dataclass
