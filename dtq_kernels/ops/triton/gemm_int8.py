@@ -26,7 +26,7 @@ from .._dispatch import register_kernel
 from .common import INTERPRETING
 
 # activation-scale sources (constexpr ASCALE)
-_PER_ROW, _SCALAR, _TABLE = 0, 1, 2
+PER_ROW, SCALAR, TABLE = 0, 1, 2
 
 
 @triton.jit
@@ -58,9 +58,10 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/cols wrap onto valid ones (their results are never stored), so loads need
-    # only the K mask; the hints keep the loads vectorized.
-    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rwn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # only the K mask. No contiguity hints on them: a wrapped tile is not contiguous, and a false hint
+    # would vectorize the w_scale / bias loads past N. (The a / w loads vectorize along K anyway.)
+    ram = rm % M
+    rwn = rn % N
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :]
     w_ptrs = w_ptr + rwn[:, None] * stride_wn + rk[None, :]
@@ -190,24 +191,24 @@ def launch(a, w, w_scale, bias, out_dtype, *, a_scale, ascale, group_idx=None, w
 
 @register_kernel("int8_gemm", "triton")
 def int8_gemm(a, a_scale, w, w_scale, bias, out_dtype):
-    ascale = _PER_ROW if a_scale.shape[0] == a.shape[0] and a.shape[0] != 1 else _SCALAR
+    ascale = PER_ROW if a_scale.shape[0] == a.shape[0] and a.shape[0] != 1 else SCALAR
     return launch(a, w, w_scale, bias, out_dtype, a_scale=a_scale, ascale=ascale)
 
 
 @register_kernel("int8_gemm_static", "triton")
 def int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dtype):
-    return launch(a, w, w_scale, bias, out_dtype, a_scale=scale_table, ascale=_TABLE, group_idx=group_idx)
+    return launch(a, w, w_scale, bias, out_dtype, a_scale=scale_table, ascale=TABLE, group_idx=group_idx)
 
 
 @register_kernel("int8_gemm_wzp", "triton")
 def int8_gemm_wzp(a, a_scale, w, w_scale, w_zero, bias, out_dtype):
-    ascale = _PER_ROW if a_scale.shape[0] == a.shape[0] and a.shape[0] != 1 else _SCALAR
+    ascale = PER_ROW if a_scale.shape[0] == a.shape[0] and a.shape[0] != 1 else SCALAR
     return launch(a, w, w_scale, bias, out_dtype, a_scale=a_scale, ascale=ascale, w_zero=w_zero)
 
 
 @register_kernel("int8_gemm_two_region", "triton")
 def int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype):
-    return launch(a, w, w_scale, bias, out_dtype, a_scale=coef_table, ascale=_TABLE, group_idx=group_idx,
+    return launch(a, w, w_scale, bias, out_dtype, a_scale=coef_table, ascale=TABLE, group_idx=group_idx,
                   two_region=True)
 
 
@@ -221,7 +222,7 @@ def _aot_spec(name: str, cfg: GemmConfig, **flags) -> dict:
     sig = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
            "bias_ptr": "*fp32", "w_zero_ptr": "*i32", "group_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "num_groups": "i32"}
-    constexprs = {"ASCALE": _PER_ROW, "TWO_REGION": False, "W_ZERO": False, "HAS_BIAS": True, "EVEN_K": False,
+    constexprs = {"ASCALE": PER_ROW, "TWO_REGION": False, "W_ZERO": False, "HAS_BIAS": True, "EVEN_K": False,
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                   **flags}
     tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
@@ -237,8 +238,8 @@ def _unique(tables: dict) -> list[GemmConfig]:
 
 AOT_SPECS = [
     *[_aot_spec("int8_gemm", c) for c in _unique(CONFIGS)],
-    *[_aot_spec("int8_gemm_two_region", c, ASCALE=_TABLE, TWO_REGION=True) for c in _unique(TWO_REGION_CONFIGS)],
-    _aot_spec("int8_gemm_static", CONFIGS[90][0], ASCALE=_TABLE),
+    *[_aot_spec("int8_gemm_two_region", c, ASCALE=TABLE, TWO_REGION=True) for c in _unique(TWO_REGION_CONFIGS)],
+    _aot_spec("int8_gemm_static", CONFIGS[90][0], ASCALE=TABLE),
     _aot_spec("int8_gemm_wzp", CONFIGS[90][0], W_ZERO=True),
     _aot_spec("int8_gemm_wzp", CONFIGS[80][0], W_ZERO=True),
 ]

@@ -1,0 +1,281 @@
+"""INT8 GEMM family vs the peers, on the linear layers of DiT-XL/2, PixArt-Σ and Flux.
+
+    python benchmarks/bench_gemm.py [--out DIR] [--sweep] [--rep MS]   # CUDA
+    python benchmarks/bench_gemm.py --dry-run                          # CPU: one tiny shape, proves it runs
+
+What is timed (all outputs bf16 [M, N], bias included unless a row says otherwise):
+* dtq int8_gemm (per-token a_scale, fused epilogue), int8_gemm_static (scale_table[group] read on the
+  device), int8_gemm_two_region (two int8 accumulations), and dtq quantize_per_token + int8_gemm from
+  bf16 activations (the dynamic W8A8 linear, comparable with torchao's);
+* torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
+  separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
+  activation config when `import torchao` works (otherwise a printed reason).
+--sweep also times every candidate tile config of the dtq kernel per shape (to settle CONFIGS).
+
+The floor, before any measurement (H100 SXM: INT8 1979 TOPS dense, HBM 3.35 TB/s, so the INT8 ridge
+is 591 ops/byte; BF16 989 TFLOP/s, ridge 295). Bytes = int8 a + int8 w + bf16 out (scales, bias ≈ 0):
+
+| DiT-XL/2 M | K→N | int8 compute µs | int8 memory µs | ops/byte | bf16 compute µs | bf16 memory µs |
+|---|---|---|---|---|---|---|
+| 512 | 1152→1152 | 0.69 | 0.92 | 439 | 1.37 | 1.50 |
+| 512 | 1152→4608 | 2.75 | 3.17 | 512 | 5.50 | 4.93 |
+| 512 | 4608→1152 | 2.75 | 2.64 | 614 | 5.50 | 4.93 |
+| 512 | 1152→3456 | 2.06 | 2.42 | 503 | 4.12 | 3.79 |
+| 2048 | 1152→1152 | 2.75 | 2.51 | 647 | 5.50 | 3.61 |
+| 2048 | 1152→4608 | 10.99 | 7.92 | 819 | 21.99 | 10.21 |
+| 2048 | 4608→1152 | 10.99 | 5.81 | 1117 | 21.99 | 10.21 |
+| 2048 | 1152→3456 | 8.24 | 6.12 | 796 | 16.49 | 8.01 |
+| 8192 | 1152→1152 | 10.99 | 8.85 | 734 | 21.99 | 12.06 |
+| 8192 | 1152→4608 | 43.95 | 26.94 | 964 | 87.94 | 31.34 |
+| 8192 | 4608→1152 | 43.95 | 18.49 | 1404 | 87.94 | 31.34 |
+| 8192 | 1152→3456 | 32.96 | 20.91 | 931 | 65.96 | 24.91 |
+
+What to expect: at M=512 (DiT-XL/2 at 256 px with CFG) every GEMM is a few microseconds at the floor,
+near the ridge, and fewer tiles than the 132 SMs: launch overhead (≈ 2-4 µs) and wave quantization
+dominate, so INT8 can at best match bf16 there; its gain comes from halving the weight bytes and
+fusing the scaling (torch._int_mm + eager scaling adds two passes over an int32/fp32 [M, N]). At
+M ≥ 2048 the GEMMs are compute-bound for INT8 as for bf16, so the ceiling is 2x over bf16; a Triton
+kernel typically reaches 60-75% of the INT8 peak on Hopper, so 1.3-1.6x over cuBLAS bf16 is the
+realistic target, and parity with torch._int_mm's kernel while also doing the epilogue. FP8 row-wise
+_scaled_mm has the same peak and is the peer to match. The two-region kernel issues two MMAs per
+K-tile, so its ceiling is half of int8_gemm's when compute-bound: about bf16 speed.
+None of these expectations is a measurement: the tables this script writes are.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+SHAPES = ([("DiT-XL/2", m, k, n) for m in (512, 2048, 8192)
+           for k, n in ((1152, 1152), (1152, 4608), (4608, 1152), (1152, 3456))]
+          + [("PixArt-Σ", 4096, k, n) for k, n in ((1152, 1152), (1152, 4608), (4608, 1152))]
+          + [("Flux", 4096, k, n) for k, n in ((3072, 3072), (3072, 12288), (12288, 3072))])
+DRY_SHAPES = [("tiny (dry run)", 64, 128, 96)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", help="results folder (default: $OUT, else benchmarks/results/)")
+    p.add_argument("--dry-run", action="store_true", help="one tiny shape on CPU (reference + interpreter)")
+    p.add_argument("--sweep", action="store_true", help="also time every candidate tile config of the dtq kernel")
+    p.add_argument("--rep", type=int, default=50, help="do_bench repetition time per measurement, ms")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.dry_run:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+import dtq_kernels.ops as ops  # noqa: E402
+from dtq_kernels.ops import reference  # noqa: E402
+from dtq_kernels.ops.triton import gemm_int8  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the reason goes into the results."""
+
+
+def _codes(*shape, device):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+
+
+def _dtq(op: str, backend: str) -> Callable:
+    def call(*args):
+        with ops.use_backend(backend):
+            return getattr(ops, op)(*args)
+    return call
+
+
+def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Callable]]:
+    """(name, fn, make_inputs(M, K, N)) for every contender."""
+    dtq_backend = "triton"
+    groups = 8
+
+    def mk_int8(M, K, N):
+        return (_codes(M, K, device=device), torch.rand(M, device=device) * 0.01, _codes(N, K, device=device),
+                torch.rand(N, device=device) * 1e-3, torch.randn(N, device=device, dtype=BF16), BF16)
+
+    def mk_static(M, K, N):
+        a, _, w, w_s, b, dt = mk_int8(M, K, N)
+        gi = torch.tensor([3], dtype=torch.int32, device=device)
+        return a, torch.rand(groups, device=device) * 0.01, gi, w, w_s, b, dt
+
+    def mk_two(M, K, N):
+        a, _, w, w_s, b, dt = mk_int8(M, K, N)
+        gi = torch.tensor([3], dtype=torch.int32, device=device)
+        return a, torch.rand(groups, 2, device=device) * 0.01, gi, w, w_s, b, dt
+
+    def mk_bf16(M, K, N):
+        return (torch.randn(M, K, device=device, dtype=BF16), torch.randn(N, K, device=device, dtype=BF16) * 0.02,
+                torch.randn(N, device=device, dtype=BF16))
+
+    def quant_gemm(x, w, w_s, b):
+        q, s = ops.quantize_per_token(x)
+        return ops.int8_gemm(q, s, w, w_s, b, BF16)
+
+    def mk_quant(M, K, N):
+        x, _, b = mk_bf16(M, K, N)
+        return x, _codes(N, K, device=device), torch.rand(N, device=device) * 1e-3, b
+
+    def int_mm(a, a_s, w, w_s, b, dt):
+        return torch._int_mm(a, w.t())
+
+    def int_mm_scaled(a, a_s, w, w_s, b, dt):
+        return (torch._int_mm(a, w.t()).float() * a_s[:, None] * w_s[None, :] + b.float()).to(dt)
+
+    def mk_fp8(M, K, N):
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise Skip("FP8 _scaled_mm needs a CUDA GPU with sm_89 or newer")
+        a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
+        w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
+        return (a, w, torch.rand(M, 1, device=device), torch.rand(1, N, device=device),
+                torch.randn(N, device=device, dtype=BF16))
+
+    def fp8_rowwise(a, w, sa, sb, b):
+        return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=BF16, use_fast_accum=True)
+
+    out = [
+        ("dtq int8_gemm", _dtq("int8_gemm", dtq_backend), mk_int8),
+        ("dtq int8_gemm_static", _dtq("int8_gemm_static", dtq_backend), mk_static),
+        ("dtq int8_gemm_two_region", _dtq("int8_gemm_two_region", dtq_backend), mk_two),
+        ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
+        ("torch F.linear bf16", F.linear, mk_bf16),
+        ("torch._int_mm (int32 out)", int_mm, mk_int8),
+        ("torch._int_mm + eager scaling", int_mm_scaled, mk_int8),
+        ("torch._scaled_mm fp8 rowwise", fp8_rowwise, mk_fp8),
+    ]
+    torchao_linear = _torchao_provider(device)
+    if torchao_linear is not None:
+        out.append(torchao_linear)
+    if dry:
+        out.append(("dtq int8_gemm (reference backend)", _dtq("int8_gemm", "reference"), mk_int8))
+    return out
+
+
+_TORCHAO_SKIP: list[str] = []
+
+
+def _torchao_provider(device):
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import quantize_
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip, printed below
+        _TORCHAO_SKIP.append(f"torchao skipped: import failed ({type(e).__name__}: {e})")
+        print(_TORCHAO_SKIP[-1])
+        return None
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig as Config
+        config = Config()
+    except ImportError:
+        from torchao.quantization import int8_dynamic_activation_int8_weight
+        config = int8_dynamic_activation_int8_weight()
+
+    def mk(M, K, N):
+        lin = torch.nn.Linear(K, N, bias=True, device=device, dtype=BF16)
+        quantize_(lin, config)
+        return lin, torch.randn(M, K, device=device, dtype=BF16)
+
+    return ("torchao int8 dynamic act + int8 weight", lambda lin, x: lin(x), mk)
+
+
+def check_correct(device, M, K, N) -> None:
+    """The dtq kernels give the reference's answer on this shape before they are timed."""
+    g = torch.Generator(device="cpu").manual_seed(M + K + N)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g).to(device)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).to(device)
+    a_s, w_s = torch.rand(M, device=device) * 0.01, torch.rand(N, device=device) * 1e-3
+    coef, gi = torch.rand(2, 2, device=device) * 0.01, torch.tensor([1], dtype=torch.int32, device=device)
+    for op, args in (("int8_gemm", (a, a_s, w, w_s, None, torch.float32)),
+                     ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32))):
+        out = _dtq(op, "triton")(*args)
+        ref = getattr(reference, op)(*args)
+        # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py)
+        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
+            raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
+                                 f"max |Δ| {float((out - ref).abs().max())}")
+
+
+def measure(name, fn, make, M, K, N, device, rep) -> dict[str, Any]:
+    row: dict[str, Any] = {"provider": name}
+    try:
+        runner = common.Rotating(fn, lambda: make(M, K, N), device=device)
+        runner()
+        ms = common.time_ms(runner, device=device, rep_ms=rep)
+    except Skip as e:
+        return {**row, "ms": None, "TOPS": None, "note": f"skipped: {e}"}
+    except Exception as e:  # noqa: BLE001 - a failing peer is reported in the table, not hidden
+        return {**row, "ms": None, "TOPS": None, "note": f"failed: {type(e).__name__}: {str(e)[:160]}"}
+    return {**row, "ms": ms, "TOPS": common.tops(2.0 * M * N * K, ms), "note": ""}
+
+
+def sweep(device, shapes, rep) -> list[dict[str, Any]]:
+    major = torch.cuda.get_device_capability(device)[0]
+    gi = torch.tensor([0], dtype=torch.int32, device=device)
+    rows = []
+    for model, M, K, N in shapes:
+        for two_region, table in ((False, gemm_int8.CONFIGS), (True, gemm_int8.TWO_REGION_CONFIGS)):
+            for cfg in table[90 if major == 9 else 80]:
+                def fn(a, a_s, w, w_s, b, dt, cfg=cfg, two_region=two_region):
+                    if two_region:
+                        return gemm_int8.launch(a, w, w_s, b, dt, a_scale=a_s, ascale=gemm_int8.TABLE,
+                                                group_idx=gi, two_region=True, config=cfg)
+                    return gemm_int8.launch(a, w, w_s, b, dt, a_scale=a_s, ascale=gemm_int8.PER_ROW, config=cfg)
+
+                def make(M, K, N, two_region=two_region):
+                    a_s = torch.rand(1, 2, device=device) if two_region else torch.rand(M, device=device)
+                    return (_codes(M, K, device=device), a_s, _codes(N, K, device=device),
+                            torch.rand(N, device=device), torch.randn(N, device=device, dtype=BF16), BF16)
+                chosen = gemm_int8.choose_config(device, M, N, two_region) == cfg
+                r = measure("two_region" if two_region else "int8_gemm", fn, make, M, K, N, device, rep)
+                rows.append({"model": model, "M": M, "K": K, "N": N, "config": "x".join(map(str, cfg)),
+                             "heuristic_pick": chosen, **r})
+                print(f"sweep {model} {M}x{K}x{N} {rows[-1]['provider']} {rows[-1]['config']}: "
+                      f"{common.fmt(r['ms'])} ms", flush=True)
+    return rows
+
+
+def main() -> int:
+    device = torch.device("cpu" if ARGS.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gemm: no CUDA GPU (use --dry-run to check the script on CPU)", file=sys.stderr)
+        return 2
+    shapes = DRY_SHAPES if ARGS.dry_run else SHAPES
+    header = common.env_header(device, note="bench_gemm: bf16 outputs, bias included unless noted")
+    rows = []
+    for model, M, K, N in shapes:
+        check_correct(device, M, K, N)
+        shape_rows = []
+        for name, fn, make in providers(device, ARGS.dry_run):
+            r = {"model": model, "M": M, "K": K, "N": N, **measure(name, fn, make, M, K, N, device, ARGS.rep)}
+            shape_rows.append(r)
+            print(f"{model} {M}x{K}x{N} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TOPS'])} TOPS {r['note']}",
+                  flush=True)
+        base = next(r["ms"] for r in shape_rows if r["provider"] == "torch F.linear bf16")
+        for r in shape_rows:
+            r["speedup_vs_bf16"] = base / r["ms"] if base and r["ms"] else None
+        rows += shape_rows
+    out = common.results_dir(ARGS.out)
+    cols = ["model", "M", "K", "N", "provider", "ms", "TOPS", "speedup_vs_bf16", "note"]
+    paths = common.write_results("bench_gemm", header, rows, out, cols, notes=_TORCHAO_SKIP)
+    if ARGS.sweep and device.type == "cuda":
+        srows = sweep(device, shapes, ARGS.rep)
+        paths += common.write_results("bench_gemm_sweep", header, srows, out,
+                                      ["model", "M", "K", "N", "provider", "config", "heuristic_pick", "ms", "TOPS",
+                                       "note"])
+    print("wrote", *map(str, paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
