@@ -253,10 +253,11 @@ def main() -> int:
     shapes = DRY_SHAPES if ARGS.dry_run else SHAPES
     header = common.env_header(device, note="bench_gemm: bf16 outputs, bias included unless noted")
     rows = []
+    contenders = providers(device, ARGS.dry_run)
     for model, M, K, N in shapes:
         check_correct(device, M, K, N)
         shape_rows = []
-        for name, fn, make in providers(device, ARGS.dry_run):
+        for name, fn, make in contenders:
             r = {"model": model, "M": M, "K": K, "N": N, **measure(name, fn, make, M, K, N, device, ARGS.rep)}
             shape_rows.append(r)
             print(f"{model} {M}x{K}x{N} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TOPS'])} TOPS {r['note']}",

@@ -29,34 +29,32 @@ def codes(m, k, bits=8, gen=None):
 
 
 def make_args(op, m, k, n, out_dtype, bias=True, seed=0, bits=8, per_tensor=False, device="cpu"):
-    """Random arguments for `op`, plus the magnitude of the epilogue terms (for the GPU tolerance)."""
+    """Random arguments for `op` on `device`, plus the magnitude of the epilogue terms (for the GPU
+    tolerance), computed where the data lives."""
     g = torch.Generator().manual_seed(seed)
     a, w = codes(m, k, bits, g), codes(n, k, bits, g)
+    if op == "int8_gemm_wzp":  # asymmetric weights use the full signed range and zero points
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    zero = torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)
     w_s = torch.rand(n, generator=g) * 1e-3 + 1e-4
     b = torch.randn(n, generator=g) if bias else None
-    group = torch.tensor([1], dtype=torch.int32)
+    a_s = torch.rand(1 if per_tensor else m, generator=g) * 0.05
+    table, coef = torch.rand(3, generator=g) * 0.05, torch.rand(3, 2, generator=g) * 0.05
+    a, w, zero, w_s, a_s, table, coef = (t.to(device) for t in (a, w, zero, w_s, a_s, table, coef))
+    b = None if b is None else b.to(device)
+    group = torch.tensor([1], dtype=torch.int32, device=device)
+    abs_acc = reference.int_matmul(a.abs(), w.abs()).float()
     if op == "int8_gemm":
-        a_s = torch.rand(1 if per_tensor else m, generator=g) * 0.05
-        args = (a, a_s, w, w_s, b, out_dtype)
-        mag = reference.int_matmul(a.abs(), w.abs()).float() * a_s[:, None] * w_s
+        args, mag = (a, a_s, w, w_s, b, out_dtype), abs_acc * a_s[:, None] * w_s
     elif op == "int8_gemm_static":
-        table = torch.rand(3, generator=g) * 0.05
-        args = (a, table, group, w, w_s, b, out_dtype)
-        mag = reference.int_matmul(a.abs(), w.abs()).float() * table[1] * w_s
+        args, mag = (a, table, group, w, w_s, b, out_dtype), abs_acc * table[1] * w_s
     elif op == "int8_gemm_wzp":
-        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)  # asymmetric: full range
-        zero = torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)
-        a_s = torch.rand(m, generator=g) * 0.05
+        w_eff = (w.double() - zero.double()[:, None]).abs()
         args = (a, a_s, w, w_s, zero, b, out_dtype)
-        mag = (a.abs().double() @ (w.double() - zero.double()[:, None]).abs().T).float() * a_s[:, None] * w_s
+        mag = (a.abs().double() @ w_eff.T).float() * a_s[:, None] * w_s
     else:
-        coef = torch.rand(3, 2, generator=g) * 0.05
-        args = (a, coef, group, w, w_s, b, out_dtype)
-        mag = reference.int_matmul(a.abs(), w.abs()).float() * coef[1].max() * w_s
-    if b is not None:
-        mag = mag + b.abs()
-    args = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in args)
-    return args, mag.to(device)
+        args, mag = (a, coef, group, w, w_s, b, out_dtype), abs_acc * coef[1].max() * w_s
+    return args, (mag if b is None else mag + b.abs())
 
 
 def run(op, args, backend="triton"):
