@@ -1,0 +1,97 @@
+"""TQ-DiT scale grid search (ALGORITHMS.md §2.3): Δ = Δ₀·λ, Δ₀ = max|·|/(2^(b−1)−0.5),
+λ ∈ {0.01 + i·1.19/100 : i = 0..100}, alternating weight and activation search for `rounds` rounds,
+minimizing the layer's output MSE mean((X̂Ŵᵀ − XWᵀ)²) on the calibration rows.
+
+Differences from the released code, both no worse by construction: weights get a clip ratio per output
+channel (our kernels take per-channel weight scales; for a fixed X̂ each output channel's error depends
+only on its own row of W, so the per-channel argmin is exact), and activation scales are searched per
+time group (TGQ) for every quantized activation, not only post-softmax.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..formats import dequantize_int, dequantize_weight, get_format, quantize_int, quantize_weight
+
+LAMBDAS = torch.tensor([0.01 + i * 1.19 / 100 for i in range(101)], dtype=torch.float64)
+
+# (x [n, K], candidates [C, 1, 1]) -> fake-quantized x for every candidate [C, n, K]
+ActQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CHUNK_ELEMS = 1 << 24  # candidates are evaluated in batches of about this many elements
+
+
+def delta0(absmax: float, bits: int) -> float:
+    """TQ-DiT's initial step: the absmax maps to the last code's upper rounding edge."""
+    return float(absmax) / (2 ** (bits - 1) - 0.5)
+
+
+def fake_quant_int(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Symmetric INTn quantize→dequantize (formats.py math); scale broadcasts against x."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return dequantize_int(quantize_int(x, s, bits), s)
+
+
+def weight_clip_candidates(fmt: str) -> torch.Tensor:
+    """The λ grid as clip ratios of the absmax scale (scale = absmax·clip/qmax ⇔ Δ = Δ₀·λ), ≤ 1."""
+    qmax = get_format(fmt).maxval
+    clips = LAMBDAS * qmax / (qmax + 0.5)
+    return clips[clips <= 1.0].float()
+
+
+def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    return dequantize_weight(quantize_weight(w, fmt, clip_ratio=clip)).to(w.device)
+
+
+def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per-output-channel clip ratio [N] minimizing mean over rows of (X̂Ŵᵀ − Y)² for each channel."""
+    n, k = w.shape
+    cands = weight_clip_candidates(fmt).to(w.device)
+    step = max(1, CHUNK_ELEMS // (n * max(k, x_hat.shape[0])))
+    errs = []
+    for i in range(0, len(cands), step):
+        c = cands[i:i + step]
+        # one quantize_weight call for the whole chunk: row j·N + o is channel o at clip c[j]
+        w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n)).reshape(len(c), n, k)
+        errs.append(((w_c @ x_hat.T - y_ref.T) ** 2).mean(-1))  # [C, N]
+    best = torch.cat(errs).argmin(0)
+    return cands[best].cpu()
+
+
+def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candidates: torch.Tensor,
+               quant: ActQuant) -> tuple[float, float]:
+    """(best candidate, its output MSE) over `candidates` for the activation quantizer `quant`."""
+    cands = candidates.float().to(x.device)
+    step = max(1, CHUNK_ELEMS // max(x.numel(), x.shape[0] * w_hat.shape[0]))
+    errs = torch.cat([((quant(x, cands[i:i + step, None, None]) @ w_hat.T - y_ref) ** 2).mean((1, 2))
+                      for i in range(0, len(cands), step)])
+    best = int(errs.argmin())
+    return float(cands[best]), float(errs[best])
+
+
+def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: str,
+                  candidates: list[torch.Tensor | None], quant: ActQuant, init: list[float | None],
+                  rounds: int = 3) -> tuple[torch.Tensor, list[float | None], list[float]]:
+    """Alternating W / A search for one linear layer with per-group activation parameters.
+
+    rows[g]: calibration input rows of group g ([n, K], None for an unvisited group); candidates[g]:
+    activation parameter grid of group g; init[g]: its starting value (λ = 1). Returns
+    (per-channel weight clips [N], per-group activation parameters, per-group final output MSE).
+    """
+    w = w.float()
+    groups = [g for g, r in enumerate(rows) if r is not None and len(r)]
+    if not groups:
+        raise ValueError("search_linear needs calibration rows in at least one time group")
+    x = {g: rows[g].to(w.device) for g in groups}
+    y = {g: x[g] @ w.T for g in groups}
+    act = list(init)
+    clips = torch.ones(w.shape[0])
+    errs = [float("nan")] * len(rows)
+    for _ in range(rounds):
+        x_hat = torch.cat([quant(x[g], act[g]) for g in groups])
+        clips = search_weight_clip(x_hat, w, torch.cat([y[g] for g in groups]), weight_fmt)
+        w_hat = fake_quant_weight(w, weight_fmt, clips.to(w.device))
+        for g in groups:
+            act[g], errs[g] = search_act(x[g], w_hat, y[g], candidates[g], quant)
+    return clips, act, errs
