@@ -127,7 +127,7 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
         plan.meta["calibration"] = {"forwards": stats.forwards, "num_inference_steps": num_inference_steps,
                                     "num_samples": num_samples if is_pipe else None,
                                     "timesteps": stats.timesteps, "stats_bytes": stats.nbytes()}
-        plan.meta["act_absmax_by_t"] = _absmax_by_t(stats)
+        plan.meta["act_absmax_by_t"] = stats.absmax_by_t()
     if rec.method == "rtn":
         build_rtn(rec, stats, layers, plan)
     elif rec.method == "viditq":
@@ -138,10 +138,3 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
         raise ValueError(f"recipe {rec.name!r} names an unknown method {rec.method!r}")
     return plan
 
-
-def _absmax_by_t(stats: CalibStats) -> dict:
-    """Per-layer input absmax at each calibration timestep: small, and what the TGQ plot needs."""
-    ts = stats.timesteps
-    return {"timesteps": ts, "layers": {
-        name: [max(-s.t_range[t][0], s.t_range[t][1]) if t in s.t_range else None for t in ts]
-        for name, s in stats.layers.items()}}

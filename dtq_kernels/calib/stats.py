@@ -173,6 +173,14 @@ class CalibStats:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers.values()) + sum(a.nbytes() for a in self.attention.values())
 
+    def absmax_by_t(self) -> dict:
+        """{"timesteps": [...], "layers": {name: [input absmax at each timestep, None if unseen]}}:
+        small enough for plan.meta, and what the TGQ plot draws."""
+        ts = self.timesteps
+        return {"timesteps": ts, "layers": {
+            name: [max(-s.t_range[t][0], s.t_range[t][1]) if t in s.t_range else None for t in ts]
+            for name, s in self.layers.items()}}
+
 
 def _tree_clone(obj):
     if isinstance(obj, torch.Tensor):
