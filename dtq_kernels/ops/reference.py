@@ -64,3 +64,59 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+# ------------------------------------- fused activation quantization (smoothing, Hadamard, LN, GELU)
+
+def _smooth_rotate(xf: torch.Tensor, smooth: torch.Tensor | None, rotate: bool) -> torch.Tensor:
+    """x / smooth (per input channel), then x @ H_K: the transforms applied before quantization."""
+    from .. import hadamard
+    if smooth is not None:
+        xf = xf / smooth.float()
+    return hadamard.rotate(xf) if rotate else xf
+
+
+def _quantize_rows(xf: torch.Tensor, bits: int, scale_table: torch.Tensor | None,
+                   group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per token (quantize_per_token semantics) without a table, else static per tensor with
+    scale = scale_table[group_idx[0]] (formats.quantize_int: round half even, clamp ±qmax)."""
+    if scale_table is None:
+        return quantize_per_token(xf, bits)
+    scale = scale_table[group_idx.long()].float()  # [1]
+    return formats.quantize_int(xf, scale, bits), scale
+
+
+def quantize_act(x: torch.Tensor, bits: int, smooth: torch.Tensor | None, rotate: bool,
+                 scale_table: torch.Tensor | None, group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of (x / smooth) @ H_K, computed in fp32 (see quantize_ops.quantize_act)."""
+    return _quantize_rows(_smooth_rotate(x.float(), smooth, rotate), bits, scale_table, group_idx)
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_batch: int,
+                       eps: float) -> torch.Tensor:
+    """DiT's adaLN modulate in fp32: LN(x, no affine) · (1 + scale[b]) + shift[b], b = row // tokens."""
+    h = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    b = torch.arange(x.shape[0], device=x.device) // tokens_per_batch
+    return h * (1 + scale.float()[b]) + shift.float()[b]
+
+
+def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_batch: int,
+                                eps: float, bits: int, smooth: torch.Tensor | None, rotate: bool,
+                                scale_table: torch.Tensor | None,
+                                group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h = layernorm_modulate(x, shift, scale, tokens_per_batch, eps)
+    return _quantize_rows(_smooth_rotate(h, smooth, rotate), bits, scale_table, group_idx)
+
+
+def gelu_quantize(h: torch.Tensor, bits: int, approximate: str, smooth: torch.Tensor | None, rotate: bool,
+                  scale_table: torch.Tensor | None, group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.nn.functional.gelu(h.float(), approximate=approximate)
+    return _quantize_rows(_smooth_rotate(g, smooth, rotate), bits, scale_table, group_idx)
+
+
+def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: torch.Tensor, bits: int, mode: str,
+                        gelu: bool, approximate: str) -> torch.Tensor:
+    """formats.quantize_two_region of x (or of GELU(x)) with (c_pos, c_neg) = coef_table[group_idx[0]]."""
+    xf = torch.nn.functional.gelu(x.float(), approximate=approximate) if gelu else x.float()
+    c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
+    return formats.quantize_two_region(xf, c_pos, c_neg, bits, mode)
