@@ -12,3 +12,8 @@ from .quantize_ops import quantize_per_token
 
 __all__ = ["BACKENDS", "CUDA_DEFAULTS", "BackendError", "kernels_for", "last_backend", "use_backend",
            "int8_gemm", "int8_gemm_static", "int8_gemm_two_region", "int8_gemm_wzp", "quantize_per_token"]
+
+# fused activation quantization (smoothing, Hadamard rotation, LayerNorm-modulate, GELU, two-region)
+from .quantize_ops import gelu_quantize, layernorm_modulate_quantize, quantize_act, quantize_two_region  # noqa: E402
+
+__all__ += ["gelu_quantize", "layernorm_modulate_quantize", "quantize_act", "quantize_two_region"]

@@ -32,6 +32,12 @@ _KERNELS: dict[str, dict[str, Callable]] = {}
 CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     # Not measured yet on a GPU: Triton is the default because it compiles for every arch we target.
     "quantize_per_token": {"any": "triton"},
+    # Not measured yet on a GPU: the fused Triton kernel is the only fast kernel for these ops
+    # (benchmarks/bench_quantize.py measures them against the device copy bandwidth).
+    "quantize_act": {"any": "triton"},
+    "layernorm_modulate_quantize": {"any": "triton"},
+    "gelu_quantize": {"any": "triton"},
+    "quantize_two_region": {"any": "triton"},
     # Not measured yet on a GPU: the Triton INT8 GEMM family is the only fast kernel for these ops
     # (benchmarks/bench_gemm.py compares it with cuBLAS bf16, torch._int_mm and FP8 _scaled_mm).
     "int8_gemm": {"any": "triton"},
