@@ -1,0 +1,249 @@
+"""dtq.calibrate end to end on a tiny random DiT pipeline and on toy transformers: every recipe's plan,
+bounded statistics, time-group tables that follow drifting activations, clear errors, plots."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dtq_kernels.calib import calibrate, collect_stats, get_recipe, make_plots, recipes
+from dtq_kernels.calib.stats import StatsConfig
+from dtq_kernels.formats import get_format
+from dtq_kernels.plan import QuantPlan
+
+diffusers = pytest.importorskip("diffusers")
+
+
+class _DiTShim:
+    """Stand-in for the DiT model adapter (dtq_kernels.models.adapters) until it lands."""
+
+    model_type, num_train_timesteps = "dit", 1000
+
+    def quantizable_linears(self, m):
+        return {n: x for n, x in m.named_modules()
+                if isinstance(x, torch.nn.Linear) and n.startswith("transformer_blocks") and ".norm1." not in n}
+
+    def kept_fp(self, m):
+        q = self.quantizable_linears(m)
+        return [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear) and n not in q]
+
+    def role(self, n):
+        for suffix, role in (("to_q", "qkv"), ("to_k", "qkv"), ("to_v", "qkv"), ("to_out.0", "attn_out"),
+                             ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2")):
+            if n.endswith(suffix):
+                return role
+        return "other"
+
+    def timestep(self, args, kwargs):
+        return kwargs.get("timestep", args[1] if len(args) > 1 else None)
+
+
+ADAPTER = _DiTShim()
+RECIPE_NAMES = ["rtn-w8a8", "rtn-w4a8", "viditq-w8a8", "viditq-w4a8", "viditq-w4a8-mp", "tqdit-w8a8", "tqdit-w6a6"]
+CALIB = dict(num_samples=2, num_inference_steps=4, pipe_kwargs={"class_labels": [1, 2]}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=32)
+    tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8,
+                                         num_layers=2, sample_size=8)
+    return diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=diffusers.DDIMScheduler(),
+                                 id2label={1: "goldfish", 2: "shark"})
+
+
+def _small(name):
+    """The recipe with fewer reservoir rows: same code paths, test-sized search."""
+    r = get_recipe(name)
+    return replace(r, rows_per_group=min(r.rows_per_group, 32))
+
+
+@pytest.fixture(scope="module")
+def plans(pipe):
+    return {name: calibrate(pipe, _small(name), adapter=ADAPTER, **CALIB) for name in RECIPE_NAMES}
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_recipe_plan_roundtrips_json(plans, pipe, name):
+    plan = plans[name]
+    quantizable = set(ADAPTER.quantizable_linears(pipe.transformer))
+    assert set(plan.layers) == quantizable and len(quantizable) == 12
+    assert set(plan.kept_fp) == set(ADAPTER.kept_fp(pipe.transformer)) and not set(plan.kept_fp) & quantizable
+    recipe = get_recipe(name)
+    for lname, lp in plan.layers.items():
+        assert lp.spec.act == recipe.act
+        if lp.spec.static:
+            assert len(lp.act_scales) == lp.spec.time_groups == recipe.time_groups
+            flat = torch.tensor(lp.act_scales).flatten()
+            assert bool(torch.isfinite(flat).all() and (flat > 0).all()), lname
+        if lp.spec.smooth:
+            s = plan.tensors[f"{lname}.smooth"]
+            assert s.shape == (pipe.transformer.get_submodule(lname).in_features,) and bool((s > 0).all())
+    text = plan.to_json()
+    again = QuantPlan.from_json(text, plan.tensors)
+    assert again.to_json() == text
+    assert again.layers == plan.layers and again.attention == plan.attention
+
+
+def test_tqdit_plan_contents(plans):
+    for name, bits in (("tqdit-w8a8", 8), ("tqdit-w6a6", 6)):
+        plan = plans[name]
+        assert plan.time_groups == 10
+        fc2 = plan.layers["transformer_blocks.0.ff.net.2"]
+        assert fc2.spec.act_mode == "two_region" and fc2.spec.two_region_mode == "sign"
+        assert all(c_neg == pytest.approx(0.16997 / 2 ** (bits - 1)) for _, c_neg in fc2.act_scales)
+        q = plan.layers["transformer_blocks.0.attn1.to_q"]
+        assert q.spec.act_mode == "static" and len(q.weight_clip) == 64
+        assert set(plan.attention) == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
+        att = plan.attention["transformer_blocks.0.attn1"]
+        qmax = 2 ** (bits - 1) - 1
+        for c_pos, c_neg in att["p_scales"]:  # split mode: Δ_hi = 1/qmax, Δ_hi / Δ_lo a power of two
+            assert c_neg == pytest.approx(-1 / qmax)
+            ratio = -c_neg / c_pos
+            assert ratio == pytest.approx(2 ** round(torch.log2(torch.tensor(ratio)).item()))
+        assert len(att["q_scales"]) == 10 and len(att["q_scales"][0]) == 2
+
+
+def test_viditq_plans(plans):
+    w8 = plans["viditq-w8a8"]
+    assert "calibration" not in w8.meta and not w8.tensors  # dynamic: no calibration data needed
+    assert all(lp.spec.act_mode == "dynamic" and lp.spec.weight == "int8" for lp in w8.layers.values())
+    w4 = plans["viditq-w4a8"]
+    cost = w4.meta["smoothing"]["mean_rel_output_error"]
+    assert set(cost) == {"none", "single", "per_range"} and all(v > 0 for v in cost.values())
+    mp = plans["viditq-w4a8-mp"]
+    info = mp.meta["mixed_precision"]
+    assert info["all_w8_groups"] == [3]
+    for lp in mp.layers.values():
+        specs = lp.step_group_specs or [lp.spec] * 4
+        assert specs[3].weight == "int8"  # first 25% of steps: all W8
+        assert {s.weight for s in specs} <= {"int4", "int8"}
+    for g, avg in info["avg_weight_bits"].items():
+        assert 4.0 <= avg <= 6.0
+        w4_layers = [n for n, lp in mp.layers.items() if (lp.step_group_specs or [lp.spec] * 4)[int(g)].weight == "int4"]
+        assert w4_layers and set(w4_layers).isdisjoint(info["promoted"][g])
+
+
+def test_stats_are_bounded(pipe):
+    cfg = StatsConfig(time_groups=10, rows_per_group=16, attention=True)
+    # 4 runs fill every visited group's 4 post-softmax snapshots; then nothing grows with more samples
+    small = collect_stats(pipe, cfg, adapter=ADAPTER, **{**CALIB, "num_samples": 8})
+    big = collect_stats(pipe, cfg, adapter=ADAPTER, **{**CALIB, "num_samples": 16})
+    assert big.forwards == 2 * small.forwards == 32
+    assert big.nbytes() == small.nbytes()
+    for name, st in big.layers.items():
+        assert st.rows.shape == (10, 16, st.in_features) and st.rows.dtype == torch.float16
+    for at in big.attention.values():
+        assert all(len(s) <= 4 for s in at.snapshots)
+        assert all(p.shape[0] <= 32 and p.shape[1] <= 512 for snaps in at.snapshots for p, _ in snaps)
+
+
+class _Drift(torch.nn.Module):
+    """Toy transformer: `drift` sees inputs scaled by (1 + t/100), `flat` sees t-independent inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.drift = torch.nn.Linear(16, 16)
+        self.flat = torch.nn.Linear(16, 16)
+
+    def forward(self, x, timestep):
+        return self.drift(x * (1 + timestep / 100)[:, None, None]) + self.flat(x)
+
+
+class _DriftAdapter:
+    model_type, num_train_timesteps = "toy", 1000
+
+    def quantizable_linears(self, m):
+        return {"drift": m.drift, "flat": m.flat}
+
+    def kept_fp(self, m):
+        return []
+
+    def role(self, name):
+        return "qkv"
+
+    def timestep(self, args, kwargs):
+        return kwargs["timestep"]
+
+
+def _drive_drift(model):
+    g = torch.Generator().manual_seed(0)
+    for t in range(0, 1000, 50):
+        x = torch.randn(2, 64, 16, generator=g).clamp(-3, 3)
+        model(x, timestep=torch.tensor([float(t), float(t)]))
+
+
+def test_tgq_tables_follow_drift():
+    # min-max tables (rtn with 10 time groups) track the range exactly: strictly increasing
+    mm = calibrate(_Drift(), "rtn-w8a8", time_groups=10, run_fn=_drive_drift, adapter=_DriftAdapter(), progress=False)
+    assert mm.time_groups == 10 and mm.layers["drift"].spec.time_groups == 10
+    drift = torch.tensor(mm.layers["drift"].act_scales)
+    assert bool((drift[1:] > drift[:-1]).all())
+    # group 0 holds t = 0, 50 and group 9 t = 900, 950: largest inputs (1 + 950/100) / (1 + 50/100) = 7
+    assert float(drift[-1] / drift[0]) == pytest.approx(7.0, rel=1e-5)
+    # TQ-DiT's searched tables follow the same trend (the clip choice adds sample noise per group)
+    tq = calibrate(_Drift(), replace(get_recipe("tqdit-w8a8"), rows_per_group=32), run_fn=_drive_drift,
+                   adapter=_DriftAdapter(), progress=False)
+    drift = torch.tensor(tq.layers["drift"].act_scales)
+    flat = torch.tensor(tq.layers["flat"].act_scales)
+    assert len(drift) == 10 and float(drift[-1] / drift[0]) > 4
+    assert float(torch.corrcoef(torch.stack([drift, torch.arange(10.0)]))[0, 1]) > 0.9
+    assert float(flat.max() / flat.min()) < 1.5
+
+
+def test_mixed_timesteps_in_one_batch_are_binned_per_sample():
+    stats = collect_stats(_Drift(), StatsConfig(time_groups=10, rows_per_group=8), adapter=_DriftAdapter(),
+                          run_fn=lambda m: m(torch.ones(2, 4, 16), timestep=torch.tensor([0.0, 900.0])),
+                          progress=False)
+    st = stats.layers["drift"]
+    assert st.visited.nonzero().flatten().tolist() == [0, 9]
+    assert float(st.tmax[0]) == pytest.approx(1.0) and float(st.tmax[9]) == pytest.approx(10.0)
+
+
+def test_nan_calibration_data_names_the_layer(pipe):
+    def run(tr):
+        x = torch.randn(1, 4, 8, 8)
+        x[0, 0, 0, 0] = float("nan")
+        tr(x, timestep=torch.tensor([500]), class_labels=torch.tensor([1]))
+
+    with pytest.raises(ValueError, match=r"layer 'transformer_blocks\.0\.attn1\.to_q'.*non-finite.*[1-9][0-9]* NaN"):
+        calibrate(pipe.transformer, "rtn-w8a8", run_fn=run, adapter=ADAPTER, progress=False)
+
+
+def test_clear_errors(pipe):
+    with pytest.raises(ValueError, match="needs run_fn"):
+        calibrate(pipe.transformer, "rtn-w8a8", adapter=ADAPTER, progress=False)
+    with pytest.raises(ValueError, match="unknown recipe 'w2a2'; available recipes: " + ", ".join(recipes())):
+        calibrate(pipe, "w2a2", adapter=ADAPTER)
+    with pytest.raises(ValueError, match="as calibrate"):
+        calibrate(pipe, "rtn-w8a8", adapter=ADAPTER, pipe_kwargs={"class_labels": [1], "output_type": "pil"})
+    with pytest.raises(TypeError, match="diffusers pipeline"):
+        calibrate("not a model", "rtn-w8a8", adapter=ADAPTER)
+    with pytest.raises(ValueError, match="needs the timestep of every transformer forward"):
+        calibrate(_Drift(), "rtn-w8a8", adapter=type("A", (_DriftAdapter,), {"timestep": lambda s, a, k: None})(),
+                  run_fn=_drive_drift, progress=False)
+
+
+def test_percentile_clips_below_minmax(pipe):
+    mm = calibrate(pipe, "rtn-w8a8", adapter=ADAPTER, **CALIB)
+    pct = calibrate(pipe, replace(get_recipe("rtn-w8a8"), act_clip="percentile", percentile=99.0),
+                    adapter=ADAPTER, **CALIB)
+    for name, lp in mm.layers.items():
+        assert 0 < pct.layers[name].act_scales[0] < lp.act_scales[0]
+        assert lp.act_scales[0] == pytest.approx(
+            max(abs(v) for v in mm.meta["act_absmax_by_t"]["layers"][name] if v is not None)
+            / get_format("int8").maxval, rel=1e-6)
+
+
+def test_plots_from_stats_and_plan(pipe, plans, tmp_path):
+    stats = collect_stats(pipe, StatsConfig(time_groups=10), adapter=ADAPTER, **CALIB)
+    paths = make_plots(stats, tmp_path / "stats")
+    paths += make_plots(plans["tqdit-w8a8"], tmp_path / "tq")
+    paths += make_plots(plans["viditq-w4a8-mp"], tmp_path / "mp")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["act_range_over_t.png", "channel_salience.png", "act_range_over_t.png",
+                            "act_scale_tables.png", "act_range_over_t.png", "mixed_precision.png"])
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
