@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtq_kernels.calib import calibrate, collect_stats, get_recipe, make_plots, recipes
-from dtq_kernels.calib.stats import StatsConfig
+from dtq_kernels.calib.stats import StatsConfig, attention_modules, attention_probs, split_heads
 from dtq_kernels.formats import get_format
 from dtq_kernels.plan import QuantPlan
 
@@ -75,7 +75,7 @@ def test_every_recipe_plan_roundtrips_json(plans, pipe, name):
     for lname, lp in plan.layers.items():
         assert lp.spec.act == recipe.act
         if lp.spec.static:
-            assert len(lp.act_scales) == lp.spec.time_groups == recipe.time_groups
+            assert len(lp.act_scales) == lp.spec.time_groups == recipe.time_groups == plan.time_groups
             flat = torch.tensor(lp.act_scales).flatten()
             assert bool(torch.isfinite(flat).all() and (flat > 0).all()), lname
         if lp.spec.smooth:
@@ -111,6 +111,7 @@ def test_viditq_plans(plans):
     assert "calibration" not in w8.meta and not w8.tensors  # dynamic: no calibration data needed
     assert all(lp.spec.act_mode == "dynamic" and lp.spec.weight == "int8" for lp in w8.layers.values())
     w4 = plans["viditq-w4a8"]
+    assert w4.time_groups == 1  # dynamic activations and one smoothing vector: nothing depends on t
     cost = w4.meta["smoothing"]["mean_rel_output_error"]
     assert set(cost) == {"none", "single", "per_range"} and all(v > 0 for v in cost.values())
     mp = plans["viditq-w4a8-mp"]
@@ -247,3 +248,24 @@ def test_plots_from_stats_and_plan(pipe, plans, tmp_path):
                             "act_scale_tables.png", "act_range_over_t.png", "mixed_precision.png"])
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_post_softmax_reconstruction_matches_the_model(pipe):
+    """P rebuilt from the to_q / to_k outputs (what the snapshots store) reproduces the attention output
+    the model computes with scaled_dot_product_attention: P·V == the input of to_out.0."""
+    attn = attention_modules(pipe.transformer)["transformer_blocks.0.attn1"]
+    seen = {}
+    hooks = [getattr(attn, f"to_{w}").register_forward_hook(lambda m, a, o, w=w: seen.__setitem__(w, o))
+             for w in "qkv"]
+    hooks.append(attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("out", a[0])))
+    try:
+        with torch.no_grad():
+            pipe.transformer(torch.randn(2, 4, 8, 8), timestep=torch.tensor([10, 900]),
+                             class_labels=torch.tensor([1, 2]))
+    finally:
+        for h in hooks:
+            h.remove()
+    q, k, v = split_heads(attn, seen["q"], seen["k"], seen["v"])
+    p = attention_probs(q.transpose(1, 2), k.transpose(1, 2), attn.scale)  # [B, H, N, N]
+    out = (p @ v.transpose(1, 2).float()).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(out, seen["out"], rtol=1e-5, atol=1e-5)  # fp32 both ways

@@ -56,6 +56,7 @@ def build_viditq(recipe: Recipe, stats: CalibStats | None, layers: dict, plan: Q
                   "one per range [0,500],[501,1000] with a weight copy per range)",
         "mean_rel_output_error": mean, "worst_layer": {worst: costs[worst]}}
     if not recipe.mixed_precision:
+        plan.time_groups = 1  # the ranges only shaped the statistics; nothing in the plan depends on t
         for name in layers:
             plan.layers[name] = LayerPlan(spec, note=f"viditq smooth alpha={recipe.smooth_alpha}")
         return
@@ -117,7 +118,8 @@ def build_tqdit(recipe: Recipe, stats: CalibStats, layers: dict, plan: QuantPlan
                                          recipe.search_rounds)
         table = fill_unvisited(torch.tensor([a if a is not None else 0.0 for a in act]), vis)
         act_scales = [[c, gelu_neg_step(abits)] for c in table.tolist()] if two_region else table.tolist()
-        plan.layers[name] = LayerPlan(spec, act_scales=act_scales, weight_clip=clips.tolist(),
+        # 6 decimals keep the JSON compact; the clip grid step is 0.012, so rounding changes no choice
+        plan.layers[name] = LayerPlan(spec, act_scales=act_scales, weight_clip=[round(c, 6) for c in clips.tolist()],
                                       note=f"tqdit search mse={max(e for e in errs if e == e):.3g}")
     for name, at in stats.attention.items():
         plan.attention[name] = _tqdit_attention(at, G, abits, recipe.act)

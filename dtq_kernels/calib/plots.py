@@ -55,7 +55,10 @@ def _range_over_t(by_t: dict, time_groups: int, T: int, path: Path) -> Path:
 def _salience(stats: CalibStats, path: Path) -> Path:
     act = {n: s.chan_absmax[s.visited].amax(0).numpy() for n, s in stats.layers.items() if bool(s.visited.any())}
     spread = {n: a.max() / max(np.median(a), 1e-12) for n, a in act.items()}
-    top = sorted(spread, key=spread.get, reverse=True)[:4]
+    top = []
+    for n in sorted(spread, key=spread.get, reverse=True):  # q/k/v share one input: show it once
+        if len(top) < 4 and not any(np.array_equal(act[n], act[m]) for m in top):
+            top.append(n)
     fig, axes = plt.subplots(len(top), 1, figsize=(11, 2.4 * len(top)), squeeze=False)
     for ax, n in zip(axes[:, 0], top):
         k = np.arange(len(act[n]))

@@ -140,8 +140,7 @@ class AttnStats:
         b = int(torch.randint(q.shape[0], (1,), generator=gen))
         h = int(torch.randint(self.heads, (1,), generator=gen))
         rows = torch.randperm(q.shape[1], generator=gen)[:ATTN_ROWS].to(q.device)
-        logits = q[b, rows, h].float() @ k[b, :, h].float().T * scale
-        p = torch.softmax(logits, dim=-1)
+        p = attention_probs(q[b, rows, h], k[b, :, h], scale)
         vv = v[b, :, h]
         if p.shape[1] > ATTN_KEYS:
             keys = torch.randperm(p.shape[1], generator=gen)[:ATTN_KEYS].to(q.device)
@@ -190,6 +189,23 @@ def _tree_clone(obj):
     if isinstance(obj, dict):
         return {k: _tree_clone(v) for k, v in obj.items()}
     return obj
+
+
+def split_heads(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """to_q / to_k / to_v outputs [B, N, H·d] -> [B, N, H, d] each, with the module's q/k norms applied,
+    as diffusers' attention processors do before scaled_dot_product_attention."""
+    H = attn.heads
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], H, t.shape[-1] // H) for t in (q, k, v))
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Post-softmax P = softmax(q·kᵀ·scale) in fp32 for q [..., Nq, d], k [..., Nk, d]."""
+    return torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -289,16 +305,9 @@ class StatsCollector:
         if which != "v":
             return
         q, k, v = scratch.pop("q"), scratch.pop("k"), scratch.pop("v")
-        H = attn.heads
-        d = q.shape[-1] // H
         if k.shape[-1] != q.shape[-1]:
             raise ValueError(f"attention {name!r}: key width {k.shape[-1]} differs from query width "
                              f"{q.shape[-1]} (grouped KV heads are not supported)")
-        q, k, v = (t.reshape(t.shape[0], -1, H, d) for t in (q, k, v))
-        if getattr(attn, "norm_q", None) is not None:
-            q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
-        qkv = torch.stack([q, k, v], 1)  # [B, 3, N, H, d]: split by sample together
+        qkv = torch.stack(split_heads(attn, q, k, v), 1)  # [B, 3, N, H, d]: split by sample together
         for g, _, part in self._split_by_group(qkv, f"attention {name!r}"):
             self.stats.attention[name].update(part[:, 0], part[:, 1], part[:, 2], g, attn.scale, self.gen)
