@@ -6,6 +6,7 @@ Each op has three places (DESIGN.md §1): its schema + fake impl + dispatch in a
 """
 from . import gemm_ops, quantize_ops  # noqa: F401  (defines the ops)
 from . import triton as _triton_kernels  # noqa: F401  (registers the Triton kernels)
+from . import cuda as _cuda_kernels  # noqa: F401  (registers the _C kernels; importable without a GPU)
 from ._dispatch import BACKENDS, CUDA_DEFAULTS, BackendError, kernels_for, last_backend, use_backend
 from .gemm_ops import int8_gemm, int8_gemm_static, int8_gemm_two_region, int8_gemm_wzp
 from .quantize_ops import quantize_per_token
