@@ -61,7 +61,8 @@ def _check_act(op: str, x, bits, smooth, rotate, scale_table, group_idx, **other
         check_tensor(smooth, op, "smooth", (torch.float32,), ndim=1)
         check(smooth.shape[0] == k, op, f"smooth must have K={k} entries (one per input channel), "
               f"got {smooth.shape[0]}")
-    check(not rotate or hadamard.supported(k), op,
+    # int(): the Hadamard order must be concrete (a symbolic K is specialized, as a model width is)
+    check(not rotate or hadamard.supported(int(k)), op,
           f"rotate=True needs a Hadamard order: K={k} is not 2^k, 12·2^k or 36·2^k")
     check((scale_table is None) == (group_idx is None), op,
           "scale_table and group_idx go together: pass both (static) or neither (dynamic per token)")
