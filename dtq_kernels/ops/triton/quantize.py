@@ -87,10 +87,11 @@ MAX_ROW_TILE = 16384  # padded elements of one row held in registers
 @triton.jit
 def _gelu(x, TANH: tl.constexpr):
     """torch's GELU in fp32. tanh is not a core Triton op (libdevice only, absent in the interpreter):
-    tanh(u) = 1 − 2/(e^{2u} + 1), exact at ±inf, absolute error ≈1e-7."""
+    tanh(u) = 1 − 2/(e^{2u} + 1), absolute error ≈1e-7; u is capped at 40 (tanh(40) is 1 in fp32) so
+    e^{2u} never overflows."""
     if TANH:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(u, 40.0)) + 1.0)
         return 0.5 * x * (1.0 + t)
     else:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
