@@ -105,7 +105,7 @@ def build_tqdit(recipe: Recipe, stats: CalibStats, layers: dict, plan: QuantPlan
         two_region = recipe.mrq and adapter.role(name) == "fc2"
         if two_region:  # post-GELU: Δ₊ searched from the positive max, Δ₋ fixed
             quant = gelu_quantizer(abits)
-            top = st.tmax.clamp_min(0)
+            top = st.tmax.clamp_min(1e-8)  # a zero Δ₊ would divide by zero in the two-region code
             spec = LinearQuantSpec(weight=recipe.weight, act=recipe.act, act_mode="two_region", time_groups=G,
                                    two_region_mode="sign")
         else:

@@ -17,12 +17,6 @@ def group_of(t: torch.Tensor, time_groups: int, num_train_timesteps: int) -> tor
     return g.clamp(0, time_groups - 1)
 
 
-def group_bounds(time_groups: int, num_train_timesteps: int) -> list[tuple[float, float]]:
-    """[t_lo, t_hi) of each group (the last one includes T)."""
-    w = num_train_timesteps / time_groups
-    return [(g * w, (g + 1) * w) for g in range(time_groups)]
-
-
 def fill_unvisited(values: torch.Tensor, visited: torch.Tensor) -> torch.Tensor:
     """Copy each unvisited group's row from the nearest visited group (ties: the lower group).
 
