@@ -56,7 +56,16 @@ class QuantPlan:
     time_groups / num_train_timesteps: the TGQ grouping g = min(floor(t·G/T), G−1) (DESIGN.md §3);
     layers: module path -> LayerPlan (a Linear absent from it stays floating point);
     attention: module path -> attention quantization settings (dict), if the recipe quantizes it;
-    kept_fp: Linear layers deliberately kept in floating point (for `dtq info`)."""
+    kept_fp: Linear layers deliberately kept in floating point (for `dtq info`).
+
+    Attention entries (TQ-DiT recipes, calib/methods.py): {"heads": H, "head_dim": d, "bits": b,
+    "time_groups": G, "qkv_mode": "static_per_head", "q_scales" / "k_scales" / "v_scales": [G][H]
+    symmetric per-head scales (absmax / (2^(b−1)−1), q before the 1/√d softmax scale), "p_mode":
+    "two_region", "two_region_mode": "split", "p_scales": [G][2] (c_pos, c_neg) of
+    formats.quantize_two_region for the post-softmax P}.
+    meta (informational, JSON): "calibration" (forwards, timesteps seen, statistics bytes),
+    "act_absmax_by_t" (per-layer input absmax per calibration timestep, for plots), "smoothing"
+    (ViDiT-Q: α and the measured cost of one smoothing vector per layer), "mixed_precision"."""
 
     recipe: str
     model_type: str
