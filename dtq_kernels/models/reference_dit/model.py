@@ -1,0 +1,73 @@
+"""The reference DiT shipped with dtq_kernels: config, loading, and a DDIM + CFG sampler.
+
+A class-conditional diffusers DiTTransformer2DModel trained on Fashion-MNIST (32×32, 1 channel,
+pixel space, epsilon prediction). MODEL_CARD.md beside this file records how it was trained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding keeps index num_classes for the CFG null label
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def reference_config(patch_size: int = 4, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
+    return dict(in_channels=1, out_channels=1, sample_size=32, patch_size=patch_size, num_layers=num_layers,
+                num_attention_heads=heads, attention_head_dim=head_dim, num_embeds_ada_norm=NUM_CLASSES,
+                norm_type="ada_norm_zero", dropout=0.0)
+
+
+def build_reference_dit(**overrides):
+    from diffusers import DiTTransformer2DModel
+    return DiTTransformer2DModel(**reference_config(**overrides))
+
+
+def load_reference_dit(weights_dir: Path | str = WEIGHTS_DIR, dtype: torch.dtype = torch.float32):
+    """The trained model in eval mode, loaded offline from the package."""
+    from diffusers import DiTTransformer2DModel
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / "config.json").exists():
+        raise FileNotFoundError(f"no reference DiT checkpoint in {weights_dir}: train one with "
+                                "python -m dtq_kernels.models.reference_dit.train")
+    model = DiTTransformer2DModel.from_pretrained(weights_dir, torch_dtype=dtype)
+    return model.eval()
+
+
+def reference_scheduler():
+    """The DDIM scheduler matching training: linear betas 1e-4..0.02 over 1000 steps."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4, beta_end=0.02,
+                         beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
+                         prediction_type="epsilon")
+
+
+@torch.no_grad()
+def sample(model, class_labels, num_inference_steps: int = 25, generator: torch.Generator | None = None,
+           guidance_scale: float = 3.0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """DDIM sampling with classifier-free guidance; returns images [N, 1, 32, 32] in [-1, 1].
+
+    Pass `noise` to compare models from identical starting points (quality harness)."""
+    labels = torch.as_tensor(class_labels, dtype=torch.long)
+    n = labels.numel()
+    param = next(model.parameters())
+    if noise is None:
+        noise = torch.randn((n, 1, 32, 32), generator=generator)
+    x = noise.to(param.device, param.dtype)
+    sched = reference_scheduler()
+    sched.set_timesteps(num_inference_steps)
+    cond = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]).to(param.device)
+    steps = sched.timesteps
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="sampling")
+    for t in steps:
+        inp = torch.cat([x, x])
+        eps = model(inp, timestep=t.expand(2 * n).to(param.device), class_labels=cond).sample
+        eps_c, eps_u = eps.float().chunk(2)
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        x = sched.step(eps, t, x.float(), generator=generator).prev_sample.to(param.dtype)
+    return x.float().clamp(-1, 1).cpu()
