@@ -198,6 +198,17 @@ def test_triton_quantize_two_region_fused_gelu():
         assert_codes_close(q, reference.quantize_two_region(h.bfloat16(), coef, idx, 8, "sign", True, approximate))
 
 
+def test_triton_rows_too_wide_for_one_tile_are_refused_clearly():
+    # Flux's 12288 = 12·1024 rotated would need 128 KB of shared memory (over sm_89's limit)
+    with pytest.raises(ValueError, match="K=12288 pads to 16384"):
+        triton("quantize_act", torch.randn(2, 12288), 8, None, True)
+    h = torch.randn(2, 12288)
+    q, s = triton("gelu_quantize", h, 8, "tanh")  # unrotated, it fits
+    q_ref, s_ref = reference.gelu_quantize(h, 8, "tanh", None, False, None, None)
+    assert torch.allclose(s, s_ref, rtol=1e-5)
+    assert_codes_close(q, q_ref)
+
+
 def test_triton_empty_rows():
     q, s = triton("quantize_act", torch.empty(0, 1152), 8, None, True)
     assert q.shape == (0, 1152) and s.shape == (0,)

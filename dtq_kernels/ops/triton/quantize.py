@@ -82,6 +82,9 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 PRE_NONE, PRE_LN, PRE_GELU_ERF, PRE_GELU_TANH = 0, 1, 2, 3
 MODE_DYNAMIC, MODE_STATIC, MODE_TWO_REGION_SIGN, MODE_TWO_REGION_SPLIT = 0, 1, 2, 3
 MAX_ROW_TILE = 16384  # padded elements of one row held in registers
+# A rotated row tile also passes through shared memory (the FWHT's layout shuffles, the dot operands):
+# 8192 elements take 64 KB on every arch; 16384 would take 128 KB, over sm_89's 99 KB per block.
+MAX_ROTATE_TILE = 8192
 
 
 @triton.jit
@@ -204,9 +207,12 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     M, K = x.shape
     mfac, mpad, p = _tile(K, rotate)
     row_tile = mpad * p
-    if row_tile > MAX_ROW_TILE:
-        raise ValueError(f"dtq fused activation quantization holds a row in registers: K={K} pads to "
-                         f"{row_tile} > {MAX_ROW_TILE} elements")
+    if row_tile > (MAX_ROTATE_TILE if rotate else MAX_ROW_TILE):
+        raise ValueError(f"dtq fused activation quantization holds a row on chip: K={K} pads to {row_tile} "
+                         f"elements, over the {MAX_ROTATE_TILE} (rotated) / {MAX_ROW_TILE} (plain) it supports")
+    if M * K >= 2 ** 31:
+        raise ValueError(f"dtq fused activation quantization uses int32 offsets: {M}x{K} is too large, "
+                         "split the rows")
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((M if mode == MODE_DYNAMIC else 0,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
@@ -248,7 +254,7 @@ def quantize_act(x, bits, smooth, rotate, scale_table, group_idx):
 def layernorm_modulate_quantize(x, shift, scale, tokens_per_batch, eps, bits, smooth, rotate, scale_table, group_idx):
     mode, static_scale = _mode_and_scale(scale_table, group_idx)
     return _finish(_launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
-                           group_idx=group_idx, shift=shift.contiguous(), mod=scale.contiguous(),
+                           group_idx=group_idx, shift=shift, mod=scale,
                            tokens_per_batch=tokens_per_batch, eps=eps), static_scale)
 
 
@@ -314,4 +320,6 @@ AOT_SPECS += [
     _act_spec("two_region_split_gelu_4608_fp16", num_warps=8, PRE=PRE_GELU_TANH, P=8192,
               MODE=MODE_TWO_REGION_SPLIT),
     _act_spec("two_region_sign_4608_bf16", dtype="bf16", num_warps=8, P=8192, MODE=MODE_TWO_REGION_SIGN),
+    # Flux's MLP hidden width 12288 = 12·1024: the widest rows, 16384-element tiles on 16 warps
+    _act_spec("gelu_tanh_quant_12288_bf16", dtype="bf16", num_warps=16, PRE=PRE_GELU_TANH, P=16384),
 ]
