@@ -68,13 +68,15 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 # Cost vs the memory floor. Bytes per element: 2 read (fp16/bf16) + 1 written = 3 (LayerNorm adds
 # nothing per element: shift/scale are per batch and stay in L2), so on an H100 (≈3.0 TB/s measured
 # copy) the floor is ≈1.0e12 elements/s. Work per element:
-# * H_P by a fast Walsh–Hadamard transform: log2(P) add/sub stages (7 for P = 128), each a
-#   split/join/permute of the register tile (a layout shuffle through shared memory per stage);
-#   ≈7 FLOP/element, far below the ≈67 TFLOP/s fp32 SIMT rate / 1e12 = 67 FLOP/element budget.
-# * H_MFAC (12 or 36, padded to 16 or 64) as a tensor-core dot in 3xTF32 (fp32-accurate: a single
-#   TF32 pass would flip ≈5% of the int8 codes): 3 passes · 2 · MPAD FLOP/element = 384 for MPAD 64,
-#   against ≈495 TFLOP/s dense TF32 → ≈1.3e12 elements/s, just above the memory floor; the 36 → 64
-#   padding (1.8× the tile) is the price of a power-of-two tile.
+# * H_P by a fast Walsh–Hadamard transform: log2(P) stages (7 for P = 128), each two size-2
+#   reductions and a select over the register tile (plus a layout shuffle through shared memory);
+#   ≈3 FLOP/element/stage ≈ 21, below the ≈67 TFLOP/s fp32 SIMT rate / 1e12 = 67 FLOP/element budget.
+# * H_MFAC (12 or 36, padded to 16 or 64) as a tensor-core dot in 3xTF32: 3 passes · 2 · MPAD
+#   FLOP/element = 384 for MPAD 64, against ≈495 TFLOP/s dense TF32 → ≈1.3e12 elements/s, just above
+#   the memory floor; the 36 → 64 padding (1.8× the tile) is the price of a power-of-two tile. A single
+#   TF32 pass would be 3× cheaper but flips 0.6% of the int8 codes by one (measured by emulating TF32
+#   operand rounding on K = 4608 rows with outliers); 3xTF32 is fp32-accurate. If the benchmark shows
+#   the dot limits the rotated rows, that trade is the one to revisit.
 # * quantization: two correctly rounded divisions (div_rn) and a few min/max per element.
 # Estimates from datasheet rates, NOT measured (no GPU this session): benchmarks/bench_quantize.py
 # measures GB/s against the device copy bandwidth.
