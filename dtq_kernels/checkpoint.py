@@ -1,0 +1,122 @@
+"""Save and load quantized models: a directory with
+
+    model.safetensors         every parameter and buffer of the quantized model (packed codes, scales, FP parts)
+    plan.json                 {"format_version", "model_class", "config", "plan": QuantPlan JSON}
+    plan_tensors.safetensors  the plan's vectors (smoothing factors, calibrated weights)
+
+`load_quantized(fresh_fp_model, path)` checks everything (format version, model class, config, every
+tensor's name, shape and dtype, file integrity) before it changes the model, so a wrong architecture
+or a corrupt / truncated file raises a clear error and leaves the model untouched.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .plan import QuantPlan
+from .quantize import _build_empty, check_plan_fits, install
+
+CHECKPOINT_FORMAT_VERSION = 1
+MODEL_FILE, PLAN_FILE, PLAN_TENSORS_FILE = "model.safetensors", "plan.json", "plan_tensors.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _config_of(model: torch.nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    return json.loads(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, default=str))
+
+
+def save_quantized(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write a quantized model (one that went through dtq.quantize) to the directory `path`."""
+    plan = getattr(model, "dtq_plan", None)
+    if not isinstance(plan, QuantPlan):
+        raise ValueError("this model was not quantized with dtq.quantize (no plan attached): nothing to save")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage, and views of larger buffers
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path / MODEL_FILE), metadata={"format": "dtq_kernels"})
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()},
+              str(path / PLAN_TENSORS_FILE))
+    meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
+            "config": _config_of(model), "plan": json.loads(plan.to_json())}
+    (path / PLAN_FILE).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_plan(path: str | Path) -> tuple[dict, QuantPlan]:
+    """(checkpoint metadata, QuantPlan) of a saved checkpoint, validated; no model needed."""
+    path = Path(path)
+    if not (path / PLAN_FILE).is_file():
+        raise CheckpointError(f"{path} is not a dtq checkpoint (no {PLAN_FILE})")
+    try:
+        meta = json.loads((path / PLAN_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / PLAN_FILE} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path / PLAN_FILE}: unsupported checkpoint format version "
+                              f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
+                              f"(this dtq_kernels reads {CHECKPOINT_FORMAT_VERSION})")
+    tensors = _load_tensors(path / PLAN_TENSORS_FILE)
+    try:
+        plan = QuantPlan.from_json(json.dumps(meta["plan"]), tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / PLAN_FILE}: invalid quantization plan: {e}") from None
+    return meta, plan
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"missing checkpoint file {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+
+
+def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
+    with the saved codes and scales; outputs are bit-identical to the saved model's."""
+    path = Path(path)
+    meta, plan = read_plan(path)
+    if meta.get("model_class") != type(model).__name__:
+        raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, the model is a {type(model).__name__}")
+    if meta.get("config", {}) != _config_of(model):
+        saved, mine = meta.get("config", {}), _config_of(model)
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
+    state = _load_tensors(path / MODEL_FILE)
+    linears = check_plan_fits(model, plan)
+    expected = _expected_state(model, plan, linears)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint tensors do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, (shape, dtype) in expected.items():
+        if tuple(state[k].shape) != shape or state[k].dtype != dtype:
+            raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
+                                  f"the model expects {shape} {dtype}")
+    install(model, plan, _build_empty)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _expected_state(model, plan: QuantPlan, linears: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+    """name -> (shape, dtype) of the quantized model's state dict, computed without changing `model`."""
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()
+                if not any(k.startswith(name + ".") for name in linears)}
+    for name, lin in linears.items():
+        skeleton = _build_empty(torch.nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                device="meta"), name, plan.layers[name], plan)
+        for k, v in skeleton.state_dict().items():
+            expected[f"{name}.{k}"] = (tuple(v.shape), v.dtype)
+    return expected

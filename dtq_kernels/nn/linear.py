@@ -1,0 +1,277 @@
+"""QuantLinear: a drop-in nn.Linear with packed low-bit weights and quantized activations.
+
+Two execution paths, chosen once per layer from its spec and logged (logger `dtq_kernels.nn`):
+* "int8-kernels": integer weights with one scale per output channel (int8/int6/int4, symmetric or
+  asymmetric) and integer activations (dynamic / static per time group / two-region). The activation
+  quantizer (smoothing and Hadamard rotation fused in) and the INT8 GEMM are `torch.ops.dtq` ops, so a
+  CUDA tensor runs the fast kernels and a CPU tensor their exact references.
+* "dequant-matmul": everything without a fused kernel yet (per-group weight scales, FP4/FP8 weights,
+  FP4 activations, weight-only). The activations are quantized with the same ops/format math, the
+  weights dequantized exactly, and a float matmul multiplies them: the same numbers a fused kernel
+  would produce (up to accumulation order), at float speed. It is logged as such, never reported as fast.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .. import formats, ops
+from ..formats import get_format
+from .spec import LinearQuantSpec
+
+log = logging.getLogger("dtq_kernels.nn")
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_path_once(spec: LinearQuantSpec, path: str) -> None:
+    key = (spec.name + spec.act_mode, path)
+    if key not in _logged:
+        _logged.add(key)
+        level = logging.INFO if path == "int8-kernels" else logging.WARNING
+        log.log(level, "QuantLinear %s (%s): %s path%s", spec.name, spec.act_mode, path,
+                "" if path == "int8-kernels" else " (no fused kernel for this format yet)")
+
+
+class QuantLinear(torch.nn.Module):
+    """Buffers: `qweight` (int8 [N, K]; uint8 [N, K/2] two 4-bit codes per byte for int4/fp4;
+    float8 [N, K] for fp8), `wscale` f32 [N] or [N, K/group_size], `wzero` int32 (asymmetric), `bias`,
+    `smooth` f32 [K] (input divisor, already folded into the weights), `act_table` f32 [G] (static) or
+    [G, 2] (two-region). With spec.rotate the weights are stored rotated (W·diag(smooth)·H)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearQuantSpec, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        f = get_format(spec.weight)
+        if spec.group_size is not None and in_features % spec.group_size:
+            raise ValueError(f"group_size {spec.group_size} does not divide in_features {in_features}")
+        if spec.rotate:
+            from ..hadamard import supported
+            if not supported(in_features):
+                raise ValueError(f"no Hadamard rotation for in_features={in_features}")
+        if spec.act_mode == "two_region" and (spec.rotate or spec.smooth):
+            raise ValueError("two-region activations take no smoothing or rotation")
+        packed = f.bits == 4
+        if packed and in_features % 2:
+            raise ValueError("4-bit weights need an even in_features")
+        wdtype = torch.uint8 if packed else (torch.float8_e4m3fn if f.kind == "fp8" else torch.int8)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // (2 if packed else 1), dtype=wdtype))
+        n_groups = in_features // spec.group_size if spec.group_size else None
+        self.register_buffer("wscale", torch.zeros((out_features, n_groups) if n_groups else (out_features,)))
+        self.register_buffer("wzero", None if spec.weight_symmetric else
+                             torch.zeros((out_features, n_groups) if n_groups else (out_features,), dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features) if spec.smooth else None)
+        table_shape = {"static": (spec.time_groups,), "two_region": (spec.time_groups, 2)}.get(spec.act_mode)
+        self.register_buffer("act_table", torch.ones(table_shape) if spec.act is not None and table_shape else None)
+        self.path = "int8-kernels" if self._has_kernels() else "dequant-matmul"
+        self._tracker = None  # a TimestepTracker, held without registering it as a submodule
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, spec: LinearQuantSpec, act_scales=None, *,
+                    smooth: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                    weight_clip=None) -> "QuantLinear":
+        """Quantize `linear` (or a calibrated `weight` replacing its own) round-to-nearest with absmax
+        scales, clipped by `weight_clip` (a ratio, or one per output channel). Static modes need
+        act_scales: [time_groups] (static) or [time_groups, 2] (two-region (c_pos, c_neg))."""
+        q = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
+        w = (linear.weight if weight is None else weight).detach().float().cpu()
+        if w.shape != (linear.out_features, linear.in_features):
+            raise ValueError(f"weight shape {tuple(w.shape)} does not match the layer "
+                             f"({linear.out_features}, {linear.in_features})")
+        if spec.smooth:
+            if smooth is None:
+                raise ValueError("spec.smooth is set but no smoothing vector was given")
+            smooth = smooth.detach().float().cpu().reshape(-1)
+            if smooth.shape != (linear.in_features,) or not bool((smooth > 0).all()):
+                raise ValueError(f"smooth must be {linear.in_features} positive factors")
+            q.smooth.copy_(smooth)
+            w = w * smooth[None, :]
+        elif smooth is not None:
+            raise ValueError("a smoothing vector was given but spec.smooth is False")
+        if spec.rotate:
+            from ..hadamard import hadamard_matrix
+            w = w @ hadamard_matrix(linear.in_features)
+        qw = formats.quantize_weight(w, spec.weight, group_size=spec.group_size,
+                                     clip_ratio=1.0 if weight_clip is None else torch.as_tensor(weight_clip).float(),
+                                     symmetric=spec.weight_symmetric)
+        q.qweight.copy_(q._pack(qw.codes))
+        q.wscale.copy_(qw.scale)
+        if qw.zero_point is not None:
+            q.wzero.copy_(qw.zero_point)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach().float())
+        if q.act_table is not None:
+            if act_scales is None:
+                raise ValueError(f"act_mode {spec.act_mode!r} needs act_scales of shape {tuple(q.act_table.shape)}")
+            table = torch.as_tensor(act_scales, dtype=torch.float32).reshape(q.act_table.shape)
+            formats.check_finite(table, "act_scales")
+            if spec.act_mode == "static" and not bool((table > 0).all()):
+                raise ValueError("static act_scales must be positive")
+            q.act_table.copy_(table)
+        elif act_scales is not None:
+            raise ValueError(f"act_scales given but act_mode is {spec.act_mode!r} (no table)")
+        return q.to(linear.weight.device)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        f = get_format(self.spec.weight)
+        if f.bits != 4:
+            return codes
+        return formats.pack_int4(codes) if f.is_int else formats.pack_nibbles(codes)
+
+    def _codes(self) -> torch.Tensor:
+        f = get_format(self.spec.weight)
+        if f.bits != 4:
+            return self.qweight
+        return formats.unpack_int4(self.qweight) if f.is_int else formats.unpack_nibbles(self.qweight)
+
+    def bind_timestep_tracker(self, tracker) -> None:
+        self._tracker = tracker
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(dtype) must not touch codes, scales or tables (the kernels need fp32
+        # scales, and a fp16 round trip would change them): follow device moves, keep dtypes.
+        def keep_dtype(t):
+            r = fn(t)
+            return r if r.dtype == t.dtype else t.to(r.device)
+        return super()._apply(keep_dtype, recurse)
+
+    # ---------------------------------------------------------------- inspection
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weights the kernel multiplies by ([N, K], in the smoothed/rotated basis if any)."""
+        qw = formats.QuantizedWeight(self._codes(), self.wscale, self.spec.weight, self.spec.group_size,
+                                     self.wzero)
+        return formats.dequantize_weight(qw)
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.qweight, self.wscale, self.wzero) if b is not None)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", s.name,
+                 f"weight={s.weight}" + ("" if s.weight_symmetric else "(asym)"),
+                 f"act={s.act}/{s.act_mode}" if s.act else "act=fp"]
+        if s.time_groups > 1:
+            parts.append(f"time_groups={s.time_groups}")
+        if s.act_mode == "two_region":
+            parts.append(f"two_region={s.two_region_mode}")
+        parts += [p for p, on in (("smooth", s.smooth), ("rotate", s.rotate)) if on]
+        parts.append(f"path={self.path}")
+        return ", ".join(parts)
+
+    # ---------------------------------------------------------------- forward
+
+    def _has_kernels(self) -> bool:
+        s = self.spec
+        return (s.act is not None and get_format(s.act).is_int and get_format(s.weight).is_int
+                and s.group_size is None and (s.weight_symmetric or s.act_mode != "two_region"))
+
+    def _group_idx(self) -> torch.Tensor:
+        if self._tracker is not None:
+            if not self._tracker.seen_timestep:
+                raise RuntimeError("statically quantized layer called before any timestep: call the model "
+                                   "with its timestep argument")
+            return self._tracker.group_idx
+        if self.spec.time_groups == 1:
+            return torch.zeros(1, dtype=torch.int32, device=self.qweight.device)
+        raise RuntimeError(f"this QuantLinear has {self.spec.time_groups} time groups but no timestep tracker: "
+                           "quantize the model with dtq.quantize (which attaches one) or call "
+                           "bind_timestep_tracker")
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Integer activation codes and their scale (None for two-region: the table is the scale)."""
+        s = self.spec
+        bits = get_format(s.act).bits
+        if s.act_mode == "two_region":
+            g = self._group_idx()
+            return ops.quantize_two_region(x, self.act_table, g, bits, s.two_region_mode, False), None
+        if s.act_mode == "static":
+            return ops.quantize_act(x, bits, self.smooth, s.rotate, self.act_table, self._group_idx())
+        return ops.quantize_act(x, bits, self.smooth, s.rotate, None, None)
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        s, out_dtype = self.spec, x.dtype
+        q, a_scale = self._quantize_input(x)
+        if s.act_mode == "two_region":
+            return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self._codes(), self.wscale,
+                                            self.bias, out_dtype)
+        if not s.weight_symmetric:
+            return ops.int8_gemm_wzp(q, a_scale, self._codes(), self.wscale, self.wzero, self.bias, out_dtype)
+        return ops.int8_gemm(q, a_scale, self._codes(), self.wscale, self.bias, out_dtype)
+
+    def _smoothed_rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """(x / smooth) @ H in fp32: the input basis the stored weights live in (FP activation paths;
+        the integer paths get this fused into quantize_act)."""
+        xs = x.float() / self.smooth if self.smooth is not None else x.float()
+        if self.spec.rotate:
+            from ..hadamard import rotate
+            xs = rotate(xs, self.in_features)
+        return xs
+
+    def _dequantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if s.act is None:
+            return x.float()
+        f = get_format(s.act)
+        if f.kind == "fp4":  # dynamic per token, one scale per block of group_size along K
+            xs = self._smoothed_rotated(x)
+            xb = xs.reshape(xs.shape[0], -1, s.group_size)
+            scale = formats.absmax_scale(xb.abs().amax(-1, keepdim=True), f)
+            return formats.dequantize_fp4(formats.quantize_fp4(xb, scale, f), scale, f).reshape(xs.shape)
+        if f.kind == "fp8":
+            xs = self._smoothed_rotated(x)
+            scale = formats.absmax_scale(xs.abs().amax(-1, keepdim=True), f)
+            return formats.quantize_fp8_e4m3(xs, scale).float() * scale
+        q, a_scale = self._quantize_input(x)
+        if s.act_mode == "two_region":
+            c = self.act_table[self._group_idx().long()].reshape(2)
+            return formats.dequantize_two_region(q, c[0], c[1])
+        return q.float() * a_scale.reshape(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"QuantLinear input must be float32/float16/bfloat16, got {x.dtype}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        _log_path_once(self.spec, self.path)
+        if self.path == "int8-kernels":
+            y = self._forward_kernels(x2)
+        else:
+            y = F.linear(self._dequantized_input(x2), self.dequantized_weight().to(x2.device),
+                         None if self.bias is None else self.bias.float()).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class StepGroupQuantLinear(torch.nn.Module):
+    """A layer whose weight precision changes with the time group (ViDiT-Q-MP: W8 in early steps, W4
+    later). One QuantLinear per distinct spec; the group picks one. The choice needs the group on the
+    host: free when the pipeline passes the timestep as a number or CPU tensor, else one sync."""
+
+    def __init__(self, variants: list[QuantLinear], variant_of_group: list[int]):
+        super().__init__()
+        self.variants = torch.nn.ModuleList(variants)
+        self.variant_of_group = list(variant_of_group)
+        self._tracker = None
+        self.in_features, self.out_features = variants[0].in_features, variants[0].out_features
+
+    def bind_timestep_tracker(self, tracker) -> None:
+        self._tracker = tracker
+        for v in self.variants:
+            v.bind_timestep_tracker(tracker)
+
+    def weight_bytes(self) -> int:
+        return sum(v.weight_bytes() for v in self.variants)
+
+    def extra_repr(self) -> str:
+        return f"variant_of_group={self.variant_of_group}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tracker is None:
+            raise RuntimeError("a step-group layer needs a timestep tracker: quantize the model with dtq.quantize")
+        return self.variants[self.variant_of_group[self._tracker.host_group()]](x)
