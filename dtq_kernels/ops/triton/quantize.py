@@ -313,6 +313,7 @@ AOT_SPECS += [
               P=128, expect_extra=_TF32_MMA),
     _act_spec("act_quant_rot_3072_static_int6_bf16", dtype="bf16", num_warps=4, ROTATE=True, MFAC=12, MPAD=16,
               P=256, MODE=MODE_STATIC, QMAX=31.0, expect_extra=_TF32_MMA),
+    _act_spec("act_quant_rot_1024_bf16", dtype="bf16", num_warps=8, ROTATE=True, P=1024, BLOCK_M=8),
     _act_spec("ln_modulate_quant_rot_1152_fp16", num_warps=4, PRE=PRE_LN, ROTATE=True, MFAC=36, MPAD=64, P=32,
               expect_extra=_TF32_MMA),
     _act_spec("ln_modulate_quant_1152_bf16", dtype="bf16", num_warps=8, PRE=PRE_LN, P=2048, BLOCK_M=4),
