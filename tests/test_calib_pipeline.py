@@ -6,38 +6,14 @@ import pytest
 import torch
 
 from dtq_kernels.calib import calibrate, collect_stats, get_recipe, make_plots, recipes
-from dtq_kernels.calib.stats import StatsConfig, attention_modules, attention_probs, split_heads
+from dtq_kernels.calib.stats import StatsConfig, attention_probs, self_attention_modules, split_heads
 from dtq_kernels.formats import get_format
+from dtq_kernels.models import get_adapter
 from dtq_kernels.plan import QuantPlan
 
 diffusers = pytest.importorskip("diffusers")
 
 
-class _DiTShim:
-    """Stand-in for the DiT model adapter (dtq_kernels.models.adapters) until it lands."""
-
-    model_type, num_train_timesteps = "dit", 1000
-
-    def quantizable_linears(self, m):
-        return {n: x for n, x in m.named_modules()
-                if isinstance(x, torch.nn.Linear) and n.startswith("transformer_blocks") and ".norm1." not in n}
-
-    def kept_fp(self, m):
-        q = self.quantizable_linears(m)
-        return [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear) and n not in q]
-
-    def role(self, n):
-        for suffix, role in (("to_q", "qkv"), ("to_k", "qkv"), ("to_v", "qkv"), ("to_out.0", "attn_out"),
-                             ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2")):
-            if n.endswith(suffix):
-                return role
-        return "other"
-
-    def timestep(self, args, kwargs):
-        return kwargs.get("timestep", args[1] if len(args) > 1 else None)
-
-
-ADAPTER = _DiTShim()
 RECIPE_NAMES = ["rtn-w8a8", "rtn-w4a8", "viditq-w8a8", "viditq-w4a8", "viditq-w4a8-mp", "tqdit-w8a8", "tqdit-w6a6"]
 CALIB = dict(num_samples=2, num_inference_steps=4, pipe_kwargs={"class_labels": [1, 2]}, progress=False)
 
@@ -62,15 +38,16 @@ def _small(name):
 
 @pytest.fixture(scope="module")
 def plans(pipe):
-    return {name: calibrate(pipe, _small(name), adapter=ADAPTER, **CALIB) for name in RECIPE_NAMES}
+    return {name: calibrate(pipe, _small(name), **CALIB) for name in RECIPE_NAMES}
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_every_recipe_plan_roundtrips_json(plans, pipe, name):
     plan = plans[name]
-    quantizable = set(ADAPTER.quantizable_linears(pipe.transformer))
+    adapter = get_adapter(pipe.transformer)
+    quantizable = set(adapter.quantizable_linears(pipe.transformer))
     assert set(plan.layers) == quantizable and len(quantizable) == 12
-    assert set(plan.kept_fp) == set(ADAPTER.kept_fp(pipe.transformer)) and not set(plan.kept_fp) & quantizable
+    assert set(plan.kept_fp) == set(adapter.kept_fp(pipe.transformer)) and not set(plan.kept_fp) & quantizable
     recipe = get_recipe(name)
     for lname, lp in plan.layers.items():
         assert lp.spec.act == recipe.act
@@ -130,8 +107,8 @@ def test_viditq_plans(plans):
 def test_stats_are_bounded(pipe):
     cfg = StatsConfig(time_groups=10, rows_per_group=16, attention=True)
     # 4 runs fill every visited group's 4 post-softmax snapshots; then nothing grows with more samples
-    small = collect_stats(pipe, cfg, adapter=ADAPTER, **{**CALIB, "num_samples": 8})
-    big = collect_stats(pipe, cfg, adapter=ADAPTER, **{**CALIB, "num_samples": 16})
+    small = collect_stats(pipe, cfg, **{**CALIB, "num_samples": 8})
+    big = collect_stats(pipe, cfg, **{**CALIB, "num_samples": 16})
     assert big.forwards == 2 * small.forwards == 32
     assert big.nbytes() == small.nbytes()
     for name, st in big.layers.items():
@@ -167,6 +144,12 @@ class _DriftAdapter:
 
     def timestep(self, args, kwargs):
         return kwargs["timestep"]
+
+    def train_timestep(self, t):
+        return t
+
+    def attention_modules(self, m):
+        return {}
 
 
 def _drive_drift(model):
@@ -210,27 +193,27 @@ def test_nan_calibration_data_names_the_layer(pipe):
         tr(x, timestep=torch.tensor([500]), class_labels=torch.tensor([1]))
 
     with pytest.raises(ValueError, match=r"layer 'transformer_blocks\.0\.attn1\.to_q'.*non-finite.*[1-9][0-9]* NaN"):
-        calibrate(pipe.transformer, "rtn-w8a8", run_fn=run, adapter=ADAPTER, progress=False)
+        calibrate(pipe.transformer, "rtn-w8a8", run_fn=run, progress=False)
 
 
 def test_clear_errors(pipe):
     with pytest.raises(ValueError, match="needs run_fn"):
-        calibrate(pipe.transformer, "rtn-w8a8", adapter=ADAPTER, progress=False)
+        calibrate(pipe.transformer, "rtn-w8a8", progress=False)
     with pytest.raises(ValueError, match="unknown recipe 'w2a2'; available recipes: " + ", ".join(recipes())):
-        calibrate(pipe, "w2a2", adapter=ADAPTER)
+        calibrate(pipe, "w2a2")
     with pytest.raises(ValueError, match="as calibrate"):
-        calibrate(pipe, "rtn-w8a8", adapter=ADAPTER, pipe_kwargs={"class_labels": [1], "output_type": "pil"})
+        calibrate(pipe, "rtn-w8a8", pipe_kwargs={"class_labels": [1], "output_type": "pil"})
     with pytest.raises(TypeError, match="diffusers pipeline"):
-        calibrate("not a model", "rtn-w8a8", adapter=ADAPTER)
+        calibrate("not a model", "rtn-w8a8")
     with pytest.raises(ValueError, match="needs the timestep of every transformer forward"):
         calibrate(_Drift(), "rtn-w8a8", adapter=type("A", (_DriftAdapter,), {"timestep": lambda s, a, k: None})(),
                   run_fn=_drive_drift, progress=False)
 
 
 def test_percentile_clips_below_minmax(pipe):
-    mm = calibrate(pipe, "rtn-w8a8", adapter=ADAPTER, **CALIB)
+    mm = calibrate(pipe, "rtn-w8a8", **CALIB)
     pct = calibrate(pipe, replace(get_recipe("rtn-w8a8"), act_clip="percentile", percentile=99.0),
-                    adapter=ADAPTER, **CALIB)
+                    **CALIB)
     for name, lp in mm.layers.items():
         assert 0 < pct.layers[name].act_scales[0] < lp.act_scales[0]
         assert lp.act_scales[0] == pytest.approx(
@@ -239,7 +222,7 @@ def test_percentile_clips_below_minmax(pipe):
 
 
 def test_plots_from_stats_and_plan(pipe, plans, tmp_path):
-    stats = collect_stats(pipe, StatsConfig(time_groups=10), adapter=ADAPTER, **CALIB)
+    stats = collect_stats(pipe, StatsConfig(time_groups=10), **CALIB)
     paths = make_plots(stats, tmp_path / "stats")
     paths += make_plots(plans["tqdit-w8a8"], tmp_path / "tq")
     paths += make_plots(plans["viditq-w4a8-mp"], tmp_path / "mp")
@@ -253,7 +236,7 @@ def test_plots_from_stats_and_plan(pipe, plans, tmp_path):
 def test_post_softmax_reconstruction_matches_the_model(pipe):
     """P rebuilt from the to_q / to_k outputs (what the snapshots store) reproduces the attention output
     the model computes with scaled_dot_product_attention: P·V == the input of to_out.0."""
-    attn = attention_modules(pipe.transformer)["transformer_blocks.0.attn1"]
+    attn = self_attention_modules(get_adapter(pipe.transformer), pipe.transformer)["transformer_blocks.0.attn1"]
     seen = {}
     hooks = [getattr(attn, f"to_{w}").register_forward_hook(lambda m, a, o, w=w: seen.__setitem__(w, o))
              for w in "qkv"]

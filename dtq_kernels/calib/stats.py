@@ -13,8 +13,8 @@ Per attention module (AttnStats): per-head running max |q|, |k|, |v| per group, 
 ATTN_SNAPSHOTS snapshots per group of (P rows [ATTN_ROWS, keys], V [keys, head_dim]) for one head of
 one sample, keys subsampled to at most ATTN_KEYS: the post-softmax MRQ objective ‖P̂V − PV‖² runs on
 these.
-The timestep of each forward comes from the adapter (`adapter.timestep(args, kwargs)`) in a pre-hook on
-the transformer, so hooks on layers know which group their input belongs to; a batch may mix timesteps
+The timestep of each forward comes from the adapter (`adapter.timestep(args, kwargs)`, mapped onto
+0..T by `adapter.train_timestep`) in a pre-hook on the transformer, so hooks on layers know which group their input belongs to; a batch may mix timesteps
 (each sample is binned by its own timestep).
 """
 from __future__ import annotations
@@ -208,16 +208,13 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     return torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
 
 
-def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Self-attention modules whose post-softmax P we can reconstruct from the to_q / to_k outputs.
+def self_attention_modules(adapter, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The adapter's attention modules whose post-softmax P we can rebuild from the to_q / to_k outputs.
 
     Skipped: cross-attention (P depends on a text padding mask the hooks do not see) and joint
     attention with added projections (SD3 / Flux: P spans text and image tokens)."""
-    from diffusers.models.attention_processor import Attention
-
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, Attention) and not m.is_cross_attention
-            and getattr(m, "add_q_proj", None) is None and getattr(m, "to_k", None) is not None}
+    return {n: m for n, m in adapter.attention_modules(model).items()
+            if not m.is_cross_attention and getattr(m, "add_q_proj", None) is None}
 
 
 class StatsCollector:
@@ -241,7 +238,7 @@ class StatsCollector:
             self.stats.layers[name] = LayerStats(name, lin, self.adapter.role(name), self.cfg)
             h.append(lin.register_forward_pre_hook(partial(self._on_linear, name)))
         if self.cfg.attention:
-            for name, attn in attention_modules(self.model).items():
+            for name, attn in self_attention_modules(self.adapter, self.model).items():
                 head_dim = attn.to_q.out_features // attn.heads
                 self.stats.attention[name] = AttnStats(name, attn.heads, head_dim, self.cfg)
                 for which in ("q", "k", "v"):
@@ -262,7 +259,8 @@ class StatsCollector:
         if t is None:
             raise ValueError("calibration needs the timestep of every transformer forward; "
                              f"the {self.adapter.model_type!r} adapter found none in this call")
-        self._t = torch.as_tensor(t).detach().float().flatten().cpu()
+        t = self.adapter.train_timestep(torch.as_tensor(t).detach().float())  # flow matching: σ·T
+        self._t = t.flatten().cpu()
         self._g = group_of(self._t, self.cfg.time_groups, self.cfg.num_train_timesteps)
         g0 = int(self._g[0])
         if self.cfg.capture_inputs and g0 not in self.stats.inputs and bool((self._g == g0).all()):
