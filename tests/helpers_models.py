@@ -1,0 +1,48 @@
+"""Small diffusers models and plans shared by the model-level tests."""
+import torch
+
+import dtq_kernels as dtq
+from dtq_kernels.models import get_adapter
+from dtq_kernels.plan import LayerPlan, QuantPlan
+
+
+def tiny_dit(seed=0, layers=2):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=layers,
+                                 sample_size=8).eval().requires_grad_(False)
+
+
+def tiny_pixart(seed=0):
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=2,
+                                    cross_attention_dim=64, caption_channels=32, sample_size=8,
+                                    norm_type="ada_norm_single", use_additional_conditions=False
+                                    ).eval().requires_grad_(False)
+
+
+def dit_inputs(batch=2, t=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), timestep=torch.full((batch,), t),
+                class_labels=torch.arange(batch) % 10)
+
+
+def uniform_plan(model, spec, act_scales=None, time_groups=1):
+    """Every quantizable layer with the same spec (a plan without calibration, for tests)."""
+    adapter = get_adapter(model)
+    layers = {n: LayerPlan(spec, act_scales) for n in adapter.quantizable_linears(model)}
+    return QuantPlan(recipe="test", model_type=adapter.model_type, time_groups=time_groups, layers=layers,
+                     kept_fp=adapter.kept_fp(model))
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def run_dit(model, **kw):
+    with torch.no_grad():
+        return model(**kw).sample
+
+
+__all__ = ["dtq", "tiny_dit", "tiny_pixart", "dit_inputs", "uniform_plan", "rel", "run_dit"]

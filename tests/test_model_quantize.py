@@ -1,0 +1,118 @@
+"""dtq.quantize on diffusers DiT / PixArt: accuracy ordering, timestep plumbing, errors, full-size DiT-XL/2."""
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import dtq_kernels as dtq  # noqa: E402
+from dtq_kernels.nn import MissingTimestepError, QuantLinear  # noqa: E402
+from helpers_models import dit_inputs, rel, run_dit, tiny_dit, tiny_pixart, uniform_plan  # noqa: E402
+
+S = dtq.LinearQuantSpec
+
+
+def test_w8a8_dynamic_dit_is_close_to_fp():
+    fp, q = tiny_dit(), tiny_dit()
+    dtq.quantize(q, "viditq-w8a8")
+    n_q = sum(isinstance(m, QuantLinear) for m in q.modules())
+    assert n_q == 12  # 6 per block: q, k, v, out, fc1, fc2; adaLN, embedders and final layer stay FP
+    # int8 per token x per channel, 12 layers deep: each ~0.5-1% on these activations -> < 3% total
+    assert rel(run_dit(q, **dit_inputs()), run_dit(fp, **dit_inputs())) < 0.03
+
+
+def test_error_falls_as_bits_rise():
+    fp = run_dit(tiny_dit(), **dit_inputs())
+    errs = []
+    for b in (4, 6, 8):
+        m = tiny_dit()
+        dtq.quantize(m, uniform_plan(m, S(weight=f"int{b}", act=f"int{b}")))
+        errs.append(rel(run_dit(m, **dit_inputs()), fp))
+    assert errs[0] > errs[1] > errs[2], errs
+
+
+def test_pixart_quantizes_with_cross_attention():
+    fp, q = tiny_pixart(), tiny_pixart()
+    dtq.quantize(q, "viditq-w8a8")
+    kw = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 7, 32),
+              timestep=torch.tensor([300]))
+    with torch.no_grad():
+        a, b = q(**kw).sample, fp(**kw).sample
+    assert isinstance(q.transformer_blocks[0].attn2.to_k, QuantLinear)
+    assert not isinstance(q.adaln_single.linear, QuantLinear)
+    assert rel(a, b) < 0.03
+
+
+def test_static_tables_follow_the_timestep_group():
+    m = tiny_dit()
+    table = torch.linspace(0.01, 0.1, 10)
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), table.tolist(), time_groups=10))
+    tracker = m.dtq_timestep
+    for t, g in ((0, 0), (99, 0), (100, 1), (555, 5), (999, 9), (1000, 9)):
+        run_dit(m, **dit_inputs(t=t))
+        assert int(tracker.group_idx) == g, (t, g)
+
+
+def test_missing_timestep_and_mixed_groups_raise():
+    m = tiny_dit()
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), [0.05] * 10, time_groups=10))
+    kw = dit_inputs()
+    del kw["timestep"]
+    with pytest.raises(MissingTimestepError, match="timestep"):
+        run_dit(m, **kw)
+    kw = dit_inputs()
+    kw["timestep"] = torch.tensor([10, 990])
+    with pytest.raises(ValueError, match="mixes timesteps"):
+        run_dit(m, **kw)
+
+
+def _drive(model, steps=(950, 650, 350, 50)):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in steps:
+            model(torch.randn(2, 4, 8, 8, generator=g), timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+
+
+def test_calibrated_tqdit_w8a8_beats_w6a6_end_to_end():
+    fp = run_dit(tiny_dit(), **dit_inputs(t=650))
+    errs = {}
+    for recipe in ("tqdit-w8a8", "tqdit-w6a6"):
+        m = tiny_dit()
+        plan = dtq.calibrate(m, recipe, run_fn=_drive, progress=False)
+        dtq.quantize(m, plan)
+        out = run_dit(m, **dit_inputs(t=650))
+        assert torch.isfinite(out).all()
+        errs[recipe] = rel(out, fp)
+    assert errs["tqdit-w8a8"] < errs["tqdit-w6a6"], errs
+
+
+def test_recipe_needing_calibration_is_refused_by_name():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        dtq.quantize(tiny_dit(), "tqdit-w8a8")
+
+
+def test_plan_for_another_model_is_refused_and_model_untouched():
+    dit, pix = tiny_dit(), tiny_pixart()
+    plan = uniform_plan(dit, S())
+    with pytest.raises(ValueError, match="plan is for a 'dit'"):
+        dtq.quantize(pix, plan)
+    big = tiny_dit(layers=3)
+    plan3 = uniform_plan(big, S())
+    with pytest.raises(ValueError, match="not a Linear of this model"):
+        dtq.quantize(dit, plan3)
+    assert not any(isinstance(m, QuantLinear) for m in dit.modules())
+
+
+def test_full_size_dit_xl_2_quantizes_within_budget():
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_layers=28, out_channels=8).eval().requires_grad_(False)
+    start = time.time()
+    dtq.quantize(model, "viditq-w8a8")
+    elapsed = time.time() - start
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) == 28 * 6
+    assert elapsed < 120, elapsed
+    fp_bytes = sum(m.in_features * m.out_features * 2 for m in qls)  # their bf16 weights
+    assert sum(q.weight_bytes() for q in qls) < 0.51 * fp_bytes  # int8 codes + fp32 per-channel scales
