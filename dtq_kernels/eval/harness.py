@@ -17,7 +17,6 @@ Generated images are rounded to 8-bit levels before FID and the classifier, as t
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import fmnist, hooks
-from .metrics import feature_stats, frechet_distance, psnr, sqnr_db, ssim
+from .metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
 
 NUM_CLASSES = 10
 SampleFn = Callable[..., torch.Tensor]  # sample(model, class_labels, num_inference_steps, generator, guidance_scale)
@@ -89,37 +88,20 @@ def generate(model: nn.Module, n: int, seed: int, steps: int, guidance: float, b
     return images
 
 
-def _cached(name: str, compute: Callable[[], dict]) -> dict:
-    path = os.path.join(CACHE_DIR, name + ".npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return dict(z)
-    stats = compute()
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    np.savez(path, **stats)
-    return stats
-
-
-def inception_reference(extractor, n_ref: int) -> dict:
-    """Inception (mu, sigma) of a class-balanced n_ref-image subset of the Fashion-MNIST TEST set,
-    cached on disk (keyed by count and the weights file's size)."""
+def inception_reference(extractor, n_ref: int) -> torch.Tensor:
+    """Inception features [n_ref, 2048] of a class-balanced n_ref-image subset of the Fashion-MNIST
+    TEST set, cached on disk (keyed by the count and the weights file's size)."""
     from .inception import model_path
 
-    def compute():
-        x, y = fmnist.load("test")
-        mu, sigma = feature_stats(extractor(x[fmnist.balanced_subset(y, n_ref)]))
-        return {"mu": mu, "sigma": sigma}
-
     tag = hashlib.sha1(f"{n_ref}-{os.path.getsize(model_path())}".encode()).hexdigest()[:10]
-    return _cached(f"fid_ref_fmnist_test_{n_ref}_{tag}", compute)
-
-
-def classifier_reference(classifier) -> dict:
-    from .classifier import predict
-
-    x, _ = fmnist.load("test")
-    mu, sigma = feature_stats(predict(classifier, x)[1])
-    return {"mu": mu, "sigma": sigma}
+    path = os.path.join(CACHE_DIR, f"fid_ref_fmnist_test_{n_ref}_{tag}.npy")
+    if os.path.isfile(path):
+        return torch.from_numpy(np.load(path))
+    x, y = fmnist.load("test")
+    feats = extractor(x[fmnist.balanced_subset(y, n_ref)])
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    np.save(path, feats.numpy())
+    return feats
 
 
 def sqnr_across_timesteps(reference: nn.Module, models: dict[str, nn.Module], calls: list[hooks.Call]
@@ -162,11 +144,12 @@ class Evaluation:
 
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
              reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
-             fid: bool = True, fid_ref_n: int | None = None, sqnr_samples: int = 4,
+             fid: bool = True, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
              device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Evaluation:
     """Compare `models` (name -> transformer) on identical noise/labels; `reference` (default: the
-    first entry) is the FP model PSNR/SSIM/SQNR are measured against. fid_ref_n: test images for the
-    FID reference statistics (default: all 10,000)."""
+    first entry) is the FP model PSNR/SSIM/SQNR are measured against. fid_ref_n / cls_ref_n: test
+    images (class-balanced subset) for the FID / classifier-feature reference statistics (default:
+    all 10,000)."""
     if not models:
         raise ValueError("evaluate needs at least one model")
     if n_samples < 2 or steps < 1:
@@ -179,7 +162,8 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     from .classifier import load_classifier, predict
 
     classifier = load_classifier(device)
-    cls_ref = classifier_reference(classifier)
+    x_test, y_test = fmnist.load("test")
+    cls_ref = feature_stats(predict(classifier, x_test[fmnist.balanced_subset(y_test, cls_ref_n)])[1])
     extractor = fid_ref = None
     if fid:
         from .inception import InceptionFeatures
@@ -199,14 +183,13 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
         preds, feats = predict(classifier, q8)
         row = {"model": name, "n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
                "class_acc": (preds == labels).float().mean().item(),
-               "cls_fd": frechet_distance(*feature_stats(feats), cls_ref["mu"], cls_ref["sigma"]),
+               "cls_fd": frechet_distance(*feature_stats(feats), *cls_ref),
                "psnr_vs_ref": psnr(images[name], images[reference]).mean().item(),
                "ssim_vs_ref": ssim(images[name], images[reference]).mean().item(),
                "weight_bytes": weight_bytes(models[name]), "sample_s": t_sample}
         if fid:
             t1 = time.time()
-            mu, sigma = feature_stats(extractor(q8))
-            row.update(fid=frechet_distance(mu, sigma, fid_ref["mu"], fid_ref["sigma"]), fid_n=n_samples,
+            row.update(fid=fid_from_features(extractor(q8), fid_ref), fid_n=n_samples,
                        fid_ref_n=fid_ref_n, fid_s=time.time() - t1)
         rows.append(row)
         log(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -214,6 +197,7 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     result = Evaluation(rows=rows, images=images, labels=labels,
                         config={"n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
                                 "batch_size": batch_size, "fid": fid, "fid_ref_n": fid_ref_n if fid else None,
+                                "cls_ref_n": cls_ref_n,
                                 "sqnr_samples": sqnr_samples, "reference": reference})
     if sqnr_samples > 0 and len(models) > 1:
         with hooks.record_calls(models[reference]) as calls:
@@ -227,17 +211,3 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
             lo, med = _finite_stats([v for vs in per_layer.values() for v in vs])
             row.update(sqnr_min_db=lo, sqnr_median_db=med, sqnr_worst_layer=worst)
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of `dtq eval` (shared with benchmarks/quality.py)."""
-    p.add_argument("--n-samples", type=int, default=None,
-                   help="samples per model (default: 5000 on a GPU, CPU_SAMPLES on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the reference model's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the reference model's)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--fid-ref-n", type=int, default=None, help="test images for FID statistics (default 10000)")
-    p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
-    p.add_argument("--sqnr-samples", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

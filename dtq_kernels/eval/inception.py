@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,9 @@ class InceptionFeatures:
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 50):
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.net = torch.jit.load(model_path(), map_location="cpu").eval().to(self.device)
+        with warnings.catch_warnings():  # the weights exist only as TorchScript; its loader is deprecated
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
+            self.net = torch.jit.load(model_path(), map_location="cpu").eval().to(self.device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):

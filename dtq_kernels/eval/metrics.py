@@ -6,7 +6,6 @@ range for PSNR/SSIM is 2. Every per-image metric returns one value per image; ca
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -20,41 +19,63 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected images [N, C, H, W], got shape {tuple(a.shape)}")
 
 
+def _as_f64(feats: np.ndarray | torch.Tensor) -> np.ndarray:
+    return feats.detach().cpu().double().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float64)
+
+
 def feature_stats(feats: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of features [N, D] in float64, the sufficient statistics of FID."""
-    f = feats.detach().cpu().double().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float64)
+    f = _as_f64(feats)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"feature_stats needs features [N >= 2, D], got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) between two Gaussians (Heusel et al. 2017).
 
-    With fewer samples than feature dimensions the covariances are singular and sqrtm can return
-    non-finite values; like pytorch-fid, retry with a 1e-6 ridge on both diagonals. The imaginary
-    part sqrtm leaves from round-off is dropped (it is checked to be small first).
+    Tr((Σ1Σ2)^½) is computed as Σ√λ of the symmetric PSD matrix Σ1^½·Σ2·Σ1^½, which has the same
+    eigenvalues as Σ1Σ2: two symmetric eigendecompositions (~1 s at 2048-d) instead of scipy's
+    general sqrtm (~20 s at 2048-d), real by construction, and well defined for the singular
+    covariances that fewer samples than dimensions give. Negative eigenvalues from round-off are
+    clipped to 0.
     """
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"frechet_distance: statistics differ in shape {mu1.shape}/{sigma1.shape} vs "
                          f"{mu2.shape}/{sigma2.shape}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
-    if np.iscomplexobj(covmean):
-        if np.abs(covmean.imag).max() > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError("frechet_distance: sqrtm returned a large imaginary part; statistics are broken")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    s1 = _psd_sqrt(sigma1)
+    m = s1 @ sigma2 @ s1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def fid_from_features(feats_a, feats_b) -> float:
-    """Fréchet distance between two feature sets [N, D]; with Inception pool features this is FID."""
-    return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+    """Fréchet distance between two feature sets [N, D]; with Inception pool features this is FID.
+
+    With fewer samples than dimensions (CPU-sized FID: a few hundred samples, D = 2048) it uses the
+    exact low-rank identity Tr((Σa·Σb)^½) = ‖Xa·Xbᵀ‖_* / √((Na−1)(Nb−1)) (X the centred features;
+    the nonzero eigenvalues of Σa·Σb are the squared singular values of Xa·Xbᵀ/√(...)), an Na×Nb
+    SVD instead of D×D eigendecompositions. Otherwise it goes through the covariances.
+    """
+    a, b = _as_f64(feats_a), _as_f64(feats_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"fid_from_features needs [N >= 2, D] features of equal D, got {a.shape} and {b.shape}")
+    if min(a.shape[0], b.shape[0]) >= a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    xa, xb = a - mu_a, b - mu_b
+    na, nb = a.shape[0] - 1, b.shape[0] - 1
+    tr_covmean = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    diff = mu_a - mu_b
+    return float(diff @ diff + (xa * xa).sum() / na + (xb * xb).sum() / nb - 2.0 * tr_covmean)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""The quality table: every recipe in dtq.recipes() (plus the TQ-DiT ablations) vs FP on the shipped
+reference DiT -> benchmarks/results/quality.{md,json} and benchmarks/results/quality_grids/<model>.png.
+
+    python benchmarks/quality.py                          # the whole table (one CPU thread by default)
+    python benchmarks/quality.py --recipes tqdit-w6a6     # add or refresh rows, keep the others
+    python benchmarks/quality.py --tiny                   # dry run: tiny random DiT, to /tmp
+
+Same pipeline and arguments as `dtq eval` (dtq_kernels/eval/cli.py); only the defaults differ:
+every recipe, results written under benchmarks/results.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dtq_kernels.eval.cli import add_arguments, cli_eval  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args()
+    args.recipes = args.recipes or "all"
+    args.out_dir = args.out_dir or ("/tmp/dtq_quality_tiny" if args.tiny else RESULTS)
+    cli_eval(args)

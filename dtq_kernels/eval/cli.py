@@ -1,0 +1,227 @@
+"""`dtq eval`: build the models to compare (FP, recipes calibrated on the spot, saved quantized
+checkpoints), run the harness, print the table, and optionally write the quality report.
+
+    dtq eval --recipes viditq-w8a8,tqdit-w6a6      # FP + two recipes, table on stdout
+    dtq eval --recipes all --out-dir DIR            # every recipe + ablations, DIR/quality.{md,json}
+    dtq eval --quantized mine=path/to/ckpt          # a saved dtq.save_quantized directory
+    dtq eval --tiny                                 # dry run on a tiny random DiT (numbers mean nothing)
+
+Calibration drives the model's own sampler with its own seeds (CALIB_SEED + batch), never the test
+set. The noise floor is the FP model sampled from a second seed: differences below it are noise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import activation_stats, harness, hooks, report
+
+# CPU counts chosen from measured one-thread costs (see CPU_COST_NOTE); a GPU run uses GPU_SAMPLES
+# samples and the whole test set.
+CPU_SAMPLES = 500
+CPU_FID_REF = 2000
+GPU_SAMPLES = 5000
+CPU_COST_NOTE = ("one CPU thread: Inception-v3 at 299×299 ~4.6 images/s; FP + 9 recipes/ablations + the "
+                 "noise-floor run at 500 samples each")
+CALIB_SAMPLES = 32
+CALIB_BATCH = 16
+CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
+NOISE_SEED_OFFSET = 1    # the noise-floor FP run uses seed + this
+# TQ-DiT ablations: one of the paper's components switched off, calibrated the same way.
+ABLATIONS = {"tqdit-w6a6-g1": ("tqdit-w6a6", {"time_groups": 1}, "tqdit-w6a6 with ONE time group (TGQ off)"),
+             "tqdit-w6a6-nomrq": ("tqdit-w6a6", {"mrq": False},
+                                  "tqdit-w6a6 without MRQ (uniform post-softmax/post-GELU quantizers)")}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", default=None, help="comma-separated recipes/ablations, or 'all'")
+    p.add_argument("--no-ablations", action="store_true", help="with --recipes all: skip the TQ-DiT ablations")
+    p.add_argument("--quantized", action="append", default=[], metavar="NAME=DIR",
+                   help="a dtq.save_quantized checkpoint of the reference model (repeatable)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help=f"samples per model (default: {GPU_SAMPLES} on a GPU, {CPU_SAMPLES} on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the reference sampler's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the reference sampler's)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--fid-ref-n", type=int, default=None,
+                   help=f"test images for the FID statistics (default: 10000 on a GPU, {CPU_FID_REF} on CPU)")
+    p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
+    p.add_argument("--sqnr-samples", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--out-dir", default=None, help="write quality.md/.json and sample grids here")
+    p.add_argument("--tiny", action="store_true", help="tiny random DiT, 8 samples, 2 steps (dry run)")
+
+
+def _reference():
+    """(model loader, sampler, default steps, default guidance) of the shipped reference DiT."""
+    from dtq_kernels.models import reference_dit as ref
+
+    params = inspect.signature(ref.sample).parameters
+    return (ref.load_reference_dit, ref.sample, params["num_inference_steps"].default,
+            params["guidance_scale"].default)
+
+
+def _dtq_api():
+    import dtq_kernels as dtq
+
+    missing = [f for f in ("calibrate", "quantize", "recipes") if not hasattr(dtq, f)]
+    if missing:
+        raise RuntimeError(f"dtq_kernels does not export {', '.join(missing)}: recipes cannot be evaluated")
+    return dtq
+
+
+def available_recipes(dtq) -> dict[str, str]:
+    out = dict(dtq.recipes())
+    out.update({k: v[2] for k, v in ABLATIONS.items() if v[0] in out})
+    return out
+
+
+def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: float):
+    """Calibrate recipe `name` (or an ABLATIONS variant) on the model's own samples; quantize a copy."""
+    from dtq_kernels.calib import get_recipe
+
+    if name in ABLATIONS:
+        base, overrides, _ = ABLATIONS[name]
+        recipe = dataclasses.replace(get_recipe(base), name=name, **overrides)
+    else:
+        recipe = name
+    labels = harness.balanced_labels(CALIB_SAMPLES)
+
+    def run_fn(transformer):
+        for b, i in enumerate(range(0, CALIB_SAMPLES, CALIB_BATCH)):
+            sample_fn(transformer, labels[i:i + CALIB_BATCH], steps, torch.Generator().manual_seed(CALIB_SEED + b),
+                      guidance)
+
+    plan = dtq.calibrate(fp_model, recipe, run_fn=run_fn, num_inference_steps=steps, progress=False)
+    model = copy.deepcopy(fp_model)
+    dtq.quantize(model, plan)
+    return model.eval()
+
+
+def merge_previous(path: str, evaluation, descriptions: dict) -> None:
+    """Keep the rows (and SQNR) of an earlier report that used the same configuration."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    keys = ("n_samples", "seed", "steps", "guidance", "fid", "fid_ref_n", "cls_ref_n", "sqnr_samples", "batch_size")
+    if any(old["config"].get(k) != evaluation.config[k] for k in keys):
+        print(f"{path} used another configuration: its rows are not kept", flush=True)
+        return
+    new = {r["model"] for r in evaluation.rows}
+    for r in old["rows"]:
+        if r["model"] not in new:
+            evaluation.rows.append(r)
+            evaluation.sqnr[r["model"]] = old.get("sqnr_per_layer", {}).get(r["model"], {})
+    for m, d in old.get("meta", {}).get("descriptions", {}).items():
+        descriptions.setdefault(m, d)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["model", "fid", "cls_fd", "class_acc", "psnr_vs_ref", "ssim_vs_ref", "sqnr_median_db", "weight_bytes"]
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        vals = [r.get(c) for c in cols]
+        print("  ".join(f"{v:>14.4g}" if isinstance(v, float) and math.isfinite(v) else f"{str(v):>14}"
+                        for v in vals))
+
+
+def cli_eval(args: argparse.Namespace) -> list[dict]:
+    """Run `dtq eval` with parsed arguments (see add_arguments); returns the table rows."""
+    from threadpoolctl import threadpool_limits  # numpy's BLAS (FID algebra) obeys the same thread cap
+
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
+    t_start = time.time()
+    if args.tiny:
+        from dtq_kernels.models.reference_dit import sample as sample_fn
+
+        fp = harness.tiny_random_dit()
+        n, steps, fid_ref_n = args.n_samples or 8, args.steps or 2, args.fid_ref_n or 16
+        guidance = args.guidance if args.guidance is not None else 2.0
+        model_desc = "tiny random DiT (dry run: the numbers mean nothing)"
+    else:
+        load, sample_fn, def_steps, def_guidance = _reference()
+        fp = load()
+        on_gpu = torch.device(args.device).type == "cuda"
+        n = args.n_samples or (GPU_SAMPLES if on_gpu else CPU_SAMPLES)
+        fid_ref_n = args.fid_ref_n or (10_000 if on_gpu else CPU_FID_REF)
+        steps = args.steps or def_steps
+        guidance = args.guidance if args.guidance is not None else def_guidance
+        model_desc = "the shipped reference DiT (dtq_kernels.models.reference_dit, Fashion-MNIST 32×32)"
+    fp = fp.to(args.device).eval()
+    models, descriptions = {"fp": fp}, {"fp": "the floating-point (fp32) model"}
+
+    wanted = []
+    if args.recipes:
+        dtq = _dtq_api()
+        available = available_recipes(dtq)
+        wanted = ([r for r in available if not (args.no_ablations and r in ABLATIONS)] if args.recipes == "all"
+                  else args.recipes.split(","))
+        unknown = [r for r in wanted if r not in available]
+        if unknown:
+            raise SystemExit(f"unknown recipes {unknown}; available: {', '.join(available)}")
+        for name in wanted:
+            t0 = time.time()
+            models[name] = build_quantized(dtq, fp, name, sample_fn, steps, guidance)
+            descriptions[name] = available[name]
+            print(f"calibrated and quantized {name} in {time.time() - t0:.0f} s", flush=True)
+    for spec in args.quantized:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--quantized wants NAME=DIR, got {spec!r}")
+        dtq = _dtq_api()
+        models[name] = copy.deepcopy(fp)
+        dtq.load_quantized(models[name], path)
+        descriptions[name] = f"checkpoint {path}"
+
+    common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
+                  device=args.device)
+    ev = harness.evaluate(models, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples, **common)
+    if args.out_dir:
+        noise = harness.evaluate({"fp": fp}, n, args.seed + NOISE_SEED_OFFSET, steps, guidance, sqnr_samples=0,
+                                 **common).rows
+        k = max(args.sqnr_samples, 1)
+        with hooks.record_calls(fp) as calls:
+            harness.generate(fp, k, args.seed, steps, guidance, k, sample_fn)
+        stats = activation_stats.collect(fp, calls)
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.recipes and args.recipes != "all":
+            merge_previous(os.path.join(args.out_dir, "quality.json"), ev, descriptions)
+        meta = {"command": " ".join(["python"] + sys.argv),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "device": (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
+                           else f"CPU, {args.threads} thread(s)"),
+                "torch": torch.__version__, "model": model_desc, "descriptions": descriptions,
+                "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(time.time() - t_start)}
+        report.write(args.out_dir, ev, descriptions=descriptions, noise_rows=noise, act_stats=stats, meta=meta)
+        print(f"wrote {args.out_dir}/quality.md ({time.time() - t_start:.0f} s)", flush=True)
+    print_table(ev.rows)
+    return ev.rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="dtq eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    cli_eval(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

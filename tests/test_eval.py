@@ -1,0 +1,180 @@
+"""The quality harness: metrics on inputs with known answers, the shipped classifier, and the harness
+end to end on a tiny random DiT (8 samples, 2 steps)."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dtq_kernels.eval import activation_stats, fmnist, harness, hooks, report
+from dtq_kernels.eval.metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
+
+HAS_DATA = os.path.isdir(fmnist.DATA_DIR)
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs the Debian package dataset-fashion-mnist")
+
+
+def _has_inception():
+    try:
+        from dtq_kernels.eval.inception import model_path
+        model_path()
+        return True
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(fid_from_features(feats, feats)) < 1e-6
+
+
+def test_low_rank_fid_route_matches_the_covariance_route():
+    # fewer samples than dimensions (the CPU-sized FID case) takes the Na×Nb SVD route
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(40, 96, generator=g).double()
+    b = (torch.randn(60, 96, generator=g) @ torch.randn(96, 96, generator=g) * 0.2 + 0.5).double()
+    expected = frechet_distance(*feature_stats(a), *feature_stats(b))
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-7)  # float64 round-off of the eigh route
+
+
+def test_frechet_distance_matches_closed_form_for_gaussians():
+    # N(m1, diag(a)) vs N(m2, diag(b)): |m1-m2|² + Σ (a + b − 2√(ab))
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    m1, m2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5.0 + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_grows_with_a_mean_shift():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 8, generator=g)
+    y = torch.randn(500, 8, generator=g)
+    near, far = fid_from_features(x, y), fid_from_features(x, y + 1.0)
+    assert near < 0.3 and far == pytest.approx(8.0 + near, abs=0.5)  # shift 1 in 8 dims adds 8
+
+
+def test_psnr_identical_is_inf_and_known_noise():
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert torch.isinf(psnr(x, x)).all()
+    # a constant error of 0.02 on range 2: PSNR = 10·log10(4 / 0.0004) = 40 dB exactly
+    assert torch.allclose(psnr(x, x + 0.02), torch.full((3,), 40.0), atol=1e-4)
+
+
+def test_ssim_identical_is_one_and_drops_with_noise():
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    s = ssim(x, noisy)
+    assert (s < 0.8).all() and (s > -1).all()
+    with pytest.raises(ValueError, match="shapes differ"):
+        ssim(x, x[:, :, :16])
+
+
+def test_sqnr_of_a_known_noise_level():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(100_000, generator=g)
+    noise = torch.randn(100_000, generator=g)
+    noise = noise / noise.norm() * ref.norm() / 10.0  # noise power exactly 1/100 of signal power
+    # the noise vector is float32: its power is exact to ~1e-7 relative, i.e. ~5e-7 dB
+    assert sqnr_db(ref, ref + noise) == pytest.approx(20.0, abs=1e-5)
+    assert sqnr_db(ref, ref) == math.inf
+
+
+# ------------------------------------------------------------------------------ data + classifier
+
+
+@needs_data
+def test_fmnist_layout_and_balanced_subset():
+    x, y = fmnist.load("test")
+    assert x.shape == (10_000, 1, 32, 32) and x.min() == -1 and x.max() == 1
+    assert (x[:, :, :2] == -1).all()  # padding is background
+    idx = fmnist.balanced_subset(y, 50)
+    assert torch.equal(torch.bincount(y[idx], minlength=10), torch.full((10,), 5))
+
+
+@needs_data
+def test_classifier_loads_and_is_accurate_on_500_test_images():
+    from dtq_kernels.eval.classifier import FEATURE_DIM, load_classifier, predict
+
+    x, y = fmnist.load("test")
+    idx = fmnist.balanced_subset(y, 500)
+    preds, feats = predict(load_classifier(), x[idx])
+    assert feats.shape == (500, FEATURE_DIM)
+    assert (preds == y[idx]).float().mean() >= 0.85
+
+
+# --------------------------------------------------------------------------------------- harness
+
+
+def _ddim_sample(model, class_labels, num_inference_steps, generator, guidance_scale):
+    """Stand-in with the reference sampler's signature: DDIM + CFG (null class = 10)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(num_inference_steps)
+    n = class_labels.shape[0]
+    x = torch.randn(n, 1, 32, 32, generator=generator)
+    null = torch.full_like(class_labels, harness.NUM_CLASSES)
+    for t in sched.timesteps:
+        eps = model(torch.cat([x, x]), timestep=t.expand(2 * n), class_labels=torch.cat([class_labels, null])).sample
+        cond, uncond = eps.chunk(2)
+        x = sched.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def _perturbed(model, rel: float):
+    """A copy with every Linear weight perturbed by rel × its absmax (a stand-in quantization error)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in hooks.linear_names(m):
+            w = m.get_submodule(name).weight
+            w.add_(torch.randn(w.shape, generator=g) * rel * w.abs().max())
+    return m
+
+
+@needs_data
+def test_harness_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
+    fp = harness.tiny_random_dit()
+    models = {"fp": fp, "noisy": _perturbed(fp, 0.05), "fp-copy": _perturbed(fp, 0.0)}
+    fid = _has_inception()
+    ev = harness.evaluate(models, n_samples=8, seed=0, steps=2, guidance=2.0, sample_fn=_ddim_sample,
+                          batch_size=4, fid=fid, fid_ref_n=10, cls_ref_n=200, sqnr_samples=2,
+                          log=lambda s: None)
+    rows = {r["model"]: r for r in ev.rows}
+    assert torch.equal(ev.labels, torch.arange(8) % 10)
+    # identical weights, identical noise -> identical samples
+    assert math.isinf(rows["fp-copy"]["psnr_vs_ref"]) and rows["fp-copy"]["ssim_vs_ref"] == pytest.approx(1.0)
+    assert math.isinf(rows["fp-copy"]["sqnr_min_db"])
+    assert math.isfinite(rows["noisy"]["psnr_vs_ref"]) and rows["noisy"]["ssim_vs_ref"] < 1.0
+    assert math.isfinite(rows["noisy"]["sqnr_median_db"]) and rows["noisy"]["sqnr_worst_layer"]
+    # the tiny DiT's only buffer (pos_embed) is not persistent: its weight bytes are its fp32 parameters
+    assert rows["fp"]["weight_bytes"] == sum(p.numel() * 4 for p in fp.parameters())
+    # 2 steps × 1 batch (CFG in one call): one SQNR value per layer per call, for every Linear
+    assert len(ev.sqnr_timesteps) == 2 and ev.sqnr_timesteps[0] > ev.sqnr_timesteps[1]
+    assert set(ev.sqnr["noisy"]) == set(hooks.linear_names(fp))
+    assert all(len(v) == 2 for v in ev.sqnr["noisy"].values())
+    if fid:
+        assert rows["fp"]["fid"] > 0 and rows["fp"]["fid_n"] == 8 and rows["fp"]["fid_ref_n"] == 10
+        assert rows["fp-copy"]["fid"] == pytest.approx(rows["fp"]["fid"], rel=1e-6)
+
+    with hooks.record_calls(fp) as calls:
+        harness.generate(fp, 2, 0, 2, 2.0, 2, _ddim_sample)
+    stats = activation_stats.collect(fp, calls)
+    fc2 = [n for n in stats["layers"] if "ff.net.2" in n]
+    assert fc2 and stats["post_gelu"][fc2[0]]["min"] >= -0.17 - 1e-3  # GELU's minimum is −0.17
+    probs = stats["post_softmax"]
+    assert len(probs) == 2 * 2 and all(0 < p["max"] <= 1 for p in probs)  # 2 blocks × 2 calls
+    assert all(s["channel_max_over_median"] >= 1 for s in stats["layers"].values())
+
+    data = report.write(str(tmp_path), ev, descriptions={"noisy": "perturbed"}, noise_rows=ev.rows[:1],
+                        act_stats=stats, meta={"command": "test"})
+    md = (tmp_path / "quality.md").read_text()
+    assert "`noisy`" in md and "Post-softmax" in md and (tmp_path / "quality_grids" / "noisy.png").is_file()
+    assert {c["verdict"] for c in data["claims"]} == {"not checked"}  # no recipe rows here
