@@ -122,7 +122,7 @@ def test_layer_stats_bounded_and_reservoir_uniform():
         x = torch.zeros(50, 32)
         x[:, 0], x[:, 1] = idx // 64, idx % 64
         x[:, 2] = idx.float()
-        st.update(x, 0, torch.tensor([10.0]), gen)
+        st.update(x, 0, 10.0, gen)
     assert st.rows.shape == (2, 64, 32) and st.rows.dtype == torch.float16
     assert st.nbytes() == size0 + 16  # one timestep entry; nothing grows with the number of calls
     assert int(st.rows_seen[0]) == 5000 and int(st.rows_seen[1]) == 0

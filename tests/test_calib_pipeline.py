@@ -190,6 +190,7 @@ def test_mixed_timesteps_in_one_batch_are_binned_per_sample():
     st = stats.layers["drift"]
     assert st.visited.nonzero().flatten().tolist() == [0, 9]
     assert float(st.tmax[0]) == pytest.approx(1.0) and float(st.tmax[9]) == pytest.approx(10.0)
+    assert st.t_range == {0: [1.0, 1.0], 900: [10.0, 10.0]}
 
 
 def test_nan_calibration_data_names_the_layer(pipe):

@@ -93,8 +93,8 @@ class LayerStats:
                    self.w_chan_absmax] + ([self.rows] if self.rows is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors) + 16 * len(self.t_range)
 
-    def update(self, x: torch.Tensor, g: int, ts: torch.Tensor, gen: torch.Generator) -> None:
-        """x: [m, K] input rows that all belong to time group g; ts: the timesteps they came from."""
+    def update(self, x: torch.Tensor, g: int, t: float, gen: torch.Generator) -> None:
+        """x: [m, K] input rows from diffusion timestep t, in time group g."""
         xf = x.float()
         ca = xf.abs().amax(0).cpu()
         lo, hi = float(xf.min()), float(xf.max())
@@ -102,9 +102,8 @@ class LayerStats:
         self.chan_ema[g] = ca if self.calls[g] == 0 else self.momentum * self.chan_ema[g] + (1 - self.momentum) * ca
         self.tmin[g], self.tmax[g] = min(float(self.tmin[g]), lo), max(float(self.tmax[g]), hi)
         self.calls[g] += 1
-        for t in ts.unique().tolist():
-            r = self.t_range.setdefault(int(round(t)), [lo, hi])
-            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        r = self.t_range.setdefault(int(round(t)), [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
         if self.rows is not None:
             if max(-lo, hi) > FP16_MAX and self.rows.dtype == torch.float16:
                 self.rows = self.rows.float()
@@ -272,20 +271,20 @@ class StatsCollector:
     def _on_model_post(self, module, args, output):
         self._t = None
 
-    def _split_by_group(self, x: torch.Tensor, what: str):
-        """Yield (group, timesteps, the samples of x in that group) for a batch-first tensor x."""
+    def _split_by_timestep(self, x: torch.Tensor, what: str):
+        """Yield (group, timestep, the samples of x at that timestep) for a batch-first tensor x."""
         if self._t is None:
             raise RuntimeError(f"{what} ran outside a transformer forward: no timestep is known")
         t, g = self._t, self._g
-        if bool((g == g[0]).all()):
-            yield int(g[0]), t, x
+        if bool((t == t[0]).all()):
+            yield int(g[0]), float(t[0]), x
             return
         if x.shape[0] != len(t):
             raise ValueError(f"{what}: the batch mixes timesteps {t.tolist()} but its input has batch "
                              f"{x.shape[0]}; cannot tell which rows belong to which timestep")
-        for gv in g.unique().tolist():
-            sel = g == gv
-            yield gv, t[sel], x[sel.to(x.device)]
+        for tv in t.unique().tolist():
+            sel = t == tv
+            yield int(g[sel][0]), tv, x[sel.to(x.device)]
 
     def _on_linear(self, name, module, args):
         x = args[0]
@@ -294,8 +293,8 @@ class StatsCollector:
             raise ValueError(f"calibration data for layer {name!r} contains non-finite values "
                              f"({n_nan} NaN, {n_inf} Inf); the model's FP forward already overflows "
                              "or the inputs are broken, so no scale can be calibrated")
-        for g, ts, xs in self._split_by_group(x.detach(), f"layer {name!r}"):
-            self.stats.layers[name].update(xs.reshape(-1, xs.shape[-1]), g, ts, self.gen)
+        for g, t, xs in self._split_by_timestep(x.detach(), f"layer {name!r}"):
+            self.stats.layers[name].update(xs.reshape(-1, xs.shape[-1]), g, t, self.gen)
 
     def _on_qkv(self, name, attn, which, module, args, output):
         scratch = self._attn_scratch.setdefault(name, {})
@@ -307,5 +306,5 @@ class StatsCollector:
             raise ValueError(f"attention {name!r}: key width {k.shape[-1]} differs from query width "
                              f"{q.shape[-1]} (grouped KV heads are not supported)")
         qkv = torch.stack(split_heads(attn, q, k, v), 1)  # [B, 3, N, H, d]: split by sample together
-        for g, _, part in self._split_by_group(qkv, f"attention {name!r}"):
+        for g, _, part in self._split_by_timestep(qkv, f"attention {name!r}"):
             self.stats.attention[name].update(part[:, 0], part[:, 1], part[:, 2], g, attn.scale, self.gen)
