@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dtq_kernels.eval import activation_stats, fmnist, harness, hooks, report
+from dtq_kernels.models.reference_dit import sample
 from dtq_kernels.eval.metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
 
 HAS_DATA = os.path.isdir(fmnist.DATA_DIR)
@@ -109,22 +110,6 @@ def test_classifier_loads_and_is_accurate_on_500_test_images():
 # --------------------------------------------------------------------------------------- harness
 
 
-def _ddim_sample(model, class_labels, num_inference_steps, generator, guidance_scale):
-    """Stand-in with the reference sampler's signature: DDIM + CFG (null class = 10)."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler(num_train_timesteps=1000)
-    sched.set_timesteps(num_inference_steps)
-    n = class_labels.shape[0]
-    x = torch.randn(n, 1, 32, 32, generator=generator)
-    null = torch.full_like(class_labels, harness.NUM_CLASSES)
-    for t in sched.timesteps:
-        eps = model(torch.cat([x, x]), timestep=t.expand(2 * n), class_labels=torch.cat([class_labels, null])).sample
-        cond, uncond = eps.chunk(2)
-        x = sched.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
-    return x.clamp(-1, 1)
-
-
 def _perturbed(model, rel: float):
     """A copy with every Linear weight perturbed by rel × its absmax (a stand-in quantization error)."""
     import copy
@@ -144,7 +129,7 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     fp = harness.tiny_random_dit()
     models = {"fp": fp, "noisy": _perturbed(fp, 0.05), "fp-copy": _perturbed(fp, 0.0)}
     fid = _has_inception()
-    ev = harness.evaluate(models, n_samples=8, seed=0, steps=2, guidance=2.0, sample_fn=_ddim_sample,
+    ev = harness.evaluate(models, n_samples=8, seed=0, steps=2, guidance=2.0, sample_fn=sample,
                           batch_size=4, fid=fid, fid_ref_n=10, cls_ref_n=200, sqnr_samples=2,
                           log=lambda s: None)
     rows = {r["model"]: r for r in ev.rows}
@@ -165,7 +150,7 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
         assert rows["fp-copy"]["fid"] == pytest.approx(rows["fp"]["fid"], rel=1e-6)
 
     with hooks.record_calls(fp) as calls:
-        harness.generate(fp, 2, 0, 2, 2.0, 2, _ddim_sample)
+        harness.generate(fp, 2, 0, 2, 2.0, 2, sample)
     stats = activation_stats.collect(fp, calls)
     fc2 = [n for n in stats["layers"] if "ff.net.2" in n]
     assert fc2 and stats["post_gelu"][fc2[0]]["min"] >= -0.17 - 1e-3  # GELU's minimum is −0.17

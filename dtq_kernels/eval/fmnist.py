@@ -1,53 +1,22 @@
-"""Fashion-MNIST from the Debian package `dataset-fashion-mnist`, in the diffusion model's layout.
-
-Images come out as float [N, 1, 32, 32] in [-1, 1]: the 28×28 digits-style images padded by two
-background pixels on every side (background 0 -> -1), the layout the reference DiT is trained on.
+"""Fashion-MNIST for evaluation: the reference DiT's loader (Debian package dataset-fashion-mnist,
+float [N, 1, 32, 32] in [-1, 1], 28×28 padded with background), balanced subsets, 8-bit rounding.
 """
 from __future__ import annotations
 
-import gzip
-import os
-
-import numpy as np
 import torch
 
-DATA_DIR = os.environ.get("DTQ_FMNIST_DIR", "/usr/share/datasets/fashion-mnist")
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-           "Ankle boot")
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+from dtq_kernels.models.reference_dit import data as _data
 
-
-def _read_idx(path: str, header: int) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: install the Debian package dataset-fashion-mnist "
-                                f"(apt-get install dataset-fashion-mnist) or set DTQ_FMNIST_DIR")
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=header)
-
-
-def load_uint8(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of split 'train' (60k) or 'test' (10k)."""
-    if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    img_file, lbl_file = _FILES[split]
-    images = _read_idx(os.path.join(DATA_DIR, img_file), 16).reshape(-1, 28, 28)
-    labels = _read_idx(os.path.join(DATA_DIR, lbl_file), 8)
-    if images.shape[0] != labels.shape[0]:
-        raise RuntimeError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
-
-
-def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float [N, 1, 32, 32] in [-1, 1], padded with background."""
-    x = images_u8.float().div(127.5).sub(1.0)[:, None]
-    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+CLASSES = _data.CLASSES
+DATA_DIR = _data.DATA_DIR
 
 
 def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images float [N, 1, 32, 32] in [-1, 1], labels int64 [N])."""
-    images, labels = load_uint8(split)
-    return to_model_range(images), labels
+    """(images float [N, 1, 32, 32] in [-1, 1], labels int64 [N]): the reference DiT's own loader,
+    so the evaluation sees exactly the layout the model was trained on."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return _data.load_fashion_mnist(split)
 
 
 def balanced_subset(labels: torch.Tensor, n: int, num_classes: int = 10) -> torch.Tensor:

@@ -45,14 +45,12 @@ def default_sample_fn() -> SampleFn:
 
 
 def tiny_random_dit(seed: int = 0) -> nn.Module:
-    """A randomly initialised DiT with the reference model's interface (1×32×32 images, 10 classes)
-    but two thin layers: for dry runs and tests of the harness, never for numbers."""
-    from diffusers import DiTTransformer2DModel
+    """A randomly initialised DiT with the reference model's config (1×32×32 pixels, patch 4,
+    10 classes) but 2 layers of 2×16-wide heads: for dry runs and tests, never for numbers."""
+    from dtq_kernels.models.reference_dit import build_reference_dit
 
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                                 num_layers=2, sample_size=32, patch_size=4, num_embeds_ada_norm=NUM_CLASSES,
-                                 norm_num_groups=1).eval()
+    return build_reference_dit(num_layers=2, heads=2, head_dim=16).eval()
 
 
 def balanced_labels(n: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ images in [0, 1] are resized to 299×299 with bilinear resampling and mapped lin
 input range [-1, 0.9921875] (= (255·x − 128)/128, what TF-FID feeds the network).
 
 Cost: about 6 GFLOP per image; measured on this project's CPU machine, one thread, batch 8:
-~4.6 images/s (so a few hundred samples per model is what a CPU run can afford; FID at small N is
-biased upward and is only comparable between runs with the same N).
+~4.6 images/s. (The reference DiT's own sampling costs more per image on CPU; see CPU_SAMPLES in
+eval/cli.py. FID at small N is biased upward: compare only at equal N.)
 """
 from __future__ import annotations
 
