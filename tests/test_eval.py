@@ -180,3 +180,19 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     md = (tmp_path / "quality.md").read_text()
     assert "`noisy`" in md and "Post-softmax" in md and (tmp_path / "quality_grids" / "noisy.png").is_file()
     assert {c["verdict"] for c in data["claims"]} == {"not checked"}  # no recipe rows here
+
+
+@pytest.mark.gpu
+@needs_data
+def test_harness_on_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
+    fp = harness.tiny_random_dit().cuda()
+    models = {"fp": fp, "noisy": _perturbed(fp, 0.05)}
+    ev = harness.evaluate(models, n_samples=8, seed=0, steps=2, guidance=2.0, sample_fn=sample, batch_size=4,
+                          fid=_has_inception(), fid_ref_n=10, cls_ref_n=200, sqnr_samples=2, device="cuda",
+                          log=lambda s: None)
+    rows = {r["model"]: r for r in ev.rows}
+    assert math.isfinite(rows["noisy"]["psnr_vs_ref"]) and math.isfinite(rows["noisy"]["sqnr_median_db"])
+    with hooks.record_calls(fp) as calls:
+        harness.generate(fp, 2, 0, 2, 2.0, 2, sample)
+    assert activation_stats.collect(fp, calls)["post_softmax"]

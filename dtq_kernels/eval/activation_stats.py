@@ -39,7 +39,7 @@ def _quantiles(x: torch.Tensor, qs=(0.5, 0.9, 0.99, 0.999)) -> dict[str, float]:
     flat = x.flatten().float()
     if flat.numel() > _MAX_QUANTILE_ELEMENTS:
         flat = flat[:: math.ceil(flat.numel() / _MAX_QUANTILE_ELEMENTS)]
-    vals = torch.quantile(flat, torch.tensor(qs))
+    vals = torch.quantile(flat, torch.tensor(qs, device=flat.device))
     return {f"q{q * 100:g}": v.item() for q, v in zip(qs, vals)}
 
 
