@@ -151,6 +151,9 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
                  f"(compare rows only with each other, never with published FIDs at 10k/50k samples).\n")
     else:
         L.append("FID was not computed in this run (classifier metrics only).\n")
+    if str(meta.get("device", "")).startswith("CPU") and meta.get("cpu_cost_note"):
+        L.append(f"This is a CPU run with CPU-sized counts ({meta['cpu_cost_note']}; whole run "
+                 f"{meta.get('wall_s', '?')} s). A GPU run uses 5000 samples and all 10,000 test images.\n")
     head = ["model", fid_col, "classifier FD", "class acc", "PSNR vs FP (dB)", "SSIM vs FP",
             "layer SQNR median / min (dB)", "weight MB", "× FP bytes"]
     head = [h for h in head if h]
