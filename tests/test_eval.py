@@ -196,3 +196,24 @@ def test_harness_on_cuda(tmp_path, monkeypatch):
     with hooks.record_calls(fp) as calls:
         harness.generate(fp, 2, 0, 2, 2.0, 2, sample)
     assert activation_stats.collect(fp, calls)["post_softmax"]
+
+
+@needs_data
+def test_cli_eval_on_a_saved_checkpoint(tmp_path, monkeypatch):
+    import argparse
+
+    import dtq_kernels as dtq
+    from dtq_kernels.eval import add_arguments, cli_eval
+
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
+    q = harness.tiny_random_dit()
+    dtq.quantize(q, dtq.calibrate(q, "viditq-w8a8", run_fn=lambda m: None, progress=False))
+    dtq.save_quantized(q, str(tmp_path / "ckpt"))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--tiny", "--no-fid", "--cls-ref-n", "100", "--sqnr-samples", "2", "--batch-size", "8",
+                         "--quantized", f"w8={tmp_path / 'ckpt'}", "--out-dir", str(tmp_path / "out")])
+    rows = {r["model"]: r for r in cli_eval(args)}
+    assert set(rows) == {"fp", "w8"} and rows["w8"]["weight_bytes"] < rows["fp"]["weight_bytes"]
+    assert 30 < rows["w8"]["psnr_vs_ref"] < math.inf  # W8A8 on a random model: close to FP, not equal
+    assert "`w8`" in (tmp_path / "out" / "quality.md").read_text()

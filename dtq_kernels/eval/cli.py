@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--fid-ref-n", type=int, default=None,
                    help=f"test images for the FID statistics (default: 10000 on a GPU, {CPU_FID_REF} on CPU)")
+    p.add_argument("--cls-ref-n", type=int, default=10_000, help="test images for the classifier-feature statistics")
     p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
     p.add_argument("--sqnr-samples", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,9 +166,13 @@ def cli_eval(args: argparse.Namespace) -> list[dict]:
     """Run `dtq eval` with parsed arguments (see add_arguments); returns the table rows."""
     from threadpoolctl import threadpool_limits  # numpy's BLAS (FID algebra) obeys the same thread cap
 
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    with threadpool_limits(args.threads):
-        return _run(args)
+    try:
+        with threadpool_limits(args.threads):
+            return _run(args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(args: argparse.Namespace) -> list[dict]:
@@ -215,7 +220,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         descriptions[name] = f"checkpoint {path}"
 
     common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
-                  device=args.device)
+                  cls_ref_n=args.cls_ref_n, device=args.device)
     ev = harness.evaluate(models, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples, **common)
     if args.out_dir:
         noise = harness.evaluate({"fp": fp}, n, args.seed + NOISE_SEED_OFFSET, steps, guidance, sqnr_samples=0,
