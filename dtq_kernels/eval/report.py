@@ -63,10 +63,14 @@ def _metric(row: dict) -> tuple[str, float]:
     return ("fid", row["fid"]) if row.get("fid") is not None else ("cls_fd", row["cls_fd"])
 
 
-def check_claims(rows: dict[str, dict], noise: dict[str, float]) -> list[dict]:
+def check_claims(rows: dict[str, dict], noise: dict[str, float], notes: dict[str, str] | None = None) -> list[dict]:
+    """Verdict per CLAIMS entry; `notes` (model -> description) flags claims whose models could not
+    run part of their plan (e.g. attention quantization absent from this build)."""
     out = []
     for claim, paper, better, base, kind in CLAIMS:
         entry = {"claim": claim, "paper": paper, "models": [better, base]}
+        if any("attention stays in floating point" in (notes or {}).get(m, "") for m in (better, base)):
+            entry["caveat"] = "attention was not quantized in this build: post-softmax parts are untested"
         missing = [m for m in (better, base) if m not in rows]
         if missing:
             entry.update(verdict="not checked", why=f"no row for {', '.join(missing)}")
@@ -103,7 +107,7 @@ def write(out_dir: str, evaluation, *, descriptions: dict[str, str], noise_rows:
         for key in ("fid", "cls_fd"):
             if noise_rows[0].get(key) is not None:
                 noise[key] = abs(noise_rows[0][key] - rows[ref][key])
-    claims = check_claims(rows, noise)
+    claims = check_claims(rows, noise, descriptions)
     sqnr_summary = _sqnr_by_phase(evaluation)
     data = {"meta": meta, "config": evaluation.config, "rows": evaluation.rows, "noise_floor_rows": noise_rows,
             "noise_floor": noise, "claims": claims, "sqnr_by_phase": sqnr_summary,
@@ -188,7 +192,8 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
         vals = (f"{_fmt(c['better_value'], 4)} vs {_fmt(c['baseline_value'], 4)} (noise {_fmt(c['noise_floor'])})"
                 if "metric" in c else c.get("why", ""))
         ps = " vs ".join(_fmt(v) for v in c["psnr_vs_fp"]) if "psnr_vs_fp" in c else "–"
-        L.append(f"| {c['paper']} | {c['claim']} | `{c['models'][0]}` vs `{c['models'][1]}` | "
+        claim = c["claim"] + (f" (*{c['caveat']}*)" if "caveat" in c else "")
+        L.append(f"| {c['paper']} | {claim} | `{c['models'][0]}` vs `{c['models'][1]}` | "
                  f"{c.get('metric', '–')} | {vals} | {ps} | **{c['verdict']}** |")
     if data["sqnr_by_phase"]:
         L.append(f"\n## Per-layer SQNR across timesteps\n\nEach model is fed the FP model's own inputs at "
