@@ -15,7 +15,10 @@ NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding keeps index num_classes fo
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def reference_config(patch_size: int = 4, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
+def reference_config(patch_size: int = 2, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
+    """The shipped model's DiTTransformer2DModel kwargs: 32×32×1 pixels, patch 2 (256 tokens), 6 blocks of
+    width 256 (4 heads × 64), adaLN-zero conditioned on 10 classes (+ the null class at index 10),
+    out_channels=1: plain epsilon prediction (no learned sigma, so DDIM uses the output as-is)."""
     return dict(in_channels=1, out_channels=1, sample_size=32, patch_size=patch_size, num_layers=num_layers,
                 num_attention_heads=heads, attention_head_dim=head_dim, num_embeds_ada_norm=NUM_CLASSES,
                 norm_type="ada_norm_zero", dropout=0.0)

