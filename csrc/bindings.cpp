@@ -24,6 +24,21 @@ std::string cuda_status() {
   return "ok";
 }
 
+#ifndef DTQ_BUILT_ARCHS
+#error "DTQ_BUILT_ARCHS is set by CMakeLists.txt from the -gencode list"
+#endif
+
+std::vector<std::string> built_archs() {
+  std::vector<std::string> archs;
+  std::string all = DTQ_BUILT_ARCHS;
+  for (size_t start = 0, end; start <= all.size(); start = end + 1) {
+    end = all.find(',', start);
+    if (end == std::string::npos) end = all.size();
+    if (end > start) archs.push_back(all.substr(start, end - start));
+  }
+  return archs;
+}
+
 void require_cuda() {
   const std::string status = cuda_status();
   if (status != "ok") throw std::runtime_error("dtq_kernels._C cannot run here: " + status);
@@ -53,7 +68,7 @@ void quantize_per_token(uintptr_t x, uintptr_t q, uintptr_t scale, int64_t M, in
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dtq_kernels CUDA kernels (raw-pointer entry points; see dtq_kernels/ops/cuda.py)";
   m.def("cuda_status", &cuda_status, "'ok', or why CUDA cannot be used here");
-  m.def("built_archs", []() { return std::vector<std::string>{"sm_80", "sm_89", "sm_90a", "compute_90"}; });
+  m.def("built_archs", &built_archs, "the SASS (sm_XX) and PTX (compute_XX) targets compiled in");
   m.def("quantize_per_token", &quantize_per_token, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("M"),
         py::arg("K"), py::arg("dtype"), py::arg("bits"), py::arg("stream"));
 }

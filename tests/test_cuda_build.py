@@ -1,4 +1,6 @@
 """The CUDA extension: built for sm_80/89/90a (+ compute_90 PTX), importable without a GPU, correct on one."""
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,14 +11,28 @@ import torch
 import dtq_kernels.ops as ops
 from dtq_kernels.ops import cuda, reference
 
-HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+
+def _nvcc() -> str | None:
+    """Where setup.py looks: $CUDACXX, $CUDA_HOME/bin/nvcc, PATH, /usr/local/cuda/bin/nvcc."""
+    home = os.environ.get("CUDA_HOME")
+    for c in (os.environ.get("CUDACXX"), home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc"),
+              "/usr/local/cuda/bin/nvcc"):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+needs_build = pytest.mark.skipif(
+    _nvcc() is None or os.environ.get("DTQ_SKIP_CUDA") == "1",
+    reason="nvcc is not installed on this machine (or DTQ_SKIP_CUDA=1), so dtq_kernels._C is not built")
 
 
 def _so() -> Path:
     try:
         from dtq_kernels import _C
     except ImportError as e:
-        pytest.fail(f"dtq_kernels._C was not built although nvcc is present ({e}): run `make install`")
+        pytest.fail(f"dtq_kernels._C was not built although nvcc is present ({e}): run "
+                    "`pip install --no-build-isolation --no-deps -e .`")
     return Path(_C.__file__)
 
 
@@ -26,52 +42,94 @@ def _cuobjdump(*args: str) -> str:
     return subprocess.run([str(tool), *args, str(_so())], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed on this machine, so _C is not built")
+@needs_build
 def test_extension_holds_sass_for_every_arch_and_ptx():
     elves = _cuobjdump("-lelf")
-    for arch in ("sm_80", "sm_89", "sm_90"):
+    for arch in ("sm_80", "sm_89", "sm_90"):  # -lelf names the sm_90a cubin sm_90; its header says sm_90a
         assert f"{arch}.cubin" in elves, elves
-    assert "sm_90.ptx" in _cuobjdump("-lptx")  # compute_90 PTX for the driver to JIT on newer GPUs
     for arch in ("sm_80", "sm_89", "sm_90a"):
         sass = _cuobjdump("-sass", "-arch", arch)
-        assert "quantize_per_token_kernel" in sass, arch
-        # the float -> int conversion with round-to-nearest-even that makes the codes
-        assert "F2I" in sass or "FRND" in sass, arch
+        assert re.search(rf"^arch = {arch}$", sass, re.M), f"no {arch} cubin:\n{sass[:500]}"
+        for dtype in ("If", "I6__half", "I13__nv_bfloat16"):  # every input dtype, vector and scalar variants
+            assert len(re.findall(rf"Function : \S*quantize_per_token_kernel{dtype}Lb[01]E", sass)) == 2, \
+                (arch, dtype)
+        assert "FRND" in sass and "F2I" in sass, arch  # rintf (half to even), then float -> int8
+        assert "LDG.E.128" in sass, arch               # the 16-byte vector loads
+    ptx = _cuobjdump("-ptx")
+    assert re.search(r"^arch = sm_90$", ptx, re.M) and re.search(r"^\.target sm_90$", ptx, re.M), \
+        "no compute_90 PTX for newer GPUs to JIT"
+    assert "quantize.sm_90.ptx" in _cuobjdump("-lptx")
 
 
-@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed on this machine, so _C is not built")
+@needs_build
 def test_extension_imports_without_gpu_and_reports_why():
     from dtq_kernels import _C
-    assert set(_C.built_archs()) >= {"sm_80", "sm_89", "sm_90a"}
+    assert _C.built_archs() == ["sm_80", "sm_89", "sm_90a", "compute_90"]
+    status = _C.cuda_status()
     if torch.cuda.is_available():
-        assert cuda.available()
+        assert status == "ok" and cuda.available() and cuda.unavailable_reason() is None
         return
+    assert status != "ok"
     assert not cuda.available()
     reason = cuda.unavailable_reason()
     assert "driver" in reason.lower() or "device" in reason.lower(), reason
+    # the raw entry point refuses before touching the (null) pointers, with the same reason
+    with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
+        _C.quantize_per_token(0, 0, 0, 1, 8, 0, 8, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_cuda_kernel_without_gpu_raises_clearly():
-    with pytest.raises(RuntimeError, match="cuda backend"):
+    with pytest.raises(RuntimeError, match="dtq cuda backend: .*(driver|device|not built)"):
         cuda.quantize_per_token(torch.randn(4, 8), 8)
 
 
 @pytest.mark.gpu
+def test_cuda_kernel_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda.quantize_per_token(torch.randn(4, 8), 8)
+
+
+def _activations(m: int, k: int, dtype: torch.dtype, bits: int) -> torch.Tensor:
+    """Random rows with an outlier channel, plus the edge rows: one huge outlier, all zero, exact .5 ties."""
+    qmax = 2 ** (bits - 1) - 1
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k + bits))
+    x[:, k // 3] *= 50.0          # an outlier channel
+    x[0, k - 1] = 3.0e4           # one huge outlier in row 0 (fits fp16)
+    if m > 1:
+        x[1] = 0.0                # a zero row: scale 0, codes 0
+    if m > 2:                     # scale exactly 0.25, codes n + 0.5: round half to even decides
+        x[2] = ((torch.arange(k) % (2 * qmax)) - qmax + 0.5) * 0.25
+        x[2, 0] = qmax * 0.25
+    return x.to(dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 77, 256, 1000])
-@pytest.mark.parametrize("k", [72, 1152, 3072, 4608])
+@pytest.mark.parametrize("k", [72, 77, 1152, 3072, 4608])  # 77: the scalar (unvectorized) path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 6])
 def test_cuda_quantize_per_token_is_bit_exact(m, k, dtype, bits):
-    g = torch.Generator().manual_seed(m * k + bits)
-    x = torch.randn(m, k, generator=g)
-    x[:, k // 3] *= 1000.0  # one huge outlier channel
-    if m > 1:
-        x[1] = 0  # a zero row
-    x = x.to(dtype)
+    x = _activations(m, k, dtype, bits)
     q_ref, s_ref = reference.quantize_per_token(x, bits)
     with ops.use_backend("cuda"):
         q, s = ops.quantize_per_token(x.cuda(), bits)
     assert ops.last_backend["quantize_per_token"] == "cuda"
+    assert s.dtype == torch.float32 and q.dtype == torch.int8
     assert torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu(), q_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cuda_quantize_per_token_misaligned_input(dtype, bits):
+    """A contiguous view that starts off a 16-byte boundary takes the scalar path, same answer."""
+    x = _activations(33, 1152, dtype, bits)
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    xg = buf[1:].view(33, 1152)
+    xg.copy_(x)
+    assert xg.is_contiguous() and xg.data_ptr() % 16 != 0
+    q, s = cuda.quantize_per_token(xg, bits)
+    q_ref, s_ref = reference.quantize_per_token(x, bits)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)

@@ -8,6 +8,8 @@ interface itself needs (a contiguous CUDA tensor of a supported dtype).
 from __future__ import annotations
 
 import functools
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import torch
 
@@ -16,9 +18,14 @@ from ._dispatch import register_kernel
 try:
     from .. import _C
     _IMPORT_ERROR: str | None = None
-except ImportError as e:  # not built (no nvcc at install time) or built for another Python
+except ImportError as e:  # not built (no nvcc or DTQ_SKIP_CUDA=1 at install time), or built for another Python
     _C = None
-    _IMPORT_ERROR = f"dtq_kernels._C is not built or not importable ({e}); reinstall with nvcc available"
+    _PKG = Path(__file__).resolve().parent.parent
+    if not any(True for suffix in EXTENSION_SUFFIXES for _ in _PKG.glob("_C*" + suffix)):
+        _IMPORT_ERROR = (f"dtq_kernels._C is not built (no _C extension in {_PKG}); to build it, install with "
+                         "nvcc available: pip install --no-build-isolation --no-deps -e .")
+    else:
+        _IMPORT_ERROR = f"dtq_kernels._C failed to import: {e}"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
