@@ -18,3 +18,9 @@ __all__ = ["BACKENDS", "CUDA_DEFAULTS", "BackendError", "kernels_for", "last_bac
 from .quantize_ops import gelu_quantize, layernorm_modulate_quantize, quantize_act, quantize_two_region  # noqa: E402
 
 __all__ += ["gelu_quantize", "layernorm_modulate_quantize", "quantize_act", "quantize_two_region"]
+
+# quantized attention (INT8 QKᵀ, 8-bit P·V; dynamic and static per-time-group modes)
+from . import attention_ops  # noqa: E402,F401
+from .attention_ops import quant_attention, quant_attention_static  # noqa: E402
+
+__all__ += ["quant_attention", "quant_attention_static"]

@@ -44,6 +44,10 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "int8_gemm_static": {"any": "triton"},
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton quantized attention is the only fast kernel
+    # (benchmarks/bench_attention.py compares it with SDPA flash/cuDNN bf16 and SageAttention).
+    "quant_attention": {"any": "triton"},
+    "quant_attention_static": {"any": "triton"},
 }
 
 last_backend: dict[str, str] = {}

@@ -120,3 +120,109 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
     xf = torch.nn.functional.gelu(x.float(), approximate=approximate) if gelu else x.float()
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
     return formats.quantize_two_region(xf, c_pos, c_neg, bits, mode)
+
+
+# ------------------------------------------------------------------- quantized attention (attention_ops)
+#
+# Layout [B, S, H, D] (what a diffusers Attention's to_q/to_k/to_v give after a free view). Scores live
+# in the log2 domain: s = (q_codes · k_codesᵀ in int32) · (q_scale · sm_scale · log2 e) · k_scale, and the
+# softmax uses exp2. The row maximum is rounded up to an integer, m = floor(max s) + 1, so that the
+# online softmax of the kernel (a running maximum per key tile) differs from this one-shot spec only by
+# exact power-of-two factors: exp2(s − m_tile) = exp2(s − m) · 2^(m − m_tile), which leaves the
+# floating-point rounding of P (fp8/fp16 codes) unchanged and makes kernel vs reference tight.
+
+LOG2E = 1.4426950408889634
+P_FP_SCALE = formats.FP8_E4M3_MAX  # dynamic mode: P in [0, 1) is coded as P · 448 (the whole e4m3 range)
+ATTN_PV_FORMATS = ("fp8_e4m3", "fp16")
+ATTN_P_MODES = ("uniform", "two_region")
+
+
+def attention_k_mean(k: torch.Tensor) -> torch.Tensor:
+    """Mean of K over tokens per (batch, head, channel), [B, 1, H, D] fp32. Subtracting it shifts every
+    score of a query row by the same q·μ, which softmax ignores, and removes the channel bias that
+    dominates K's range (SageAttention's smoothing)."""
+    return k.float().mean(dim=1, keepdim=True)
+
+
+def attention_v_scale(v: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-channel V scale, [B, H, D] fp32: absmax over tokens / 448 (the e4m3 range; the fp16
+    P·V path uses the same scale so both formats share one code layout)."""
+    return formats.absmax_scale(v.float().abs().amax(dim=1), "fp8_e4m3")
+
+
+def _attn_scores(qc, q_scale, kc, k_scale, mult: float, key_padding_mask):
+    """Log2-domain scores [B, H, Sq, Sk] fp32 from int8 codes [B, S, H, D] and per-token scales [B, S, H];
+    the integer product is exact through float64 (|products| < 2^14, sums < 2^21)."""
+    acc = torch.einsum("bqhd,bkhd->bhqk", qc.double(), kc.double()).float()
+    qf = (q_scale.float() * torch.tensor(mult, dtype=torch.float32)).permute(0, 2, 1)  # [B, H, Sq]
+    s = acc * qf[..., None] * k_scale.float().permute(0, 2, 1)[:, :, None, :]
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    return s
+
+
+def _attn_probs(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp2(s − m), row sum l) with m = floor(max s) + 1; rows with every key masked give p = 0, l = 0."""
+    m = torch.floor(s.amax(dim=-1, keepdim=True)) + 1
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp2(s - m)
+    return p, p.sum(dim=-1)
+
+
+def _safe_recip(l: torch.Tensor) -> torch.Tensor:
+    return torch.where(l > 0, 1.0 / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
+
+
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                    scale: float | None, pv_format: str, smooth_k: bool) -> torch.Tensor:
+    """Dynamic quantized attention (see attention_ops.quant_attention), computed in fp32/float64."""
+    d = q.shape[-1]
+    mult = (d ** -0.5 if scale is None else scale) * LOG2E
+    kf = k.float() - attention_k_mean(k) if smooth_k else k.float()
+    q_scale = formats.absmax_scale(q.float().abs().amax(-1), "int8")  # per token and head
+    k_scale = formats.absmax_scale(kf.abs().amax(-1), "int8")
+    qc = formats.quantize_int(q, q_scale[..., None], 8)
+    kc = formats.quantize_int(kf, k_scale[..., None], 8)
+    p, l = _attn_probs(_attn_scores(qc, q_scale, kc, k_scale, mult, key_padding_mask))
+    v_scale = attention_v_scale(v)  # [B, H, D]
+    vs = v_scale[:, None]  # [B, 1, H, D] against v [B, S, H, D]
+    if pv_format == "fp8_e4m3":
+        p_c = formats.quantize_fp8_e4m3(p * P_FP_SCALE).float()
+        v_c = formats.quantize_fp8_e4m3(v, vs).float()
+    else:  # fp16 codes of the same scaled values (sm_80 has no fp8 tensor cores)
+        p_c = (p * P_FP_SCALE).half().float()
+        v_c = (v.float() / torch.where(vs == 0, torch.ones_like(vs), vs)).half().float()
+    acc = torch.einsum("bhqk,bkhd->bhqd", p_c, v_c)
+    out = acc * (v_scale / P_FP_SCALE)[:, :, None, :] * _safe_recip(l)[..., None]
+    return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)
+
+
+def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_padding_mask: torch.Tensor | None, q_scales: torch.Tensor, k_scales: torch.Tensor,
+                           v_scales: torch.Tensor, p_table: torch.Tensor, group_idx: torch.Tensor, bits: int,
+                           p_mode: str, scale: float | None) -> torch.Tensor:
+    """Static quantized attention (see attention_ops.quant_attention_static): per-head Q/K/V scales and the
+    P quantizer of time group g = group_idx[0]; P is the normalized softmax, quantized with
+    formats.quantize_int (uniform, unsigned) or formats.quantize_two_region (split), P·V exact in integers."""
+    d = q.shape[-1]
+    mult = (d ** -0.5 if scale is None else scale) * LOG2E
+    g = group_idx.long()
+    sq, sk, sv = (t[g].float()[:, None, :] for t in (q_scales, k_scales, v_scales))  # [1, 1, H]
+    qc = formats.quantize_int(q, sq[..., None], bits)
+    kc = formats.quantize_int(k, sk[..., None], bits)
+    vc = formats.quantize_int(v, sv[..., None], bits)
+    p, l = _attn_probs(_attn_scores(qc, sq.expand(q.shape[:3]), kc, sk.expand(k.shape[:3]), mult, key_padding_mask))
+    p = p * _safe_recip(l)[..., None]
+    coef = p_table[g].float()[0]
+    vcd = vc.double()
+    if p_mode == "uniform":  # unsigned codes 0 .. 2^bits − 1: the asymmetric code with zero point −2^(bits−1)
+        zero = torch.tensor(-(2 ** (bits - 1)), dtype=torch.int32)
+        u = formats.quantize_int(p, coef[0], bits, zero).double() - zero
+        out = torch.einsum("bhqk,bkhd->bhqd", u, vcd).float() * coef[0]
+    else:
+        qp = formats.quantize_two_region(p, coef[0], coef[1], bits, "split").double()
+        acc_pos = torch.einsum("bhqk,bkhd->bhqd", qp.clamp(min=0), vcd).float()
+        acc_neg = torch.einsum("bhqk,bkhd->bhqd", qp.clamp(max=0), vcd).float()
+        out = acc_pos * coef[0] + acc_neg * coef[1]
+    out = out * sv.permute(0, 2, 1)[..., None]  # [1, H, 1, 1]
+    return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)

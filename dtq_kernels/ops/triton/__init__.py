@@ -3,3 +3,7 @@ from . import gemm_int8, quantize  # noqa: F401
 
 # Every kernel module lists AOT_SPECS for the offline-compile check (aot.py).
 KERNEL_MODULES = (quantize, gemm_int8,)
+
+# quantized attention (append-only: other kernel families are added the same way)
+from . import attention  # noqa: E402
+KERNEL_MODULES += (attention,)
