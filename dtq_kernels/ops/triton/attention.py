@@ -135,10 +135,14 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             rn = n0 + tl.arange(0, BLOCK_N)
             vt = tl.load(vt_base + rn[None, :], mask=(rn < SKP)[None, :], other=0.0)
             if PV_KIND == 0:
+                # Hopper's FP8 wgmma accumulates in reduced precision (~fp22): Triton's default lets that
+                # run over every key tile; max_num_imprecise_acc=BLOCK_N adds each tile's product into the
+                # fp32 accumulator instead (SageAttention2's two-level accumulation).
                 pc = round_to_e4m3_grid(p * 448.0).to(tl.float8e4nv)
+                pv = tl.dot(pc, tl.trans(vt), out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_N)
             else:
-                pc = (p * 448.0).to(tl.float16)
-            acc = acc * alpha[:, None] + tl.dot(pc, tl.trans(vt), out_dtype=tl.float32)
+                pv = tl.dot((p * 448.0).to(tl.float16), tl.trans(vt), out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
         vs = tl.load(vs_ptr + bh * DP + rd)
