@@ -141,13 +141,14 @@ def attention_k_mean(k: torch.Tensor) -> torch.Tensor:
     """Mean of K over tokens per (batch, head, channel), [B, 1, H, D] fp32. Subtracting it shifts every
     score of a query row by the same q·μ, which softmax ignores, and removes the channel bias that
     dominates K's range (SageAttention's smoothing)."""
-    return k.float().mean(dim=1, keepdim=True)
+    return k.mean(dim=1, keepdim=True, dtype=torch.float32)  # fp32 accumulation without an fp32 copy of k
 
 
 def attention_v_scale(v: torch.Tensor) -> torch.Tensor:
     """Dynamic per-channel V scale, [B, H, D] fp32: absmax over tokens / 448 (the e4m3 range; the fp16
     P·V path uses the same scale so both formats share one code layout)."""
-    return formats.absmax_scale(v.float().abs().amax(dim=1), "fp8_e4m3")
+    lo, hi = torch.aminmax(v, dim=1)  # absmax without a full-size |v| temporary
+    return formats.absmax_scale(torch.maximum(-lo, hi), "fp8_e4m3")
 
 
 def _attn_scores(qc, q_scale, kc, k_scale, mult: float, key_padding_mask):

@@ -36,6 +36,19 @@ PV_FP8, PV_FP16, PV_INT = 0, 1, 2
 
 
 @triton.jit
+def _to_e4m3(x, SOFTWARE: tl.constexpr):
+    """fp32 -> float8e4nv, round to nearest even, saturating at ±448 (formats.quantize_fp8_e4m3). On sm_90
+    Triton emits cvt.rn.satfinite.e4m3x2.f32, exactly that in one instruction. On sm_89 it converts
+    through f16 (double rounding: off by one e4m3 step near ties) and the interpreter's cast rounds some
+    values wrongly, so there the value is first put on the e4m3 grid in software (a dozen ALU ops)."""
+    if SOFTWARE:
+        x = round_to_e4m3_grid(x)
+    else:
+        x = tl.clamp(x, -448.0, 448.0)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_ptr,
                       H, S, D, stride_b, stride_s, stride_h, mult, qmax, num_groups,
                       STATIC: tl.constexpr, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr):
@@ -64,7 +77,7 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
 
 @triton.jit
 def quant_v_kernel(v_ptr, vt_ptr, vscale_ptr, H, S, SP, D, stride_b, stride_s, stride_h, qmax,
-                   PV_KIND: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr):
+                   PV_KIND: tl.constexpr, SOFT_FP8_ROUND: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr):
     """V / scale[channel] coded for the P·V dot, stored transposed [DP, SP]; zeros past S and D."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -78,7 +91,7 @@ def quant_v_kernel(v_ptr, vt_ptr, vscale_ptr, H, S, SP, D, stride_b, stride_s, s
     scale = tl.load(vscale_ptr + bh * DP + rd)
     y = tl.math.div_rn(x, tl.where(scale == 0, 1.0, scale)[None, :])
     if PV_KIND == 0:
-        y = round_to_e4m3_grid(y).to(tl.float8e4nv)
+        y = _to_e4m3(y, SOFT_FP8_ROUND)
     elif PV_KIND == 1:
         y = y.to(tl.float16)
     else:  # static integer codes, exact in fp16
@@ -111,7 +124,7 @@ def _row_max_step(m_i, s):
 @triton.jit
 def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab_ptr, group_ptr, out_ptr,
                     H, SQ, SK, SKP, D, num_groups, qmax, stride_ob, stride_os, stride_oh,
-                    P_MODE: tl.constexpr, PV_KIND: tl.constexpr, HAS_MASK: tl.constexpr,
+                    P_MODE: tl.constexpr, PV_KIND: tl.constexpr, HAS_MASK: tl.constexpr, SOFT_FP8_ROUND: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -138,7 +151,7 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
                 # Hopper's FP8 wgmma accumulates in reduced precision (~fp22): Triton's default lets that
                 # run over every key tile; max_num_imprecise_acc=BLOCK_N adds each tile's product into the
                 # fp32 accumulator instead (SageAttention2's two-level accumulation).
-                pc = round_to_e4m3_grid(p * 448.0).to(tl.float8e4nv)
+                pc = _to_e4m3(p * 448.0, SOFT_FP8_ROUND)
                 pv = tl.dot(pc, tl.trans(vt), out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_N)
             else:
                 pv = tl.dot((p * 448.0).to(tl.float16), tl.trans(vt), out_dtype=tl.float32)
@@ -225,6 +238,11 @@ def _launch_config(device: torch.device, dp: int, p_mode: int) -> dict:
     return attn_config(torch.cuda.get_device_capability(device)[0], dp, p_mode)
 
 
+def soft_fp8_round(device: torch.device) -> bool:
+    """Whether fp32 -> e4m3 needs the software grid rounding (see _to_e4m3): interpreter and sm_8x."""
+    return INTERPRETING or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9
+
+
 PREP_BLOCK = 64
 PREP_WARPS = 8  # 4 warps hold a 64x128 fp32 tile in 255 registers (no spill, but low occupancy)
 
@@ -251,7 +269,8 @@ def _quant_v(v, v_scale, pv_kind: int, qmax: float, dp: int):
     dtype = torch.float8_e4m3fn if pv_kind == PV_FP8 else torch.float16
     vt = torch.empty((B * H, dp, sp), dtype=dtype, device=v.device)
     quant_v_kernel[(triton.cdiv(sp, PREP_BLOCK), B * H)](
-        v, vt, vs, H, S, sp, D, v.stride(0), v.stride(1), v.stride(2), qmax, PV_KIND=pv_kind, BLOCK=PREP_BLOCK,
+        v, vt, vs, H, S, sp, D, v.stride(0), v.stride(1), v.stride(2), qmax, PV_KIND=pv_kind,
+        SOFT_FP8_ROUND=soft_fp8_round(v.device), BLOCK=PREP_BLOCK,
         DP=dp, num_warps=4)
     return vt, vs
 
@@ -270,7 +289,8 @@ def _attend(q, qc, qs, kc, ks, vt, vs, key_padding_mask, *, p_mode, pv_kind, qma
         qc, qs, kc, ks, vt, vs, dummy if mask is None else mask, dummy if p_table is None else p_table,
         dummy if group_idx is None else group_idx, out, H, SQ, SK, vt.shape[-1], D,
         1 if p_table is None else p_table.shape[0], qmax, out.stride(0), out.stride(1), out.stride(2),
-        P_MODE=p_mode, PV_KIND=pv_kind, HAS_MASK=mask is not None, DP=dp, **cfg)
+        P_MODE=p_mode, PV_KIND=pv_kind, HAS_MASK=mask is not None, SOFT_FP8_ROUND=soft_fp8_round(q.device), DP=dp,
+        **cfg)
     return out
 
 
@@ -328,7 +348,7 @@ _INT8_MMA = {80: ["mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32"], 89: ["mma.sync
              90: ["wgmma.mma_async.sync.aligned", ".s32.s8.s8"]}
 _F16_PV = {80: ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"], 89: [".f32.f16.f16.f32"],
            90: ["wgmma.mma_async.sync.aligned", ".f32.f16.f16"]}
-_FP8_PV = {89: ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"], 90: [".f32.e4m3.e4m3"]}
+_FP8_PV = {89: ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"], 90: [".f32.e4m3.e4m3", "cvt.rn.satfinite.e4m3x2.f32"]}
 
 
 def _expect(*parts: dict) -> dict:
@@ -343,14 +363,14 @@ def _attn_spec(name: str, dp: int, major: int, p_mode: int, pv_kind: int) -> dic
            "stride_oh": "i32"}
     cfg = attn_config(major, dp, p_mode)
     return dict(name=f"{name}_d{dp}_sm{major}x", fn=attn_fwd_kernel, signature=sig,
-                constexprs=dict(P_MODE=p_mode, PV_KIND=pv_kind, HAS_MASK=True, DP=dp, BLOCK_M=cfg["BLOCK_M"],
-                                BLOCK_N=cfg["BLOCK_N"]),
+                constexprs=dict(P_MODE=p_mode, PV_KIND=pv_kind, HAS_MASK=True, SOFT_FP8_ROUND=major < 9, DP=dp,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 expect=_expect(_INT8_MMA, _FP8_PV if pv_kind == PV_FP8 else _F16_PV),
                 divisible_by_16=[k for k in sig if k.endswith("_ptr")] + ["SKP", "stride_ob", "stride_os", "stride_oh"])
 
 
-def _prep_specs(pv_kind: int) -> list[dict]:
+def _prep_specs(pv_kind: int, major: int = 9) -> list[dict]:
     rows = dict(name="attn_quant_rows", fn=quant_rows_kernel,
                 signature={"x_ptr": "*bf16", "codes_ptr": "*i8", "scale_ptr": "*fp32", "mean_ptr": "*fp32",
                            "table_ptr": "*fp32", "group_ptr": "*i32", "H": "i32", "S": "i32", "D": "i32",
@@ -362,7 +382,8 @@ def _prep_specs(pv_kind: int) -> list[dict]:
              signature={"v_ptr": "*bf16", "vt_ptr": "*fp8e4nv" if pv_kind == PV_FP8 else "*fp16",
                         "vscale_ptr": "*fp32", "H": "i32", "S": "i32", "SP": "i32", "D": "i32", "stride_b": "i32",
                         "stride_s": "i32", "stride_h": "i32", "qmax": "fp32"},
-             constexprs=dict(PV_KIND=pv_kind, BLOCK=PREP_BLOCK, DP=128), num_warps=4, expect={})
+             constexprs=dict(PV_KIND=pv_kind, SOFT_FP8_ROUND=major < 9, BLOCK=PREP_BLOCK, DP=128), num_warps=4,
+             expect={90: ["cvt.rn.satfinite.e4m3x2.f32"]} if pv_kind == PV_FP8 and major >= 9 else {})
     return ([rows] if pv_kind != PV_FP8 else []) + [v]
 
 
@@ -378,5 +399,5 @@ AOT_SPECS = [
 AOT_SPECS_FP8 = [
     *[dict(_attn_spec("attn_dyn_fp8pv", dp, major, DYNAMIC, PV_FP8), arch=arch)
       for dp in (64, 128) for major, arch in ((8, 89), (9, 90))],
-    *[dict(spec, arch=arch) for spec in _prep_specs(PV_FP8) for arch in (89, 90)],
+    *[dict(spec, arch=arch) for major, arch in ((8, 89), (9, 90)) for spec in _prep_specs(PV_FP8, major)],
 ]
