@@ -18,8 +18,8 @@ the first 1024 query rows. TFLOP/s counts 4·B·H·Sq·Sk·D (QKᵀ and P·V).
 
 Targets (issue 4, H100): >= 1.5x SDPA bf16 at sequence >= 4096, and at least SageAttention's speed at
 equal or better accuracy. Reference points (DESIGN.md §8, head dim 128, bf16): FlashAttention-2 ~370,
-cuDNN ~600, FA3 ~640 TFLOP/s; FA3 FP8 ~1170. Head dim 72 runs padded to 128 in the dtq kernel (44% of
-its MMA work wasted), so expect its TFLOP/s (counted on 72) to be lower than at 64 or 128.
+cuDNN ~600, FA3 ~640 TFLOP/s; FA3 FP8 ~1170. Head dim 72 runs as 64 + 32 channels in the dtq kernel
+(25% of its MMA work is padding), so expect its TFLOP/s (counted on 72) below those at 64 and 128.
 No number in this file's output is claimed until it ran on a GPU.
 """
 from __future__ import annotations
@@ -83,14 +83,14 @@ def _kernel_only(pv_format: str) -> Callable:
     """The attention kernel alone on codes quantized beforehand (prep cost excluded)."""
     def prepare(q, k, v):
         B, _, H, D = q.shape
-        dp = tri.head_dim_padded(D)
+        hd = tri.head_dims(D)
         mult = D ** -0.5 * reference.LOG2E
-        qc, qs = tri._quant_rows(q, mult=mult, qmax=127.0, dp=dp)
-        kc, ks = tri._quant_rows(k, mult=1.0, qmax=127.0, dp=dp,
+        qc, qs = tri._quant_rows(q, hd, mult=mult, qmax=127.0)
+        kc, ks = tri._quant_rows(k, hd, mult=1.0, qmax=127.0,
                                  mean=reference.attention_k_mean(k).reshape(B, H, D).contiguous())
         kind = tri.PV_FP8 if pv_format == "fp8_e4m3" else tri.PV_FP16
-        vt, vs = tri._quant_v(v, reference.attention_v_scale(v).reshape(B * H, D), kind, 0.0, dp)
-        return (lambda: tri._attend(q, qc, qs, kc, ks, vt, vs, None, p_mode=tri.DYNAMIC, pv_kind=kind))
+        vt, vs = tri._quant_v(v, hd, reference.attention_v_scale(v).reshape(B * H, D), kind, 0.0)
+        return (lambda: tri._attend(q, hd, qc, qs, kc, ks, vt, vs, None, p_mode=tri.DYNAMIC, pv_kind=kind))
     return prepare
 
 
@@ -195,7 +195,7 @@ def main() -> int:
     cols = ["B", "H", "S", "D", "provider", "ms", "TFLOPs", "speedup_vs_best_sdpa", "speedup_vs_sage", "cos",
             "rel_l2", "note"]
     notes = [f"Accuracy: cosine and relative L2 vs fp32 SDPA over the first {ACC_ROWS} query rows of each shape.",
-             "TFLOP/s = 4·B·H·S²·D / time (head dim 72 counted as 72 although the dtq kernel pads it to 128)."]
+             "TFLOP/s = 4·B·H·S²·D / time (head dim 72 counted as 72 although the dtq kernel computes 96)."]
     paths = common.write_results("bench_attention", header, rows, out, cols, notes=notes)
     print("wrote", *map(str, paths))
     return 0

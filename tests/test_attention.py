@@ -366,18 +366,19 @@ def test_opcheck():
                           (q, k, v, mask, t, t, t, torch.tensor([[0.01, -0.05]] * 2), gi, 8, "two_region", None))
 
 
-# -------------------------------------------------------------- FP8 kernels: offline compile, sm_89/90
+# ------------------------------------------------- FP8 and sm_90-only kernels: offline compile per arch
 
-def test_fp8_specs_compile_for_sm89_sm90():
-    """aot.py compiles every spec for sm_80 too, which has no FP8 MMA, so the FP8 specs are checked here."""
+def test_one_arch_specs_compile():
+    """aot.py compiles every spec for sm_80/89/90; the FP8 specs (no FP8 MMA on sm_80) and the sm_90-only
+    configs are checked here, each for its arch: e4m3 MMA, int8 MMA, no spill."""
     code = ("import json; from dtq_kernels.ops.triton import attention as A; from dtq_kernels.ops.triton.aot "
             "import compile_spec; print(json.dumps({f\"{s['name']} sm_{s['arch']}\": compile_spec(s, s['arch']) "
-            "for s in A.AOT_SPECS_FP8}))")
+            "for s in A.AOT_SPECS_ONE_ARCH}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "0"})
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 6
+    assert len(report) == 9
     for name, r in report.items():
         assert r["missing"] == [], f"{name}: PTX lacks {r['missing']}"
         assert r["spill_bytes"] == 0 and r["regs"] <= 255, f"{name}: {r}"

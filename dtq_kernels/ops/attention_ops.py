@@ -35,7 +35,7 @@ from .gemm_ops import _check_group_idx, _check_group_in_range
 register_kernel("quant_attention", "reference")(reference.quant_attention)
 register_kernel("quant_attention_static", "reference")(reference.quant_attention_static)
 
-MAX_HEAD_DIM = 128  # the kernel pads the head dim to a power of two <= 128 in registers
+MAX_HEAD_DIM = 128  # the kernel's head-dim tiles (triton/attention.py head_dims) stop at 128
 PV_FORMATS = reference.ATTN_PV_FORMATS
 P_MODES = reference.ATTN_P_MODES
 
