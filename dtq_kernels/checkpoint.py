@@ -45,6 +45,14 @@ def save_quantized(model: torch.nn.Module, path: str | Path) -> Path:
     # clone: safetensors refuses tensors that share storage, and views of larger buffers
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(path / MODEL_FILE), metadata={"format": "dtq_kernels"})
+    return save_plan(plan, path, model)
+
+
+def save_plan(plan: QuantPlan, path: str | Path, model: torch.nn.Module) -> Path:
+    """Write `plan` (plan.json + plan_tensors.safetensors) for `model`'s class and config into the
+    directory `path`: the plan half of a checkpoint, which `read_plan` reads back (`dtq calibrate`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()},
               str(path / PLAN_TENSORS_FILE))
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
