@@ -1,0 +1,90 @@
+"""The `dtq` command on tiny random models: quantize -> info -> sample, calibrate -> plan -> quantize, errors."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import dtq_kernels as dtq  # noqa: E402
+from dtq_kernels import cli  # noqa: E402
+from dtq_kernels.nn import QuantLinear  # noqa: E402
+from helpers_models import tiny_dit, uniform_plan  # noqa: E402
+
+
+def test_quantize_info_sample_round_trip(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    model = cli.run(["quantize", "--recipe", "viditq-w8a8", "--model", "tiny-random", "--out", str(ck)])
+    assert "transformer_blocks.1.ff.net.2" in capsys.readouterr().out
+
+    d = cli.run(["info", str(ck), "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(d))
+    q = [r for r in d["rows"] if not r["kept_fp"]]
+    assert len(q) == 12 and {r["format"] for r in q} == {"W8A8 dynamic"}
+    for r in q:  # int8 codes (1 byte per weight) + one fp32 scale per output channel, exactly
+        lin = model.get_submodule(r["name"])
+        assert r["bytes"] == lin.out_features * lin.in_features + 4 * lin.out_features
+        assert r["fp16_bytes"] == 2 * lin.out_features * lin.in_features
+    kept = {r["name"] for r in d["rows"] if r["kept_fp"]}
+    assert "transformer_blocks.0.norm1.linear" in kept and "proj_out_2" in kept
+    assert d["totals"]["quantized_bytes"] < 0.6 * d["totals"]["quantized_fp16_bytes"]
+
+    # the grid sampled from the checkpoint is exactly the one the in-memory quantized model samples
+    grid = tmp_path / "g.png"
+    cli.run(["sample", str(ck), "--num", "10", "--steps", "2", "--out", str(grid), "--device", "cpu"])
+    from dtq_kernels.models.reference_dit import sample
+    expected = tmp_path / "expected.png"
+    cli.save_grid(sample(model, torch.arange(10), 2, torch.Generator().manual_seed(0)), expected)
+    from PIL import Image
+    a, b = Image.open(grid), Image.open(expected)
+    assert a.size == ((10 * 34 + 2) * 3, 36 * 3)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_calibrate_saves_a_plan_that_quantize_applies(tmp_path, capsys):
+    plan_dir, plots = tmp_path / "plan", tmp_path / "plots"
+    plan = cli.run(["calibrate", "--recipe", "rtn-w8a8", "--model", "tiny-random", "--num-samples", "2",
+                    "--steps", "2", "--out", str(plan_dir), "--plots", str(plots)])
+    assert (plots / "act_scale_tables.png").is_file()
+    d = cli.run(["info", str(plan_dir), "--json"])
+    assert d["recipe"] == "rtn-w8a8" and all(r["bytes"] is None for r in d["rows"])  # no weights in a plan
+    model = cli.run(["quantize", "--plan", str(plan_dir), "--model", "tiny-random", "--out", str(tmp_path / "ck")])
+    name = "transformer_blocks.0.attn1.to_q"
+    layer = model.get_submodule(name)
+    assert isinstance(layer, QuantLinear) and layer.spec.act_mode == "static"
+    assert torch.equal(layer.act_table, torch.tensor(plan.layers[name].act_scales, dtype=torch.float32))
+
+
+def test_recipes_and_console_entry_point(capsys):
+    assert cli.main(["recipes"]) is None  # a returned value would become the process exit status
+    out = capsys.readouterr().out
+    assert all(name in out for name in dtq.recipes())
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as e:
+            cli.run(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+    fails(["quantize", "--recipe", "w1a1", "--model", "tiny-random", "--out", str(tmp_path / "x")], "unknown recipe")
+    fails(["quantize", "--recipe", "viditq-w8a8", "--model", "nope", "--out", str(tmp_path / "x")], "unknown model")
+    fails(["quantize", "--model", "tiny-random", "--out", str(tmp_path / "x")], "exactly one of --recipe and --plan")
+    fails(["info", str(tmp_path)], "not a dtq checkpoint")
+    other = tiny_dit()  # a latent-space DiT: not what the reference sampler draws
+    dtq.quantize(other, uniform_plan(other, dtq.LinearQuantSpec()))
+    dtq.save_quantized(other, tmp_path / "other")
+    fails(["sample", str(tmp_path / "other"), "--out", str(tmp_path / "g.png")], "drives the reference DiT sampler")
+    f = tmp_path / "other" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    fails(["info", str(tmp_path / "other")], "corrupt or truncated")
+
+
+def test_random_model_builds_the_depth_independent_buffers():
+    from diffusers import DiTTransformer2DModel
+    cfg = dict(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=3, sample_size=8)
+    fast = cli.random_model(DiTTransformer2DModel, 0, **cfg)
+    slow = DiTTransformer2DModel(**cfg)
+    assert torch.equal(fast.pos_embed.pos_embed, slow.pos_embed.pos_embed)
+    assert all(torch.isfinite(p).all() and p.std() > 0.01 for p in fast.parameters() if p.numel() > 1)
