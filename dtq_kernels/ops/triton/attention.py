@@ -3,9 +3,9 @@
 
 Three kernels per call:
 1. `quant_rows_kernel` (Q, then K): per-token INT8 codes, dynamic (absmax / 127, K mean-subtracted) or
-   static (per-head table entry at group_idx[0]); writes codes [B·H, S, DP] zero-padded to DP channels
+   static (per-head table entry at group_idx[0]); writes codes [B·H, S, CW] (zero past the head dim)
    and per-token fp32 scales (Q's carry sm_scale·log2e). One read of q/k, one write of 1-byte codes.
-2. `quant_v_kernel`: V codes transposed to [B·H, DP, Skp] (keys contiguous: the reduction dim of P·V,
+2. `quant_v_kernel`: V codes transposed to [B·H, CW, Skp] (keys contiguous: the reduction dim of P·V,
    which FP8 wgmma needs K-major) in the P·V dtype.
 3. `attn_fwd_kernel`: one program per (BLOCK_M queries, batch·head). P_MODE 0 (dynamic): online softmax
    with the running max rounded up to an integer (reference.py explains why: exact power-of-two
