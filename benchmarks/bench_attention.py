@@ -1,7 +1,7 @@
 """Quantized attention (dtq.quant_attention / quant_attention_static) vs torch SDPA bf16 and SageAttention.
 
-    python benchmarks/bench_attention.py [--out DIR] [--rep MS]   # CUDA
-    python benchmarks/bench_attention.py --dry-run                # CPU: one tiny shape, proves it runs
+    python benchmarks/bench_attention.py [--out DIR] [--rep MS] [--sweep]   # CUDA
+    python benchmarks/bench_attention.py --dry-run                          # CPU: tiny shapes, proves it runs
 
 Shapes: sequence 1024, 4096, 16384 (self-attention, Sq = Sk) x head dim 64, 72 (DiT-XL/2, PixArt), 128
 (Flux, video DiTs), 16 heads, batch 16 / 4 / 1 so every shape does comparable work. Providers, each in
@@ -15,6 +15,9 @@ gives), all inputs bf16, all outputs bf16:
 * dtq quant_attention_static (two-region P, TQ-DiT), end to end.
 Accuracy of every provider on the same inputs: cosine similarity and relative L2 against fp32 SDPA on
 the first 1024 query rows. TFLOP/s counts 4·B·H·Sq·Sk·D (QKᵀ and P·V).
+--sweep also times the dynamic kernel alone with every candidate tile config (SWEEP_CONFIGS) at sequence
+>= 4096 (minutes: run it on its own, not inside gpu_check.sh's 150 s), to settle triton/attention.py attn_config (whose picks are not yet timed); configs that fail to compile
+or run out of shared memory are reported, not fatal.
 
 Targets (issue 4, H100): >= 1.5x SDPA bf16 at sequence >= 4096, and at least SageAttention's speed at
 equal or better accuracy. Reference points (DESIGN.md §8, head dim 128, bf16): FlashAttention-2 ~370,
@@ -36,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="results folder (default: $OUT, else benchmarks/results/)")
     p.add_argument("--dry-run", action="store_true", help="one tiny shape on CPU (reference + interpreter)")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time per measurement, ms")
+    p.add_argument("--sweep", action="store_true", help="also time every candidate tile config of the dtq kernel")
     return p.parse_args(argv)
 
 
@@ -79,7 +83,11 @@ def _static_tables(q, k, v):
     return (*scales, p_table, torch.zeros(1, dtype=torch.int32, device=q.device))
 
 
-def _kernel_only(pv_format: str) -> Callable:
+SWEEP_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                 for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def _kernel_only(pv_format: str, config: dict | None = None) -> Callable:
     """The attention kernel alone on codes quantized beforehand (prep cost excluded)."""
     def prepare(q, k, v):
         B, _, H, D = q.shape
@@ -90,7 +98,8 @@ def _kernel_only(pv_format: str) -> Callable:
                                  mean=reference.attention_k_mean(k).reshape(B, H, D).contiguous())
         kind = tri.PV_FP8 if pv_format == "fp8_e4m3" else tri.PV_FP16
         vt, vs = tri._quant_v(v, hd, reference.attention_v_scale(v).reshape(B * H, D), kind, 0.0)
-        return (lambda: tri._attend(q, hd, qc, qs, kc, ks, vt, vs, None, p_mode=tri.DYNAMIC, pv_kind=kind))
+        return (lambda: tri._attend(q, hd, qc, qs, kc, ks, vt, vs, None, p_mode=tri.DYNAMIC, pv_kind=kind,
+                                    config=config))
     return prepare
 
 
@@ -156,9 +165,28 @@ def measure(name: str, layout: str, fn: Callable, q_nhd, k_nhd, v_nhd, ref, devi
         row["TFLOPs"] = common.tops(4.0 * B * H * S * S * D, row["ms"])
     except Skip as e:
         row["note"] = f"skipped: {e}"
-    except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # a backend refusing a shape says why
+    except Exception as e:  # a backend refusing a shape, a config out of resources: reported with the reason
         row["note"] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return row
+
+
+def sweep(device, shapes, heads, dtype) -> list[dict]:
+    fmt = "fp8_e4m3" if torch.cuda.get_device_capability(device) >= (8, 9) else "fp16"
+    major = torch.cuda.get_device_capability(device)[0]
+    rows = []
+    for B, S, D in [s for s in shapes if s[1] >= 4096]:  # where the speed target is; ~100 compiles in all
+        g = torch.Generator(device=device).manual_seed(S + D)
+        q, k, v = (torch.randn(B, S, heads, D, device=device, generator=g, dtype=dtype) for _ in range(3))
+        ref = F.scaled_dot_product_attention(*(t[:, :ACC_ROWS if i == 0 else None].transpose(1, 2).float()
+                                               for i, t in enumerate((q, k, v)))).transpose(1, 2)
+        pick = tri.attn_config(major, tri.head_dims(D).cw, tri.DYNAMIC)
+        for cfg in SWEEP_CONFIGS:
+            r = measure(f"dtq kernel only {fmt} P·V", "NHD-prepared", _kernel_only(fmt, cfg), q, k, v, ref, device,
+                        ARGS.rep)
+            rows.append({"B": B, "H": heads, "S": S, "D": D, **r, "heuristic_pick": cfg == pick,
+                         "config": "BM{BLOCK_M} BN{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)})
+            print(f"sweep B{B} S{S} D{D} {rows[-1]['config']}: {common.fmt(r['ms'])} ms {r['note']}", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -191,12 +219,17 @@ def main() -> int:
             r["speedup_vs_sage"] = sage / r["ms"] if sage and r["ms"] else None
         rows += shape_rows
         del q, k, v, ref
+    sweep_rows = sweep(device, shapes, heads, dtype) if ARGS.sweep and device.type == "cuda" else []
     out = common.results_dir(ARGS.out)
     cols = ["B", "H", "S", "D", "provider", "ms", "TFLOPs", "speedup_vs_best_sdpa", "speedup_vs_sage", "cos",
             "rel_l2", "note"]
     notes = [f"Accuracy: cosine and relative L2 vs fp32 SDPA over the first {ACC_ROWS} query rows of each shape.",
              "TFLOP/s = 4·B·H·S²·D / time (head dim 72 counted as 72 although the dtq kernel computes 96)."]
     paths = common.write_results("bench_attention", header, rows, out, cols, notes=notes)
+    if sweep_rows:
+        paths += common.write_results("bench_attention_sweep", header, sweep_rows, out,
+                                      ["B", "H", "S", "D", "provider", "config", "heuristic_pick", "ms", "TFLOPs",
+                                       "cos", "note"])
     print("wrote", *map(str, paths))
     return 0
 

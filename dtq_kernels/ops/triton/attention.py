@@ -350,11 +350,12 @@ def _quant_v(v, hd: HeadDims, v_scale, pv_kind: int, qmax: float):
 
 
 def _attend(q, hd: HeadDims, qc, qs, kc, ks, vt, vs, key_padding_mask, *, p_mode, pv_kind, qmax=127.0,
-            p_table=None, group_idx=None):
+            p_table=None, group_idx=None, config: dict | None = None):
+    """The attention kernel on prepared codes; `config` overrides attn_config (the benchmark's sweep)."""
     B, SQ, H, D = q.shape
     SK = kc.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cfg = _launch_config(q.device, hd.cw, p_mode)
+    cfg = config or _launch_config(q.device, hd.cw, p_mode)
     mask = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     dummy = qs
     grid = (triton.cdiv(SQ, cfg["BLOCK_M"]), B * H)
