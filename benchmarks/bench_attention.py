@@ -9,7 +9,8 @@ its native layout (SDPA [B, H, S, D]; dtq and SageAttention "NHD" [B, S, H, D], 
 gives), all inputs bf16, all outputs bf16:
 * torch SDPA bf16 with the FLASH_ATTENTION backend and with CUDNN_ATTENTION (a backend that refuses a
   shape is reported as skipped with torch's reason);
-* SageAttention (PyPI `sageattention`, its Triton kernels: INT8 QKᵀ per block, FP16 P·V) when importable;
+* SageAttention (PyPI `sageattention` 1.0.6, Triton: INT8 QKᵀ per block, FP16 P·V) when importable (the GPU
+  machine is offline: carry its py3-none-any wheel in .whl/); head dim 72 zero-padded to 96 for it;
 * dtq quant_attention with FP8 P·V (sm_89/90) and FP16 P·V, end to end (Q/K/V quantization kernels
   included), and the attention kernel alone on pre-quantized codes (to show what the prep costs);
 * dtq quant_attention_static (two-region P, TQ-DiT), end to end.
@@ -132,12 +133,25 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, str, Callable]
     return out
 
 
+SAGE_HEAD_DIMS = (64, 96, 128)  # sageattention 1.0.6 asserts one of these
+
+
 def _sage(q, k, v):
+    """SageAttention 1.0.6 (Triton). Other head dims (72) are zero-padded to the next one it takes, with
+    the softmax scale of the real head dim, as a user would run it; the pad copies are inside the timing."""
     try:
         from sageattention import sageattn
     except ImportError as e:
-        raise Skip(f"sageattention not importable: {e}") from None
-    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+        raise Skip(f"sageattention not importable ({e}): carry sageattention-1.0.6-py3-none-any.whl in .whl/") \
+            from None
+    D = q.shape[-1]
+    Dp = next((d for d in SAGE_HEAD_DIMS if d >= D), None)
+    if Dp is None:
+        raise Skip(f"head dim {D} > {SAGE_HEAD_DIMS[-1]}")
+    if Dp != D:
+        q, k, v = (F.pad(t, (0, Dp - D)) for t in (q, k, v))
+    out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=D ** -0.5)
+    return out[..., :D]
 
 
 def accuracy(out_nhd: torch.Tensor, ref_nhd: torch.Tensor) -> tuple[float, float]:
