@@ -409,3 +409,20 @@ def test_gpu_kernels_match_reference(D):
     with ops.use_backend("reference"):
         ref = ops.quant_attention_static(q, k, v, mask, qt, kt, vt, p_table, gi)
     assert errors(out.float(), ref.float())[1] <= 4e-3
+
+
+@pytest.mark.gpu
+def test_gpu_dit_processor_bf16(tiny_dit):
+    import copy
+
+    from dtq_kernels.nn.attention import set_quant_attention
+    model = copy.deepcopy(tiny_dit).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
+    t, y = torch.tensor([500, 500], device="cuda"), torch.tensor([1, 2], device="cuda")
+    run = (lambda: model(x, timestep=t, class_labels=y).sample)
+    _, ref_attn = _attention_outputs(model, run)
+    procs = set_quant_attention(model)
+    _, attn = _attention_outputs(model, run)
+    assert ops.last_backend["quant_attention"] == "triton" and all(not p.fallbacks for p in procs.values())
+    cos, rel = errors(attn["transformer_blocks.0.attn1"], ref_attn["transformer_blocks.0.attn1"])
+    assert cos >= 0.999 and rel <= 0.05, (cos, rel)  # the format bound; bf16 SDPA is the baseline here
