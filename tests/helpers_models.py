@@ -46,3 +46,38 @@ def run_dit(model, **kw):
 
 
 __all__ = ["dtq", "tiny_dit", "tiny_pixart", "dit_inputs", "uniform_plan", "rel", "run_dit"]
+
+
+def tiny_sd3(seed=0):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                                 pooled_projection_dim=16, out_channels=4).eval().requires_grad_(False)
+
+
+def sd3_inputs(t=500.0, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 32, generator=g),
+                pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), t))
+
+
+def tiny_flux(seed=0):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, axes_dims_rope=(4, 4, 8)).eval().requires_grad_(False)
+
+
+def flux_inputs(sigma=0.5, batch=2, seed=0):
+    """Flux takes σ in [0, 1] as its timestep (the pipeline divides by 1000)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 32, generator=g),
+                pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), sigma),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+
+
+__all__ += ["tiny_sd3", "sd3_inputs", "tiny_flux", "flux_inputs"]

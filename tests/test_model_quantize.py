@@ -8,7 +8,8 @@ pytest.importorskip("diffusers")
 
 import dtq_kernels as dtq  # noqa: E402
 from dtq_kernels.nn import MissingTimestepError, QuantLinear  # noqa: E402
-from helpers_models import dit_inputs, rel, run_dit, tiny_dit, tiny_pixart, uniform_plan  # noqa: E402
+from helpers_models import (dit_inputs, flux_inputs, rel, run_dit, sd3_inputs, tiny_dit, tiny_flux,  # noqa: E402
+                            tiny_pixart, tiny_sd3, uniform_plan)
 
 S = dtq.LinearQuantSpec
 
@@ -42,6 +43,30 @@ def test_pixart_quantizes_with_cross_attention():
     assert isinstance(q.transformer_blocks[0].attn2.to_k, QuantLinear)
     assert not isinstance(q.adaln_single.linear, QuantLinear)
     assert rel(a, b) < 0.03
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_sd3_and_flux_quantize_their_joint_blocks(kind):
+    from dtq_kernels.models import get_adapter
+    build, inputs = (tiny_sd3, sd3_inputs) if kind == "sd3" else (tiny_flux, flux_inputs)
+    fp, q = build(), build()
+    dtq.quantize(q, "viditq-w8a8")
+    adapter = get_adapter(q)
+    quantized = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized and all(adapter.role(n) != "other" for n in quantized)
+    assert not quantized & {"proj_out", "norm_out.linear", "context_embedder", "transformer_blocks.0.norm1.linear"}
+    with torch.no_grad():
+        a, b = q(**inputs()).sample, fp(**inputs()).sample
+    assert rel(a, b) < 0.03  # the same per-layer int8 error as the DiT test, 1-2 blocks deep
+
+
+def test_flux_sigma_timestep_maps_to_train_timesteps():
+    m = tiny_flux()
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), [0.05] * 10, time_groups=10))
+    for sigma, g in ((0.0, 0), (0.25, 2), (0.75, 7), (1.0, 9)):
+        with torch.no_grad():
+            m(**flux_inputs(sigma))
+        assert int(m.dtq_timestep.group_idx) == g, (sigma, g)
 
 
 def test_static_tables_follow_the_timestep_group():

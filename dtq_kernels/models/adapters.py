@@ -12,10 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-# (suffix of the module path, role) — the first match wins
+# (suffix of the module path, role) — the first match wins. SD3/Flux joint attention: the image stream
+# (attn.to_*) and the text stream (attn.add_*_proj, attn.to_add_out) attend together, so both are
+# "qkv" / "attn_out"; ff_context is the text stream's MLP. Flux single blocks: proj_mlp feeds a GELU
+# (fc1); proj_out reads [attention output, GELU(mlp)] concatenated, so it is no pure post-GELU input.
 _ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_out.0", "attn_out"),
           ("attn2.to_q", "cross_q"), ("attn2.to_k", "cross_kv"), ("attn2.to_v", "cross_kv"),
-          ("attn2.to_out.0", "attn_out"), ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2"))
+          ("attn2.to_out.0", "attn_out"), ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2"),
+          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.add_q_proj", "qkv"),
+          ("attn.add_k_proj", "qkv"), ("attn.add_v_proj", "qkv"), ("attn.to_out.0", "attn_out"),
+          ("attn.to_add_out", "attn_out"), ("ff_context.net.0.proj", "fc1"), ("ff_context.net.2", "fc2"),
+          ("proj_mlp", "fc1"), ("proj_out", "attn_out_mlp"))
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,17 @@ class ModelAdapter:
         return t * self.num_train_timesteps if self.flow_matching else t
 
     def attention_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """diffusers `Attention` modules (the quantized attention processor's hook points). Flux's
+        `FluxAttention` has its own processor interface and is not listed: its attention stays FP."""
         from diffusers.models.attention_processor import Attention
         return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
 
 
 _BLOCK_LINEARS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+_JOINT_LINEARS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|"
+                  r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))")
+_FLUX_SINGLE_LINEARS = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
 
 ADAPTERS = {
     # forward(hidden_states, timestep, class_labels, ...); adaLN (norm1.linear) and its per-block
@@ -66,6 +79,14 @@ ADAPTERS = {
     # forward(hidden_states, encoder_hidden_states, timestep, ...); adaln_single, caption_projection,
     # proj_out stay FP
     "PixArtTransformer2DModel": ModelAdapter("pixart", "PixArtTransformer2DModel", 2, _BLOCK_LINEARS),
+    # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...). The SD3 pipeline
+    # passes t = σ·1000 already (scheduler timesteps), so no mapping. adaLN (norm1/norm1_context/
+    # norm_out .linear), time_text_embed, context_embedder, pos_embed and proj_out stay FP.
+    "SD3Transformer2DModel": ModelAdapter("sd3", "SD3Transformer2DModel", 3, _JOINT_LINEARS),
+    # same argument order; the Flux pipeline passes σ in [0, 1] (timestep / 1000): t = σ·T. Also FP:
+    # x_embedder and the single blocks' norm.linear.
+    "FluxTransformer2DModel": ModelAdapter("flux", "FluxTransformer2DModel", 3,
+                                           f"({_JOINT_LINEARS})|({_FLUX_SINGLE_LINEARS})", flow_matching=True),
 }
 
 
