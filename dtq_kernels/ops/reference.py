@@ -132,7 +132,9 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
 # floating-point rounding of P (fp8/fp16 codes) unchanged and makes kernel vs reference tight.
 
 LOG2E = 1.4426950408889634
-P_FP_SCALE = formats.FP8_E4M3_MAX  # dynamic mode: P in [0, 1) is coded as P · 448 (the whole e4m3 range)
+# Dynamic mode codes P · 448 (the whole e4m3 range) and gets it as exp2(s − (m − log2 448)): the scale
+# rides on the per-row offset instead of a multiply per score; the row sum l is in the same units.
+LOG2_P_SCALE = 8.807354922057604  # log2(448)
 ATTN_PV_FORMATS = ("fp8_e4m3", "fp16")
 ATTN_P_MODES = ("uniform", "two_region")
 
@@ -162,10 +164,13 @@ def _attn_scores(qc, q_scale, kc, k_scale, mult: float, key_padding_mask):
     return s
 
 
-def _attn_probs(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exp2(s − m), row sum l) with m = floor(max s) + 1; rows with every key masked give p = 0, l = 0."""
+def _attn_probs(s: torch.Tensor, log2_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp2(s − (m − log2_scale)), row sum l) with m = floor(max s) + 1, all fp32; rows with every key
+    masked give p = 0, l = 0."""
     m = torch.floor(s.amax(dim=-1, keepdim=True)) + 1
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    if log2_scale:
+        m = m - torch.tensor(log2_scale, dtype=torch.float32)
     p = torch.exp2(s - m)
     return p, p.sum(dim=-1)
 
@@ -184,17 +189,17 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     k_scale = formats.absmax_scale(kf.abs().amax(-1), "int8")
     qc = formats.quantize_int(q, q_scale[..., None], 8)
     kc = formats.quantize_int(kf, k_scale[..., None], 8)
-    p, l = _attn_probs(_attn_scores(qc, q_scale, kc, k_scale, mult, key_padding_mask))
+    p, l = _attn_probs(_attn_scores(qc, q_scale, kc, k_scale, mult, key_padding_mask), LOG2_P_SCALE)
     v_scale = attention_v_scale(v)  # [B, H, D]
     vs = v_scale[:, None]  # [B, 1, H, D] against v [B, S, H, D]
     if pv_format == "fp8_e4m3":
-        p_c = formats.quantize_fp8_e4m3(p * P_FP_SCALE).float()
+        p_c = formats.quantize_fp8_e4m3(p).float()
         v_c = formats.quantize_fp8_e4m3(v, vs).float()
     else:  # fp16 codes of the same scaled values (sm_80 has no fp8 tensor cores)
-        p_c = (p * P_FP_SCALE).half().float()
+        p_c = p.half().float()
         v_c = (v.float() / torch.where(vs == 0, torch.ones_like(vs), vs)).half().float()
     acc = torch.einsum("bhqk,bkhd->bhqd", p_c, v_c)
-    out = acc * (v_scale / P_FP_SCALE)[:, :, None, :] * _safe_recip(l)[..., None]
+    out = acc * _safe_recip(l)[..., None] * v_scale[:, :, None, :]
     return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)
 
 

@@ -9,7 +9,8 @@ Three kernels per call:
    which FP8 wgmma needs K-major) in the P·V dtype.
 3. `attn_fwd_kernel`: one program per (BLOCK_M queries, batch·head). P_MODE 0 (dynamic): online softmax
    with the running max rounded up to an integer (reference.py explains why: exact power-of-two
-   rescaling, kernel == one-shot spec up to exp2 ulps); P·448 rounded to e4m3 (or fp16) against V codes.
+   rescaling, kernel == one-shot spec up to exp2 ulps); P·448 (the 448 folded into the row offset of
+   exp2) rounded to e4m3 (or fp16) against V codes.
    P_MODE 1/2 (static uniform / two-region): a first pass for the row max and sum, then a second that
    quantizes the normalized P with the calibrated per-group quantizer and accumulates P·V exactly
    (integer codes in fp16: ≤ 255 · 127 per product, exact; two-region keeps two accumulators).
@@ -37,6 +38,15 @@ from .gemm_int8 import round_to_bf16
 DYNAMIC, UNIFORM, TWO_REGION = 0, 1, 2
 # PV_KIND values: how V (and P) are coded for the P·V dot
 PV_FP8, PV_FP16, PV_INT = 0, 1, 2
+LOG2_P_SCALE = tl.constexpr(reference.LOG2_P_SCALE)  # dynamic P is coded as P · 448
+
+
+@triton.jit
+def _int_to_f32(x):
+    """Exact int32 -> fp32 for |x| < 2^22 with an integer add and a float subtract (1.5·2^23's bits plus x
+    are the float 1.5·2^23 + x), instead of I2F, which shares the quarter-rate unit with exp2.
+    |QKᵀ| <= 127² · 128 < 2^21 for head dims <= 128."""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -124,7 +134,7 @@ def _scores(qa, qb, qs, k_ptr, ks_ptr, mask_ptr, bh, b, n0, SK, HAS_MASK: tl.con
         acc = tl.dot(qb, tl.trans(kb), acc, out_dtype=tl.int32)
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + b * SK + rn, mask=valid, other=0) != 0)
-    s = acc.to(tl.float32) * qs[:, None] * ks[None, :]
+    s = _int_to_f32(acc) * qs[:, None] * ks[None, :]
     return tl.where(valid[None, :], s, float("-inf"))
 
 
@@ -190,19 +200,19 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             s = _scores(qa, qb, qs, k_ptr, ks_ptr, mask_ptr, bh, b, n0, SK, HAS_MASK, BLOCK_N, DA, DB, SPLIT, CW)
             m_new, m_sub = _row_max_step(m_i, s)
             alpha = tl.exp2(m_i - m_sub)  # an exact power of two (or 0 before the first valid key)
-            p = tl.exp2(s - m_sub[:, None])
+            p = tl.exp2(s - (m_sub - LOG2_P_SCALE)[:, None])  # P · 448, in [0, 448)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if PV_KIND == 0:
-                pc = _to_e4m3(p * 448.0, SOFT_FP8_ROUND)
+                pc = _to_e4m3(p, SOFT_FP8_ROUND)
             else:
-                pc = (p * 448.0).to(tl.float16)
+                pc = p.to(tl.float16)
             rn = n0 + tl.arange(0, BLOCK_N)
             acc_a = acc_a * alpha[:, None] + _pv(pc, _vt_tile(vt_ptr, bh, rn, SKP, 0, DA, CW), PV_KIND == 0, BLOCK_N)
             if SPLIT:
                 acc_b = acc_b * alpha[:, None] + _pv(pc, _vt_tile(vt_ptr, bh, rn, SKP, DA, DB, CW), PV_KIND == 0,
                                                      BLOCK_N)
             m_i = m_new
-        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0) / 448.0
+        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
         acc_a = acc_a * inv_l[:, None]
         if SPLIT:
             acc_b = acc_b * inv_l[:, None]
@@ -416,9 +426,11 @@ def quant_attention_static(q, k, v, key_padding_mask, q_scales, k_scales, v_scal
 # ptxas (Triton 3.6) registers per thread for the configs attn_config returns, 8 warps, no spill anywhere
 # (`python -m dtq_kernels.ops.triton.aot --only attn_` reprints them; tests/test_attention.py checks the
 # one-arch specs):
-#   dynamic f16 P·V (sm_80)   d64: 183   d72 (64+32): 187   d128: 198
-#   dynamic fp8 P·V  sm_89    d64: 151   d72: 184   d128: 184;   sm_90  d64: 197   d72: 203   d128: 227
+#   dynamic f16 P·V (sm_80)   d64: 146   d72 (64+32): 187   d128: 198
+#   dynamic fp8 P·V  sm_89    d64: 154   d72: 184   d128: 184;   sm_90  d64: 205   d72: 203   d128: 227
 #   static uniform d128: 216 (sm_80), 205 (sm_90); two-region d72: 254 (sm_80/89), 219 (sm_90)
+# The sm_90 dynamic PTX holds no cvt.rn.f32.s32 (see _int_to_f32): exp2 and the e4m3 packing are the
+# only per-score work on the quarter-rate unit.
 _INT8_MMA = {80: ["mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32"], 89: ["mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32"],
              90: ["wgmma.mma_async.sync.aligned", ".s32.s8.s8"]}
 _F16_PV = {80: ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"], 89: [".f32.f16.f16.f32"],
