@@ -131,3 +131,67 @@ def test_bad_inputs_raise_clearly():
         bad = layer(64, 32)
         bad.weight.data[0, 0] = float("nan")
         QuantLinear.from_linear(bad, S())
+
+
+def _gpu_cases():
+    k = 1152  # DiT-XL/2 width (36·32: the non-power-of-two Hadamard)
+    table = [3.0 / 127]  # Gaussian inputs: |x| < 3 on all but ~0.3% of entries (those clamp)
+    return [(S(), None), (S(weight="int6", act="int6"), None), (S(weight="int4", act="int8"), None),
+            (S(weight_symmetric=False), None), (S(rotate=True), None), (S(smooth=True), None),
+            (S(act_mode="static"), table),
+            (S(act_mode="two_region", two_region_mode="sign"), [[3.0 / 127, 0.17 / 128]]),
+            (S(weight="int4", group_size=128, act="int8"), None)], k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(9))
+def test_cuda_layer_matches_the_cpu_reference(case):
+    cases, k = _gpu_cases()
+    spec, table = cases[case]
+    lin, x = layer(k, 4608), gaussian(333, k)  # ragged M
+    smooth = torch.rand(k) + 0.5 if spec.smooth else None
+    q = QuantLinear.from_linear(lin, spec, table, smooth=smooth)
+    ref = q(x)
+    y = q.cuda()(x.cuda()).cpu()
+    # identical codes and int32 products; the fused quantizer may round a value at a .5 tie the other way
+    # (reciprocal multiply vs divide): a one-code flip moves one of 1152 terms by one step (~1/127 of it)
+    assert rel(y, ref) < 2e-3, rel(y, ref)
+    yb = q(x.cuda().bfloat16())
+    assert yb.dtype == torch.bfloat16 and rel(yb.float().cpu(), ref) < 2e-2  # bf16 input/output rounding
+
+
+@pytest.mark.gpu
+def test_static_layer_reads_the_group_on_device_without_sync_and_under_cuda_graphs():
+    from dtq_kernels.nn.timestep import TimestepTracker
+    lin, x = layer(1152, 1152), gaussian(256, 1152).cuda()
+    table = torch.tensor([1.0, 3.0, 9.0]) / 127
+    q = QuantLinear.from_linear(lin, S(act_mode="static", time_groups=3), table).cuda()
+    tracker = TimestepTracker(3, 1000).cuda()
+    q.bind_timestep_tracker(tracker)
+    outs, steps = {}, [(torch.full((2,), t, device="cuda"), g) for t, g in ((100, 0), (500, 1), (900, 2))]
+    tracker.update(steps[0][0])
+    q(x)  # warm-up: Triton compilation may sync
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the group update or the layer raises
+    try:
+        for t, g in steps:
+            tracker.update(t)
+            outs[g] = q(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(tracker.group_idx) == 2
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    # a captured graph reads the group tensor at replay time: update it outside the graph
+    tracker.update(steps[0][0])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q(x)  # warm-up (Triton compilation) off the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = q(x)
+    for t, g in reversed(steps):
+        tracker.update(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, outs[g]), (t, g)
