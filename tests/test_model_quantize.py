@@ -160,3 +160,16 @@ def test_full_size_dit_xl_2_quantizes_within_budget():
     assert elapsed < 60, elapsed  # measured 18 s on the shared 2-core CPU (168 layers, 446M weights)
     fp_bytes = sum(m.in_features * m.out_features * 2 for m in qls)  # their bf16 weights
     assert sum(q.weight_bytes() for q in qls) < 0.51 * fp_bytes  # int8 codes + fp32 per-channel scales
+
+
+def test_deepcopy_of_a_static_model_tracks_its_own_timesteps():
+    import copy
+    m = tiny_dit()
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), torch.linspace(0.01, 0.1, 10).tolist(),
+                                 time_groups=10))
+    run_dit(m, **dit_inputs(t=50))
+    c = copy.deepcopy(m)
+    for t in (950, 450):
+        assert torch.equal(run_dit(c, **dit_inputs(t=t)), run_dit(m, **dit_inputs(t=t)))
+        run_dit(c, **dit_inputs(t=50))  # the copy's own tracker moves; the original's does not
+        assert int(c.dtq_timestep.group_idx) == 0 and int(m.dtq_timestep.group_idx) == t // 100

@@ -21,9 +21,10 @@ class MissingTimestepError(RuntimeError):
 
 
 class TimestepTracker(torch.nn.Module):
-    def __init__(self, time_groups: int, num_train_timesteps: int = 1000, strict: bool = False):
+    def __init__(self, time_groups: int, num_train_timesteps: int = 1000, strict: bool = False, adapter=None):
         super().__init__()
         self.time_groups, self.num_train_timesteps, self.strict = int(time_groups), int(num_train_timesteps), strict
+        self.adapter = adapter  # a ModelAdapter: where the timestep argument is (for pre_hook)
         # runtime state, not part of checkpoints; moves with .to(device)
         self.register_buffer("group_idx", torch.zeros(1, dtype=torch.int32), persistent=False)
         self.seen_timestep = False
@@ -49,6 +50,15 @@ class TimestepTracker(torch.nn.Module):
         self._host_group = int(groups[0]) if on_host else None
         self.seen_timestep = True
 
+    def pre_hook(self, module, args, kwargs) -> None:
+        """The transformer's forward pre-hook. A bound method rather than a closure, so that
+        copy.deepcopy(model) gives the copy a hook that updates the copy's own tracker."""
+        t = self.adapter.timestep(args, kwargs)
+        if t is None:
+            raise MissingTimestepError(f"{type(module).__name__} is statically quantized (scales per time group): "
+                                       "call it with its timestep argument")
+        self.update(self.adapter.train_timestep(t if torch.is_tensor(t) else torch.as_tensor(t)))
+
     def host_group(self) -> int:
         """The current group as a Python int (layers that change precision per step group need it);
         costs one device sync when the timestep came as a device tensor."""
@@ -69,16 +79,7 @@ def attach_timestep_tracker(model: torch.nn.Module, time_groups: int, num_train_
     if isinstance(old, TimestepTracker):
         old._hook.remove()
     device = next(model.parameters()).device
-    tracker = TimestepTracker(time_groups, num_train_timesteps, strict).to(device)
+    tracker = TimestepTracker(time_groups, num_train_timesteps, strict, adapter).to(device)
     model.dtq_timestep = tracker
-
-    def pre_hook(module, args, kwargs):
-        t = adapter.timestep(args, kwargs)
-        if t is None:
-            raise MissingTimestepError(f"{type(module).__name__} is statically quantized (scales per time group): "
-                                       "call it with its timestep argument")
-        tracker.update(adapter.train_timestep(torch.as_tensor(t)) if not torch.is_tensor(t)
-                       else adapter.train_timestep(t))
-
-    tracker._hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    tracker._hook = model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
     return tracker
