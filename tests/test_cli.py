@@ -49,6 +49,9 @@ def test_calibrate_saves_a_plan_that_quantize_applies(tmp_path, capsys):
     d = cli.run(["info", str(plan_dir), "--json"])
     assert d["recipe"] == "rtn-w8a8" and all(r["bytes"] is None for r in d["rows"])  # no weights in a plan
     model = cli.run(["quantize", "--plan", str(plan_dir), "--model", "tiny-random", "--out", str(tmp_path / "ck")])
+    with pytest.raises(SystemExit):  # calibrated on the 2-block model: refused for the 6-block one
+        cli.run(["quantize", "--plan", str(plan_dir), "--model", "reference-random", "--out", str(tmp_path / "x")])
+    assert "calibrated for another model" in capsys.readouterr().err
     name = "transformer_blocks.0.attn1.to_q"
     layer = model.get_submodule(name)
     assert isinstance(layer, QuantLinear) and layer.spec.act_mode == "static"
