@@ -167,7 +167,7 @@ def evaluate(args) -> dict:
     res = {"n_samples": len(imgs), "ddim_steps": args.eval_steps, "guidance": args.eval_guidance,
            "sample_seconds": round(t_sample, 1)}
     c = clf.load_classifier()
-    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs) == labels).float().mean().item(), 4)
+    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)
     print(res, flush=True)
     try:
         inc = InceptionFeatures(batch_size=25)
