@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from typing import Callable
 
@@ -113,6 +114,10 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
     if time_groups is not None:
         rec = replace(rec, time_groups=int(time_groups))
     is_pipe, transformer, adapter = _resolve(pipe_or_model, adapter)
+    if transformer.training:
+        # train mode changes what the statistics see (e.g. DiT's LabelEmbedding drops class labels at random)
+        warnings.warn("calibrate: the transformer is in train mode; call .eval() first so calibration sees "
+                      "the activations of inference", stacklevel=2)
     kept = sorted(adapter.kept_fp(transformer))
     layers = {n: m for n, m in adapter.quantizable_linears(transformer).items() if n not in set(kept)}
     if not layers:

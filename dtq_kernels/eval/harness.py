@@ -45,7 +45,7 @@ def default_sample_fn() -> SampleFn:
 
 
 def tiny_random_dit(seed: int = 0) -> nn.Module:
-    """A randomly initialised DiT with the reference model's config (1×32×32 pixels, patch 4,
+    """A randomly initialised DiT with the reference model's config (1×32×32 pixels, patch 2,
     10 classes) but 2 layers of 2×16-wide heads: for dry runs and tests, never for numbers."""
     from dtq_kernels.models.reference_dit import build_reference_dit
 

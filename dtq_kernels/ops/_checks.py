@@ -1,7 +1,8 @@
 """Input validation shared by the real and fake implementations of every op.
 
 Checks only metadata (dtype, shape, device, layout), never values, so they cost no host sync and
-run identically under FakeTensor / torch.compile.
+run identically under FakeTensor / torch.compile; the one exception, check_group_in_range, reads the
+time-group index only in the real impl and only where that costs no sync.
 """
 from __future__ import annotations
 
@@ -43,3 +44,22 @@ def check_bits(bits: int, op: str) -> None:
 def check_out_dtype(dtype: torch.dtype, op: str) -> None:
     check(dtype in FLOAT_DTYPES, op, f"out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}",
           TypeError)
+
+
+def check_group_idx(op, group_idx) -> None:
+    check_tensor(group_idx, op, "group_idx", (torch.int32,), ndim=1)
+    check(group_idx.shape[0] == 1, op, f"group_idx must have 1 entry, got {group_idx.shape[0]}")
+
+
+def check_group_in_range(op, group_idx: torch.Tensor, groups: int) -> None:
+    """Values are checked only in the real impl (fake tensors have none). On CPU the value is at hand:
+    a clear ValueError. On CUDA, reading it would sync the host and break CUDA-graph capture, so a
+    device-side assert is queued before the kernel: an out-of-range index fails the next CUDA call
+    with "dtq: group_idx out of range" instead of reading past the table. (The kernels also clamp the
+    index so they never read out of bounds before the assert is reported.)"""
+    if group_idx.device.type == "cuda":
+        torch._assert_async((group_idx[0] >= 0) & (group_idx[0] < groups),
+                            f"dtq.{op}: group_idx out of range [0, {groups})")
+    elif group_idx.device.type == "cpu":
+        g = int(group_idx[0])
+        check(0 <= g < groups, op, f"group_idx {g} is out of range for a table of {groups} time groups")

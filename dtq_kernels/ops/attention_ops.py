@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check, check_bits, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, check, check_bits, check_group_idx, check_group_in_range, check_same_device,
+                      check_tensor)
 from ._dispatch import dispatch, register_kernel
-from .gemm_ops import _check_group_idx, _check_group_in_range
 
 register_kernel("quant_attention", "reference")(reference.quant_attention)
 register_kernel("quant_attention_static", "reference")(reference.quant_attention_static)
@@ -109,7 +109,7 @@ def _check_static(q, k, v, key_padding_mask, q_scales, k_scales, v_scales, p_tab
     check(tuple(p_table.shape) == (G, width), op,
           f"p_table must be [G={G}, {width}] for p_mode={p_mode!r} "
           f"({'step' if width == 1 else 'c_pos, c_neg'} per time group), got {tuple(p_table.shape)}")
-    _check_group_idx(op, group_idx)
+    check_group_idx(op, group_idx)
     check_same_device(op, q=q, k=k, v=v, key_padding_mask=key_padding_mask, q_scales=q_scales, k_scales=k_scales,
                       v_scales=v_scales, p_table=p_table, group_idx=group_idx)
 
@@ -124,7 +124,7 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     all read at g = group_idx[0] (int32 [1]) on the device. Codes are `bits` wide (symmetric ±(2^(bits−1)−1)
     for Q/K/V). q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D]."""
     _check_static(q, k, v, key_padding_mask, q_scales, k_scales, v_scales, p_table, group_idx, bits, p_mode, scale)
-    _check_group_in_range("quant_attention_static", group_idx, q_scales.shape[0])
+    check_group_in_range("quant_attention_static", group_idx, q_scales.shape[0])
     return dispatch("quant_attention_static", q.device)(q, k, v, key_padding_mask, q_scales, k_scales, v_scales,
                                                          p_table, group_idx, bits, p_mode, scale)
 

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check, check_out_dtype, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, check, check_group_idx, check_group_in_range, check_out_dtype,
+                      check_same_device, check_tensor)
 from ._dispatch import dispatch, register_kernel
 
 register_kernel("int8_gemm", "reference")(reference.int8_gemm)
@@ -38,25 +39,6 @@ def _check_a_scale(op, a, a_scale) -> None:
     check_tensor(a_scale, op, "a_scale", (torch.float32,), ndim=1)
     check(a_scale.shape[0] in (a.shape[0], 1), op,
           f"a_scale must have M={a.shape[0]} entries (per token) or 1 (per tensor), got {a_scale.shape[0]}")
-
-
-def _check_group_idx(op, group_idx) -> None:
-    check_tensor(group_idx, op, "group_idx", (torch.int32,), ndim=1)
-    check(group_idx.shape[0] == 1, op, f"group_idx must have 1 entry, got {group_idx.shape[0]}")
-
-
-def _check_group_in_range(op, group_idx: torch.Tensor, groups: int) -> None:
-    """Values are checked only in the real impl (fake tensors have none). On CPU the value is at hand:
-    a clear ValueError. On CUDA, reading it would sync the host and break CUDA-graph capture, so a
-    device-side assert is queued before the kernel: an out-of-range index fails the next CUDA call
-    with "dtq: group_idx out of range" instead of reading past the table. (The kernels also clamp the
-    index so they never read out of bounds before the assert is reported.)"""
-    if group_idx.device.type == "cuda":
-        torch._assert_async((group_idx[0] >= 0) & (group_idx[0] < groups),
-                            f"dtq.{op}: group_idx out of range [0, {groups})")
-    elif group_idx.device.type == "cpu":
-        g = int(group_idx[0])
-        check(0 <= g < groups, op, f"group_idx {g} is out of range for a table of {groups} time groups")
 
 
 # ------------------------------------------------------------------------------------ int8_gemm
@@ -89,7 +71,7 @@ def _check_int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dty
     _check_operands(op, a, w, w_scale, bias, out_dtype)
     check_tensor(scale_table, op, "scale_table", (torch.float32,), ndim=1)
     check(scale_table.shape[0] >= 1, op, "scale_table must have at least one time group")
-    _check_group_idx(op, group_idx)
+    check_group_idx(op, group_idx)
     check_same_device(op, a=a, scale_table=scale_table, group_idx=group_idx, w=w, w_scale=w_scale, bias=bias)
 
 
@@ -99,7 +81,7 @@ def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torc
     """int8_gemm with a per-tensor activation scale scale_table[group_idx[0]], read on the device
     (static scales per time group: no host sync, CUDA-graph safe)."""
     _check_int8_gemm_static(a, scale_table, group_idx, w, w_scale, bias, out_dtype)
-    _check_group_in_range("int8_gemm_static", group_idx, scale_table.shape[0])
+    check_group_in_range("int8_gemm_static", group_idx, scale_table.shape[0])
     return dispatch("int8_gemm_static", a.device)(a, scale_table, group_idx, w, w_scale, bias, out_dtype)
 
 
@@ -143,7 +125,7 @@ def _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_
     check_tensor(coef_table, op, "coef_table", (torch.float32,), ndim=2)
     check(coef_table.shape[0] >= 1 and coef_table.shape[1] == 2, op,
           f"coef_table must be [G, 2] (c_pos, c_neg per time group), got {tuple(coef_table.shape)}")
-    _check_group_idx(op, group_idx)
+    check_group_idx(op, group_idx)
     check_same_device(op, a=a, coef_table=coef_table, group_idx=group_idx, w=w, w_scale=w_scale, bias=bias)
 
 
@@ -154,7 +136,7 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     out = (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias with
     (c_pos, c_neg) = coef_table[group_idx[0]]; both integer accumulations exact in int32."""
     _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
-    _check_group_in_range("int8_gemm_two_region", group_idx, coef_table.shape[0])
+    check_group_in_range("int8_gemm_two_region", group_idx, coef_table.shape[0])
     return dispatch("int8_gemm_two_region", a.device)(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
 
 

@@ -7,10 +7,10 @@ import torch
 
 from .. import formats, hadamard
 from . import reference
-from ._checks import FLOAT_DTYPES, check, check_bits, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, check, check_bits, check_group_idx, check_group_in_range, check_same_device,
+                      check_tensor)
 from ._dispatch import dispatch, register_kernel
 # group-index checks are shared with the static GEMMs, which read the same (scale_table, group_idx)
-from .gemm_ops import _check_group_idx, _check_group_in_range
 
 register_kernel("quantize_per_token", "reference")(reference.quantize_per_token)
 
@@ -69,7 +69,7 @@ def _check_act(op: str, x, bits, smooth, rotate, scale_table, group_idx, **other
     if scale_table is not None:
         check_tensor(scale_table, op, "scale_table", (torch.float32,), ndim=1)
         check(scale_table.shape[0] >= 1, op, "scale_table must have at least one time group")
-        _check_group_idx(op, group_idx)
+        check_group_idx(op, group_idx)
     check_same_device(op, x=x, smooth=smooth, scale_table=scale_table, group_idx=group_idx, **others)
 
 
@@ -81,7 +81,7 @@ def _act_outputs(x, scale_table):
 
 def _check_table_range(op, scale_table, group_idx) -> None:
     if scale_table is not None:
-        _check_group_in_range(op, group_idx, scale_table.shape[0])
+        check_group_in_range(op, group_idx, scale_table.shape[0])
 
 
 # ---------------------------------------------------------------------------------- quantize_act
@@ -184,7 +184,7 @@ def _check_two_region(x, coef_table, group_idx, bits, mode, gelu, approximate) -
     check_tensor(coef_table, op, "coef_table", (torch.float32,), ndim=2)
     check(coef_table.shape[0] >= 1 and coef_table.shape[1] == 2, op,
           f"coef_table must be [G, 2] (c_pos, c_neg per time group), got {tuple(coef_table.shape)}")
-    _check_group_idx(op, group_idx)
+    check_group_idx(op, group_idx)
     check(mode in formats.TWO_REGION_MODES, op, f"mode must be one of {formats.TWO_REGION_MODES}, got {mode!r}")
     check(isinstance(gelu, bool), op, f"gelu must be a bool, got {gelu!r}")
     _check_gelu(op, approximate)
@@ -198,7 +198,7 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
     formats.quantize_two_region with (c_pos, c_neg) = coef_table[group_idx[0]] (coef_table f32 [G, 2]):
     the codes int8_gemm_two_region consumes with the same table and index."""
     _check_two_region(x, coef_table, group_idx, bits, mode, gelu, approximate)
-    _check_group_in_range("quantize_two_region", group_idx, coef_table.shape[0])
+    check_group_in_range("quantize_two_region", group_idx, coef_table.shape[0])
     return dispatch("quantize_two_region", x.device)(x, coef_table, group_idx, bits, mode, gelu, approximate)
 
 

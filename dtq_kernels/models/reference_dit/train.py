@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .data import load_fashion_mnist
-from .model import NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, build_reference_dit
+from .model import NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, build_reference_dit, load_reference_dit
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--state", type=Path, default=Path("runs/reference_dit_train/state.pt"))
     p.add_argument("--export", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="warm start: model and EMA from these exported weights (e.g. the shipped ones, when the "
+                        "resume state is gone); optimizer, step count and warm-up start afresh")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", action="store_true", help="no training: sample a 10×10 grid from --export "
                    "and measure classifier accuracy / FID (see evaluate())")
@@ -66,7 +69,7 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
     copy.deepcopy(ema).half().save_pretrained(args.export, safe_serialization=True)
     info = {"steps": step, "batch": args.batch, "samples_seen": step * args.batch, "wall_seconds": round(seconds),
             "threads": args.threads, "device": args.device, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-            "bf16": args.bf16, "config": dict(ema.config),
+            "bf16": args.bf16, "config": dict(ema.config), "init_from": str(args.init_from or ""),
             "loss_avg_last100": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5)}
     args.state.parent.mkdir(parents=True, exist_ok=True)
     args.state.with_name("training.json").write_text(json.dumps(info, indent=1, default=str))
@@ -94,6 +97,10 @@ def main(argv=None) -> None:
         model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    elif args.init_from is not None:
+        init = load_reference_dit(args.init_from).state_dict()  # strict load: a size mismatch raises
+        model.load_state_dict(init); ema.load_state_dict(init)
+        print(f"warm start from {args.init_from}", flush=True)
     abar = ddpm_alphas_cumprod().to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, tokens {(32 // args.patch_size) ** 2}, device {device}", flush=True)
