@@ -1,13 +1,17 @@
 """`make demo`: quantize the shipped reference DiT and compare it with floating point, on the CPU.
 
-Loads the trained Fashion-MNIST DiT embedded in the package, builds W8A8 versions of it (ViDiT-Q
-dynamic per-token, and TQ-DiT static time-grouped scales calibrated on the model's own samples),
+Loads the trained Fashion-MNIST DiT embedded in the package, builds quantized versions of it (ViDiT-Q
+W8A8 dynamic per-token, and ViDiT-Q W4A8 with static per-time-range activation scales and smoothing,
+calibrated on the model's own samples),
 samples every model from identical noise and labels, and prints class accuracy (the shipped
 classifier), PSNR/SSIM against the FP samples, per-layer SQNR and weight bytes. Writes a sample grid
 per model and the quantized checkpoint under --out. FID is left to `dtq eval` (Inception on the CPU is
 slow); see benchmarks/results/quality.md for it.
 
-    python -m dtq_kernels.demo [--recipes viditq-w8a8,tqdit-w8a8] [--samples 20] [--steps 20]
+    python -m dtq_kernels.demo [--recipes viditq-w8a8,viditq-w4a8] [--samples 10] [--steps 20]
+
+Every recipe of `dtq recipes` works here; the TQ-DiT ones spend about 4 minutes of one CPU core on their
+scale grid search.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ import torch
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="dtq demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", default="viditq-w8a8,tqdit-w8a8")
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--recipes", default="viditq-w8a8,viditq-w4a8")
+    p.add_argument("--samples", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
@@ -39,8 +43,10 @@ def main(argv=None) -> None:
     models = {"fp32": fp}
     for name in [r for r in args.recipes.split(",") if r]:
         start = time.time()
-        models[name] = build_quantized(dtq, fp, name, sample_fn, args.steps, args.guidance)
+        models[name], notes = build_quantized(dtq, fp, name, sample_fn, args.steps, args.guidance)
         print(f"{name}: calibrated and quantized in {time.time() - start:.1f} s", flush=True)
+        for note in notes:
+            print(f"  note: {note}", flush=True)
     print(f"sampling {args.samples} images x {len(models)} models, {args.steps} DDIM steps, "
           f"guidance {args.guidance}, identical noise per model (CPU)", flush=True)
     ev = harness.evaluate(models, args.samples, args.seed, args.steps, args.guidance, fid=False, sqnr_samples=2,

@@ -36,7 +36,8 @@ def load_reference_dit(weights_dir: Path | str = WEIGHTS_DIR, dtype: torch.dtype
     if not (weights_dir / "config.json").exists():
         raise FileNotFoundError(f"no reference DiT checkpoint in {weights_dir}: train one with "
                                 "python -m dtq_kernels.models.reference_dit.train")
-    model = DiTTransformer2DModel.from_pretrained(weights_dir, torch_dtype=dtype)
+    # low_cpu_mem_usage=False: the 8M-parameter model needs no `accelerate` (and no warning asking for it)
+    model = DiTTransformer2DModel.from_pretrained(weights_dir, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.eval()
 
 
