@@ -55,6 +55,14 @@ def test_reference_int8_gemm_matches_float_math():
     assert torch.allclose(per_tensor.float(), acc.float() * a_s[0] * w_s[None], rtol=8e-3)
 
 
+@pytest.mark.parametrize("k", [0, 1, 1024, 1025, 4608 + 77])
+def test_reference_int_matmul_exact_at_the_extremes(k):
+    # -128 · -128 everywhere: each fp32 chunk sums to exactly 2^24 (the exactness bound), tails ragged
+    a = torch.full((3, k), -128, dtype=torch.int8)
+    w = torch.cat([torch.full((2, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8)])
+    assert torch.equal(reference.int_matmul(a, w), (a.long() @ w.long().T).to(torch.int32))
+
+
 def test_w8a8_via_ops_approximates_float_linear():
     # Gaussian rows: absmax ≈ 3.5σ, so the int8 step is 3.5σ/127 and the rounding error σ·0.008 per
     # operand; activations and weights together give ≈ 1.1% relative output error. (With outlier

@@ -15,13 +15,23 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
     return formats.quantize_int(x, scale[:, None], bits), scale
 
 
+# Chunk of K for which fp32 BLAS is exact: |a·w| <= 2^14 per product, so every partial sum of up to
+# 1024 products is an integer of magnitude <= 2^24, which fp32 holds exactly in any summation order.
+EXACT_FP32_K = 1024
+
+
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 a · wᵀ for int8 a [M, K], w [N, K].
 
-    Goes through float64 BLAS: every product is < 2^14 and every partial sum < K · 2^14 < 2^53, so the
-    result is exact, and much faster on CPU than torch's integer matmul.
+    fp32 BLAS on chunks of K <= EXACT_FP32_K (exact, see above), chunk results summed in int32: several
+    times faster on CPU than torch's integer matmul, and about twice as fast as float64 BLAS.
     """
-    return (a.double() @ w.double().T).to(torch.int32)
+    af, wf = a.float(), w.float()
+    out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.int32, device=a.device) if a.shape[1] == 0 else None
+    for k0 in range(0, a.shape[1], EXACT_FP32_K):
+        part = (af[:, k0:k0 + EXACT_FP32_K] @ wf[:, k0:k0 + EXACT_FP32_K].T).to(torch.int32)
+        out = part if out is None else out + part
+    return out
 
 
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -43,7 +53,7 @@ def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torc
 def int8_gemm_wzp(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                   w_zero: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Asymmetric weights (formats.quantize_weight(..., symmetric=False): w ≈ w_scale·(q − z)):
-    (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias. Exact through float64 like int_matmul: products
+    (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias. Exact through float64: products
     are < 2^15 and K · 2^15 < 2^53."""
     acc = (a.double() @ (w.double() - w_zero.double()[:, None]).T).to(torch.int32)
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
