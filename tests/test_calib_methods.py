@@ -6,7 +6,8 @@ import torch
 from dtq_kernels.calib import get_recipe, recipes
 from dtq_kernels.calib.mixed_precision import all_w8_groups, allocate
 from dtq_kernels.calib.mrq import attention_output_mse, gelu_quantizer, search_softmax_split
-from dtq_kernels.calib.search import LAMBDAS, delta0, fake_quant_int, fake_quant_weight, search_act, search_linear
+from dtq_kernels.calib.search import (LAMBDAS, delta0, fake_quant_int, fake_quant_weight, search_act, search_linear,
+                                      search_weight_clip, weight_clip_candidates)
 from dtq_kernels.calib.smooth import quantized_rel_error, smoothing_vector
 from dtq_kernels.calib.stats import LayerStats, StatsConfig
 from dtq_kernels.calib.tgq import fill_unvisited, group_of
@@ -65,9 +66,10 @@ def test_search_beats_minmax_on_outliers():
     assert clips.shape == (96,) and bool(((clips > 0) & (clips <= 1)).all())
 
 
-def test_search_act_picks_grid_minimum():
+@pytest.mark.parametrize("n_out", [16, 96])  # N < K: direct error; N > K: the Gram form ranks the candidates
+def test_search_act_picks_grid_minimum(n_out):
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(n_out, 32, generator=g)
     y = x @ w.T
     cands = delta0(float(x.abs().max()), 8) * LAMBDAS
     quant = (lambda t, c: fake_quant_int(t, c, 8))
@@ -75,6 +77,20 @@ def test_search_act_picks_grid_minimum():
     brute = [float(((fake_quant_int(x, float(c), 8) @ w.T - y) ** 2).mean()) for c in cands]
     assert err == pytest.approx(min(brute), rel=1e-5)
     assert best == pytest.approx(float(cands[brute.index(min(brute))]), rel=1e-6)
+
+
+@pytest.mark.parametrize("rows", [24, 200])  # rows < K: direct error; rows > K: the Gram form
+def test_search_weight_clip_picks_per_channel_minimum(rows):
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(rows, 48, generator=g), torch.randn(12, 48, generator=g)
+    w[:, 0] *= 8  # an outlier input channel makes clipping worth it for some channels
+    x_hat = fake_quant_int(x, float(x.abs().max()) / 127, 8)
+    y = x @ w.T
+    clips = search_weight_clip(x_hat, w, y, "int4")
+    cands = weight_clip_candidates("int4")
+    brute = torch.stack([((x_hat @ fake_quant_weight(w, "int4", float(c)).T - y) ** 2).mean(0) for c in cands])
+    chosen = ((x_hat @ fake_quant_weight(w, "int4", clips).T - y) ** 2).mean(0)
+    torch.testing.assert_close(chosen, brute.min(0).values, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothing_preserves_product_and_helps_w4a8_with_outlier_channels():

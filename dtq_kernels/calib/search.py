@@ -45,29 +45,56 @@ def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.
 
 
 def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Per-output-channel clip ratio [N] minimizing mean over rows of (X̂Ŵᵀ − Y)² for each channel."""
+    """Per-output-channel clip ratio [N] minimizing mean over rows of (X̂Ŵᵀ − Y)² for each channel.
+
+    With D = Ŵ − W and R = X̂Wᵀ − Y, channel o's error is ‖X̂d_o + r_o‖² = d_oᵀHd_o + 2d_oᵀ(X̂ᵀR)_o + ‖r_o‖²,
+    H = X̂ᵀX̂. When there are more rows than input channels (n > K) that Gram form costs N·K² per
+    candidate instead of N·K·n; its terms are all error-sized (no cancellation against ‖Y‖²)."""
     n, k = w.shape
+    rows = x_hat.shape[0]
     cands = weight_clip_candidates(fmt).to(w.device)
-    step = max(1, CHUNK_ELEMS // (n * max(k, x_hat.shape[0])))
+    step = max(1, CHUNK_ELEMS // (n * max(k, rows)))
+    gram = rows > k
+    if gram:
+        h = x_hat.T @ x_hat                       # [K, K]
+        cross = (x_hat @ w.T - y_ref).T @ x_hat   # [N, K] = (X̂ᵀR)ᵀ
     errs = []
     for i in range(0, len(cands), step):
         c = cands[i:i + step]
         # one quantize_weight call for the whole chunk: row j·N + o is channel o at clip c[j]
         w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n)).reshape(len(c), n, k)
-        errs.append(((w_c @ x_hat.T - y_ref.T) ** 2).mean(-1))  # [C, N]
+        if gram:
+            d = w_c - w
+            errs.append(((d @ h) * d).sum(-1) + 2 * (d * cross).sum(-1))  # [C, N], up to a per-channel constant
+        else:
+            errs.append(((w_c @ x_hat.T - y_ref.T) ** 2).mean(-1))  # [C, N]
     best = torch.cat(errs).argmin(0)
     return cands[best].cpu()
 
 
 def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candidates: torch.Tensor,
                quant: ActQuant) -> tuple[float, float]:
-    """(best candidate, its output MSE) over `candidates` for the activation quantizer `quant`."""
+    """(best candidate, its output MSE) over `candidates` for the activation quantizer `quant`.
+
+    With D = X̂ − X and R = XŴᵀ − Y, the error is ‖DŴᵀ + R‖² = Σ(DG)⊙D + 2ΣD⊙(RŴ) + ‖R‖², G = ŴᵀŴ: N/K
+    times cheaper per candidate when the layer widens (N > K). The candidates are ranked by whichever
+    form is cheaper; the winner's error is then computed directly."""
     cands = candidates.float().to(x.device)
     step = max(1, CHUNK_ELEMS // max(x.numel(), x.shape[0] * w_hat.shape[0]))
-    errs = torch.cat([((quant(x, cands[i:i + step, None, None]) @ w_hat.T - y_ref) ** 2).mean((1, 2))
-                      for i in range(0, len(cands), step)])
-    best = int(errs.argmin())
-    return float(cands[best]), float(errs[best])
+    gram = w_hat.shape[0] > w_hat.shape[1]
+    if gram:
+        g = w_hat.T @ w_hat                       # [K, K]
+        cross = (x @ w_hat.T - y_ref) @ w_hat     # [n, K] = RŴ
+    errs = []
+    for i in range(0, len(cands), step):
+        x_c = quant(x, cands[i:i + step, None, None])  # [C, n, K]
+        if gram:
+            d = x_c - x
+            errs.append(((d @ g) * d).sum((1, 2)) + 2 * (d * cross).sum((1, 2)))
+        else:
+            errs.append(((x_c @ w_hat.T - y_ref) ** 2).mean((1, 2)))
+    best = float(cands[int(torch.cat(errs).argmin())])
+    return best, float(((quant(x, best) @ w_hat.T - y_ref) ** 2).mean())
 
 
 def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: str,
