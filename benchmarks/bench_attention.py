@@ -28,27 +28,12 @@ No number in this file's output is claimed until it ran on a GPU.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Callable
 
+import _setup  # noqa: E402  (first: it picks the interpreter before triton loads)
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", help="results folder (default: $OUT, else benchmarks/results/)")
-    p.add_argument("--dry-run", action="store_true", help="one tiny shape on CPU (reference + interpreter)")
-    p.add_argument("--rep", type=int, default=50, help="do_bench repetition time per measurement, ms")
-    p.add_argument("--sweep", action="store_true", help="also time every candidate tile config of the dtq kernel")
-    return p.parse_args(argv)
-
-
-ARGS = parse_args()
-if ARGS.dry_run:  # the interpreter must be chosen before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ARGS = _setup.parse_args(__doc__.split("\n")[0], "one tiny shape on CPU (reference + interpreter)", sweep=True)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -64,10 +49,6 @@ SHAPES = [(16384 // s if s < 16384 else 1, s, d) for s in (1024, 4096, 16384) fo
 DRY_SHAPES = [(1, 96, 64), (1, 96, 72)]
 DRY_HEADS = 2
 ACC_ROWS = 1024  # query rows compared with fp32 attention
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the reason goes into the results."""
 
 
 def _dtq(op: str, backend: str, *extra) -> Callable:
@@ -142,12 +123,12 @@ def _sage(q, k, v):
     try:
         from sageattention import sageattn
     except ImportError as e:
-        raise Skip(f"sageattention not importable ({e}): carry sageattention-1.0.6-py3-none-any.whl in .whl/") \
+        raise common.Skip(f"sageattention not importable ({e}): carry sageattention-1.0.6-py3-none-any.whl in .whl/") \
             from None
     D = q.shape[-1]
     Dp = next((d for d in SAGE_HEAD_DIMS if d >= D), None)
     if Dp is None:
-        raise Skip(f"head dim {D} > {SAGE_HEAD_DIMS[-1]}")
+        raise common.Skip(f"head dim {D} > {SAGE_HEAD_DIMS[-1]}")
     if Dp != D:
         q, k, v = (F.pad(t, (0, Dp - D)) for t in (q, k, v))
     out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=D ** -0.5)
@@ -177,7 +158,7 @@ def measure(name: str, layout: str, fn: Callable, q_nhd, k_nhd, v_nhd, ref, devi
         row["cos"], row["rel_l2"] = accuracy(to_nhd(out).float(), ref)
         row["ms"] = common.time_ms(call, device, rep_ms=rep)
         row["TFLOPs"] = common.tops(4.0 * B * H * S * S * D, row["ms"])
-    except Skip as e:
+    except common.Skip as e:
         row["note"] = f"skipped: {e}"
     except Exception as e:  # a backend refusing a shape, a config out of resources: reported with the reason
         row["note"] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -43,10 +43,7 @@ None of these expectations is a measurement: the tables this script writes are.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 SHAPES = ([("DiT-XL/2", m, k, n) for m in (512, 2048, 8192)
@@ -55,21 +52,9 @@ SHAPES = ([("DiT-XL/2", m, k, n) for m in (512, 2048, 8192)
           + [("Flux", 4096, k, n) for k, n in ((3072, 3072), (3072, 12288), (12288, 3072))])
 DRY_SHAPES = [("tiny (dry run)", 64, 128, 96)]
 
+import _setup  # noqa: E402  (first: it picks the interpreter before triton loads)
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", help="results folder (default: $OUT, else benchmarks/results/)")
-    p.add_argument("--dry-run", action="store_true", help="one tiny shape on CPU (reference + interpreter)")
-    p.add_argument("--sweep", action="store_true", help="also time every candidate tile config of the dtq kernel")
-    p.add_argument("--rep", type=int, default=50, help="do_bench repetition time per measurement, ms")
-    return p.parse_args(argv)
-
-
-ARGS = parse_args()
-if ARGS.dry_run:  # the interpreter must be chosen before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ARGS = _setup.parse_args(__doc__.split("\n")[0], "one tiny shape on CPU (reference + interpreter)", sweep=True)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -80,10 +65,6 @@ from dtq_kernels.ops import reference  # noqa: E402
 from dtq_kernels.ops.triton import gemm_int8  # noqa: E402
 
 BF16 = torch.bfloat16
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the reason goes into the results."""
 
 
 def _codes(*shape, device):
@@ -136,7 +117,7 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
 
     def mk_fp8(M, K, N):
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise Skip("FP8 _scaled_mm needs a CUDA GPU with sm_89 or newer")
+            raise common.Skip("FP8 _scaled_mm needs a CUDA GPU with sm_89 or newer")
         a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
         w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
         return (a, w, torch.rand(M, 1, device=device), torch.rand(1, N, device=device),
@@ -212,7 +193,7 @@ def measure(name, fn, make, M, K, N, device, rep) -> dict[str, Any]:
         runner = common.Rotating(fn, lambda: make(M, K, N), device=device)
         runner()
         ms = common.time_ms(runner, device=device, rep_ms=rep)
-    except Skip as e:
+    except common.Skip as e:
         return {**row, "ms": None, "TOPS": None, "note": f"skipped: {e}"}
     except Exception as e:  # noqa: BLE001 - a failing peer is reported in the table, not hidden
         return {**row, "ms": None, "TOPS": None, "note": f"failed: {type(e).__name__}: {str(e)[:160]}"}

@@ -31,26 +31,12 @@ this script writes is.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
+import _setup  # noqa: E402  (first: it picks the interpreter before triton loads)
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", help="results folder (default: $OUT, else benchmarks/results/)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
-    p.add_argument("--rep", type=int, default=50, help="do_bench repetition time per measurement, ms")
-    return p.parse_args(argv)
-
-
-ARGS = parse_args()
-if ARGS.dry_run:  # the interpreter must be chosen before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ARGS = _setup.parse_args(__doc__.split("\n")[0], "tiny shapes on CPU (Triton interpreter)", sweep=False)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -122,3 +122,7 @@ def write_results(name: str, header: dict[str, Any], rows: list[dict[str, Any]],
     md_path.write_text("\n".join(md) + "\n")
     json_path.write_text(json.dumps({"header": header, "notes": list(notes), "rows": rows}, indent=1))
     return md_path, json_path
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the reason goes into the results."""

@@ -1,0 +1,28 @@
+"""Every benchmark script runs end to end in its --dry-run mode (CPU, Triton interpreter, tiny shapes):
+the GPU session that runs them for real must not be the first to find a broken script."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("name", ["gemm", "quantize", "attention"])
+def test_benchmark_dry_run_writes_results(name, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"bench_{name}.py"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / f"bench_{name}.json").read_text())
+    assert result["rows"], "no result rows"
+    assert (tmp_path / f"bench_{name}.md").read_text().strip()
+
+
+def test_quality_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--tiny", "--no-fid", "--recipes",
+                           "rtn-w8a8", "--cls-ref-n", "100", "--sqnr-samples", "1", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rtn-w8a8" in (tmp_path / "quality.md").read_text()
