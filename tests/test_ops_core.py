@@ -4,18 +4,9 @@ import torch
 
 import dtq_kernels.ops as ops
 from dtq_kernels.ops import reference
+from helpers_data import with_outliers
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def with_outliers(m, k, dtype=torch.float32, seed=0):
-    """Activations like a transformer's: mostly N(0,1), a few channels 50x larger, a zero row."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    x[:, torch.randperm(k, generator=g)[:3]] *= 50
-    if m > 2:
-        x[2] = 0
-    return x.to(dtype)
 
 
 # ------------------------------------------------------------------ reference = the written spec

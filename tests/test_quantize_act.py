@@ -7,19 +7,10 @@ import torch
 import dtq_kernels.ops as ops
 from dtq_kernels import formats, hadamard
 from dtq_kernels.ops import reference
+from helpers_data import with_outliers
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 I32 = torch.int32
-
-
-def with_outliers(m, k, dtype=torch.float32, seed=0):
-    """Transformer-like rows: N(0,1) with three channels 50x larger, and a zero row."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    x[:, torch.randperm(k, generator=g)[:3]] *= 50
-    if m > 2:
-        x[2] = 0
-    return x.to(dtype)
 
 
 def triton(op, *args):
