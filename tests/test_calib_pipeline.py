@@ -167,14 +167,14 @@ def _drive_drift(model):
 
 def test_tgq_tables_follow_drift():
     # min-max tables (rtn with 10 time groups) track the range exactly: strictly increasing
-    mm = calibrate(_Drift(), "rtn-w8a8", time_groups=10, run_fn=_drive_drift, adapter=_DriftAdapter(), progress=False)
+    mm = calibrate(_Drift().eval(), "rtn-w8a8", time_groups=10, run_fn=_drive_drift, adapter=_DriftAdapter(), progress=False)
     assert mm.time_groups == 10 and mm.layers["drift"].spec.time_groups == 10
     drift = torch.tensor(mm.layers["drift"].act_scales)
     assert bool((drift[1:] > drift[:-1]).all())
     # group 0 holds t = 0, 50 and group 9 t = 900, 950: largest inputs (1 + 950/100) / (1 + 50/100) = 7
     assert float(drift[-1] / drift[0]) == pytest.approx(7.0, rel=1e-5)
     # TQ-DiT's searched tables follow the same trend (the clip choice adds sample noise per group)
-    tq = calibrate(_Drift(), replace(get_recipe("tqdit-w8a8"), rows_per_group=32), run_fn=_drive_drift,
+    tq = calibrate(_Drift().eval(), replace(get_recipe("tqdit-w8a8"), rows_per_group=32), run_fn=_drive_drift,
                    adapter=_DriftAdapter(), progress=False)
     drift = torch.tensor(tq.layers["drift"].act_scales)
     flat = torch.tensor(tq.layers["flat"].act_scales)
@@ -213,8 +213,13 @@ def test_clear_errors(pipe):
     with pytest.raises(TypeError, match="diffusers pipeline"):
         calibrate("not a model", "rtn-w8a8")
     with pytest.raises(ValueError, match="needs the timestep of every transformer forward"):
-        calibrate(_Drift(), "rtn-w8a8", adapter=type("A", (_DriftAdapter,), {"timestep": lambda s, a, k: None})(),
+        calibrate(_Drift().eval(), "rtn-w8a8", adapter=type("A", (_DriftAdapter,), {"timestep": lambda s, a, k: None})(),
                   run_fn=_drive_drift, progress=False)
+
+
+def test_train_mode_warns():
+    with pytest.warns(UserWarning, match="train mode"):
+        calibrate(_Drift(), "rtn-w8a8", run_fn=_drive_drift, adapter=_DriftAdapter(), progress=False)
 
 
 def test_percentile_clips_below_minmax(pipe):
