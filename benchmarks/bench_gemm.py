@@ -5,7 +5,9 @@
 
 What is timed (all outputs bf16 [M, N], bias included unless a row says otherwise):
 * dtq int8_gemm (per-token a_scale, fused epilogue), int8_gemm_static (scale_table[group] read on the
-  device), int8_gemm_two_region (two int8 accumulations), and dtq quantize_per_token + int8_gemm from
+  device), int8_gemm_two_region (two int8 accumulations), int8_gemm with int4 weights packed two per
+  byte (W4A8: unpacked in registers; same int8 MMA work, half the weight bytes, so it can only gain
+  where the weight read matters — small M), and dtq quantize_per_token + int8_gemm from
   bf16 activations (the dynamic W8A8 linear, comparable with torchao's);
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
@@ -61,6 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 import dtq_kernels.ops as ops  # noqa: E402
+from dtq_kernels import formats  # noqa: E402
 from dtq_kernels.ops import reference  # noqa: E402
 from dtq_kernels.ops.triton import gemm_int8  # noqa: E402
 
@@ -91,6 +94,11 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         a, _, w, w_s, b, dt = mk_int8(M, K, N)
         gi = torch.tensor([3], dtype=torch.int32, device=device)
         return a, torch.rand(groups, device=device) * 0.01, gi, w, w_s, b, dt
+
+    def mk_w4(M, K, N):  # W4A8: int4 weight codes packed two per byte (half the weight bytes)
+        a, a_s, _, w_s, b, dt = mk_int8(M, K, N)
+        w4 = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=device)
+        return a, a_s, formats.pack_int4(w4), w_s, b, dt
 
     def mk_two(M, K, N):
         a, _, w, w_s, b, dt = mk_int8(M, K, N)
@@ -130,6 +138,7 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq int8_gemm", _dtq("int8_gemm", dtq_backend), mk_int8),
         ("dtq int8_gemm_static", _dtq("int8_gemm_static", dtq_backend), mk_static),
         ("dtq int8_gemm_two_region", _dtq("int8_gemm_two_region", dtq_backend), mk_two),
+        ("dtq int8_gemm, packed int4 weights (W4A8)", _dtq("int8_gemm", dtq_backend), mk_w4),
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
         ("torch F.linear bf16", F.linear, mk_bf16),
         ("torch._int_mm (int32 out)", int_mm, mk_int8),
@@ -177,8 +186,10 @@ def check_correct(device, M, K, N) -> None:
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).to(device)
     a_s, w_s = torch.rand(M, device=device) * 0.01, torch.rand(N, device=device) * 1e-3
     coef, gi = torch.rand(2, 2, device=device) * 0.01, torch.tensor([1], dtype=torch.int32, device=device)
+    w4 = formats.pack_int4(torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=g)).to(device)
     for op, args in (("int8_gemm", (a, a_s, w, w_s, None, torch.float32)),
-                     ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32))):
+                     ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32)),
+                     ("int8_gemm", (a, a_s, w4, w_s, None, torch.float32))):
         out = _dtq(op, "triton")(*args)
         ref = getattr(reference, op)(*args)
         # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py)

@@ -28,13 +28,15 @@ def codes(m, k, bits=8, gen=None):
     return torch.randint(-qmax, qmax + 1, (m, k), dtype=torch.int8, generator=gen)
 
 
-def make_args(op, m, k, n, out_dtype, bias=True, seed=0, bits=8, per_tensor=False, device="cpu"):
+def make_args(op, m, k, n, out_dtype, bias=True, seed=0, bits=8, per_tensor=False, device="cpu", w4=False):
     """Random arguments for `op` on `device`, plus the magnitude of the epilogue terms (for the GPU
-    tolerance), computed where the data lives."""
+    tolerance), computed where the data lives. w4: int4 weight codes (full range [-8, 7]) passed packed."""
     g = torch.Generator().manual_seed(seed)
     a, w = codes(m, k, bits, g), codes(n, k, bits, g)
     if op == "int8_gemm_wzp":  # asymmetric weights use the full signed range and zero points
         w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    if w4:
+        w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     zero = torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)
     w_s = torch.rand(n, generator=g) * 1e-3 + 1e-4
     b = torch.randn(n, generator=g) if bias else None
@@ -54,6 +56,8 @@ def make_args(op, m, k, n, out_dtype, bias=True, seed=0, bits=8, per_tensor=Fals
         mag = (a.abs().double() @ w_eff.T).float() * a_s[:, None] * w_s
     else:
         args, mag = (a, coef, group, w, w_s, b, out_dtype), abs_acc * coef[1].max() * w_s
+    if w4:
+        args = tuple(formats.pack_int4(t) if t is w else t for t in args)
     return args, (mag if b is None else mag + b.abs())
 
 
@@ -117,6 +121,28 @@ def test_ragged_shapes_every_dtype(op, m, k, n):
 def test_dit_shapes(op, m, k, n, dtype):
     args, mag = make_args(op, m, k, n, dtype, seed=k)
     assert_matches(run(op, args), run(op, args, "reference"), mag)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("m,k,n", [(1, 1000, 72), (77, 72, 130), (256, 1152, 1152)])
+def test_packed_int4_weights(op, m, k, n):
+    # W4A8: the same ops take int4 codes packed two per byte; the result is the int8-code result exactly
+    args, mag = make_args(op, m, k, n, torch.bfloat16, seed=m + k, w4=True)
+    w_pos = next(i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.dtype == torch.uint8)
+    unpacked = tuple(formats.unpack_int4(t) if i == w_pos else t for i, t in enumerate(args))
+    assert args[w_pos].shape == (n, k // 2)
+    ref = run(op, unpacked, "reference")
+    assert torch.equal(run(op, args, "reference"), ref)
+    assert_matches(run(op, args), ref, mag)
+
+
+def test_packed_int4_errors():
+    a, wp = torch.zeros(4, 64, dtype=torch.int8), torch.zeros(8, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"packed int4 w is \(8, 64\)"):
+        ops.int8_gemm(a, torch.ones(4), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8), None, torch.float32)
+    with pytest.raises(ValueError, match="K mismatch"):
+        ops.int8_gemm(torch.zeros(4, 63, dtype=torch.int8), torch.ones(4), wp, torch.ones(8), None, torch.float32)
+    torch.library.opcheck(torch.ops.dtq.int8_gemm.default, (a, torch.ones(4), wp, torch.ones(8), None, torch.float32))
 
 
 def test_per_tensor_scale_and_single_row():
@@ -299,6 +325,14 @@ def test_gpu_matches_reference(op, m, k, n):
         args, mag = make_args(op, m, k, n, dtype, bias=i != 1, seed=i, device="cuda")
         out = run(op, args)
         assert_matches(out, run(op, args, "reference"), mag)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["int8_gemm", "int8_gemm_static"])
+@pytest.mark.parametrize("m,k,n", [(1, 1152, 1152), (77, 1000, 200), (4096, 4608, 1152)])
+def test_gpu_packed_int4_matches_reference(op, m, k, n):
+    args, mag = make_args(op, m, k, n, torch.bfloat16, seed=3, device="cuda", w4=True)
+    assert_matches(run(op, args), run(op, args, "reference"), mag)
 
 
 @pytest.mark.gpu

@@ -34,6 +34,18 @@ def test_w8a8_dynamic_is_close_to_float_and_uses_the_int8_kernels():
     assert torch.equal(q(x), ref)
 
 
+def test_w4a8_hands_packed_int4_weights_to_the_gemm():
+    lin, x = layer(), gaussian()
+    q = QuantLinear.from_linear(lin, S(weight="int4", act="int8", act_mode="dynamic"))
+    assert q.path == "int8-kernels" and q.qweight.dtype == torch.uint8 and q.qweight.shape == (192, 128)
+    codes, s = dtq.ops.quantize_act(x, 8, None, False, None, None)
+    unpacked = dtq.ops.int8_gemm(codes, s, formats.unpack_int4(q.qweight), q.wscale, q.bias, torch.float32)
+    assert torch.equal(q(x), unpacked)
+    with dtq.ops.use_backend("triton"):  # the interpreted kernel takes the packed bytes as they are
+        assert torch.equal(q(x), unpacked)
+        assert dtq.ops.last_backend["int8_gemm"] == "triton"
+
+
 def test_leading_dims_and_dtypes_are_preserved():
     lin = layer(64, 32)
     q = QuantLinear.from_linear(lin, S())

@@ -4,7 +4,9 @@ Two execution paths, chosen once per layer from its spec and logged (logger `dtq
 * "int8-kernels": integer weights with one scale per output channel (int8/int6/int4, symmetric or
   asymmetric) and integer activations (dynamic / static per time group / two-region). The activation
   quantizer (smoothing and Hadamard rotation fused in) and the INT8 GEMM are `torch.ops.dtq` ops, so a
-  CUDA tensor runs the fast kernels and a CPU tensor their exact references.
+  CUDA tensor runs the fast kernels and a CPU tensor their exact references. Symmetric int4 weights
+  stay packed two per byte all the way into the GEMM (W4A8); asymmetric int4 and two-region layers
+  unpack them to int8 codes first (those kernel variants run out of registers with packed weights).
 * "dequant-matmul": everything without a fused kernel yet (per-group weight scales, FP4/FP8 weights,
   FP4 activations, weight-only). The activations are quantized with the same ops/format math, the
   weights dequantized exactly, and a float matmul multiplies them: the same numbers a fused kernel
@@ -201,7 +203,8 @@ class QuantLinear(torch.nn.Module):
                                             self.bias, out_dtype)
         if not s.weight_symmetric:
             return ops.int8_gemm_wzp(q, a_scale, self._codes(), self.wscale, self.wzero, self.bias, out_dtype)
-        return ops.int8_gemm(q, a_scale, self._codes(), self.wscale, self.bias, out_dtype)
+        # symmetric int4 weights go to the GEMM still packed (uint8 [N, K/2]): the kernel unpacks in registers
+        return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, out_dtype)
 
     def _smoothed_rotated(self, x: torch.Tensor) -> torch.Tensor:
         """(x / smooth) @ H in fp32: the input basis the stored weights live in (FP activation paths;

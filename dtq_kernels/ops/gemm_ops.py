@@ -1,8 +1,9 @@
 """GEMM ops on quantized operands: schema, fake impl and dispatch.
 
-All take int8 activation codes a [M, K] and int8 weight codes w [N, K] (W6A6 and narrower codes are
-the same ops: the codes are just smaller) and return out [M, N] in out_dtype (fp32, fp16 or bf16),
-with the integer product exact in int32 and the scaling epilogue in fp32.
+All take int8 activation codes a [M, K] and weight codes w: int8 [N, K] (W6A6 and narrower codes are
+the same ops: the codes are just smaller), or int4 codes packed two per byte as uint8 [N, K/2]
+(formats.pack_int4; W4A8). They return out [M, N] in out_dtype (fp32, fp16 or bf16), with the integer
+product exact in int32 and the scaling epilogue in fp32.
 """
 from __future__ import annotations
 
@@ -22,11 +23,16 @@ register_kernel("int8_gemm_two_region", "reference")(reference.int8_gemm_two_reg
 
 
 def _check_operands(op, a, w, w_scale, bias, out_dtype) -> None:
-    """What every GEMM of the family needs: int8 a [M, K], int8 w [N, K], f32 w_scale [N], bias [N]?"""
+    """What every GEMM of the family needs: int8 a [M, K], w int8 [N, K] or packed int4 uint8 [N, K/2],
+    f32 w_scale [N], bias [N]?"""
     check_tensor(a, op, "a", (torch.int8,), ndim=2)
-    check_tensor(w, op, "w", (torch.int8,), ndim=2)
-    check(a.shape[1] == w.shape[1], op, f"K mismatch: a is {tuple(a.shape)} but w is {tuple(w.shape)} "
-          "(w must be [N, K])")
+    check_tensor(w, op, "w", (torch.int8, torch.uint8), ndim=2)
+    if w.dtype == torch.uint8:
+        check(a.shape[1] == 2 * w.shape[1], op, f"K mismatch: a is {tuple(a.shape)} but the packed int4 w is "
+              f"{tuple(w.shape)} (it must be [N, K/2], two codes per byte)")
+    else:
+        check(a.shape[1] == w.shape[1], op, f"K mismatch: a is {tuple(a.shape)} but w is {tuple(w.shape)} "
+              "(w must be [N, K])")
     check_tensor(w_scale, op, "w_scale", (torch.float32,), ndim=1)
     check(w_scale.shape[0] == w.shape[0], op, f"w_scale must have N={w.shape[0]} entries, got {w_scale.shape[0]}")
     if bias is not None:

@@ -34,10 +34,15 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def weight_codes(w: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] of a GEMM weight operand: int8 as is, or int4 packed two per byte (uint8 [N, K/2])."""
+    return formats.unpack_int4(w) if w.dtype == torch.uint8 else w
+
+
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last."""
-    out = int_matmul(a, w).float() * a_scale.float()[:, None] * w_scale.float()[None, :]
+    out = int_matmul(a, weight_codes(w)).float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -55,7 +60,7 @@ def int8_gemm_wzp(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sca
     """Asymmetric weights (formats.quantize_weight(..., symmetric=False): w ≈ w_scale·(q − z)):
     (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias. Exact through float64: products
     are < 2^15 and K · 2^15 < 2^53."""
-    acc = (a.double() @ (w.double() - w_zero.double()[:, None]).T).to(torch.int32)
+    acc = (a.double() @ (weight_codes(w).double() - w_zero.double()[:, None]).T).to(torch.int32)
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
@@ -68,6 +73,7 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     int8 weights: (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias, both integer parts
     exact, (c_pos, c_neg) = coef_table[group_idx[0]]."""
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
+    w = weight_codes(w)
     acc_pos = int_matmul(a.clamp(min=0), w).float()
     acc_neg = int_matmul(a.clamp(max=0), w).float()
     out = (acc_pos * c_pos + acc_neg * c_neg) * w_scale.float()[None, :]

@@ -8,6 +8,9 @@ correction, so every variant shares the tiling, program order and masking:
 * int8_gemm_two_region two accumulations max(q,0)·wᵀ and min(q,0)·wᵀ, scaled by (c_pos, c_neg)
 The epilogue is evaluated in fp32 in the reference's order, so results differ from it only by FMA
 contraction (the integer part is exact). W6A6 and narrower codes are the same op: codes are smaller.
+W4A8: every variant also takes int4 weights packed two per byte (uint8 [N, K/2], formats.pack_int4);
+constexpr W_INT4 loads the packed tile (half the weight bytes) and unpacks it in registers to int8
+for the same int8 dot, so 4-bit weights are never expanded in memory.
 
 Configs are chosen per arch by a fixed heuristic, not @triton.autotune: the choice is deterministic,
 costs nothing at the first call and is safe inside CUDA-graph capture. They have NOT been timed on a
@@ -39,10 +42,20 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def unpack_int4(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """uint8 [BLOCK_N, BLOCK_K/2] of two's-complement nibbles (formats.pack_int4: element 2j in the low
+    nibble, 2j+1 in the high one) -> int8 codes [BLOCK_N, BLOCK_K] in [-8, 7]."""
+    b = packed.to(tl.int8, bitcast=True)
+    lo = (b << 4) >> 4  # arithmetic shifts on int8 sign-extend the nibble (and keep registers 8-bit)
+    hi = b >> 4
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, w_zero_ptr, group_ptr,
                      M, N, K, stride_am, stride_wn, stride_om, num_groups,
                      ASCALE: tl.constexpr, TWO_REGION: tl.constexpr, W_ZERO: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, W_INT4: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M row-tiles share each column of w tiles while it is in L2.
@@ -63,8 +76,12 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     ram = rm % M
     rwn = rn % N
     rk = tl.arange(0, BLOCK_K)
+    if W_INT4:
+        rkw = tl.arange(0, BLOCK_K // 2)  # bytes of a packed weight row
+    else:
+        rkw = rk
     a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :]
-    w_ptrs = w_ptr + rwn[:, None] * stride_wn + rk[None, :]
+    w_ptrs = w_ptr + rwn[:, None] * stride_wn + rkw[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if TWO_REGION:
@@ -75,10 +92,15 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
-        else:  # ragged K: zeros contribute nothing to any accumulation
+        else:  # ragged K: zeros contribute nothing to any accumulation (K is even when W_INT4)
             k_ok = (k0 + rk) < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            if W_INT4:
+                w = tl.load(w_ptrs, mask=((k0 + 2 * rkw) < K)[None, :], other=0)
+            else:
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        if W_INT4:
+            w = unpack_int4(w, BLOCK_N, BLOCK_K)
         if TWO_REGION:
             a_pos = tl.maximum(a, tl.zeros_like(a))  # stays int8 (a literal 0 would promote to int32)
             acc = tl.dot(a_pos, tl.trans(w), acc, out_dtype=tl.int32)
@@ -88,7 +110,10 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
         if W_ZERO:
             rowsum += tl.sum(a.to(tl.int32), axis=1)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if W_INT4:
+            w_ptrs += BLOCK_K // 2
+        else:
+            w_ptrs += BLOCK_K
 
     # ---- epilogue, fp32, in the reference's order
     w_s = tl.load(w_scale_ptr + rwn)
@@ -142,6 +167,14 @@ TWO_REGION_CONFIGS = {
     90: (GemmConfig(128, 128, 128, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
     80: (GemmConfig(128, 128, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
 }
+# Packed int4 weights: the unpack holds a second copy of the weight tile in registers, and the
+# 128x256 tiles (and sm_80/89's 4-warp 128x128) spill; these do not (ptxas: 254/241/195 and
+# 218/209/188 registers on sm_80/89/90). With W_ZERO as well the 128x128 tile spills 12-16 bytes on
+# sm_80/89, so QuantLinear hands packed weights only to the symmetric variants.
+W4_CONFIGS = {
+    90: (GemmConfig(128, 128, 128, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
+    80: (GemmConfig(128, 128, 128, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
+}
 # The interpreter pays per program and per loop iteration: few, large tiles (K-tile >= 32 as on GPUs).
 INTERPRETER_CONFIG = GemmConfig(128, 128, 128, 4, 1)
 
@@ -151,13 +184,14 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_config(device: torch.device, M: int, N: int, two_region: bool) -> GemmConfig:
+def choose_config(device: torch.device, M: int, N: int, two_region: bool, w_int4: bool = False) -> GemmConfig:
     """The largest candidate tile that still gives every SM a program; small GEMMs (DiT-XL/2 at 256 px,
     M=512) fall through to smaller tiles so more SMs work."""
     if INTERPRETING or device.type != "cuda":
         return INTERPRETER_CONFIG
     major, _ = torch.cuda.get_device_capability(device)
-    candidates = (TWO_REGION_CONFIGS if two_region else CONFIGS)[90 if major == 9 else 80]
+    table = TWO_REGION_CONFIGS if two_region else W4_CONFIGS if w_int4 else CONFIGS
+    candidates = table[90 if major == 9 else 80]
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     for c in candidates:
         if triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n) >= sms:
@@ -168,7 +202,7 @@ def choose_config(device: torch.device, M: int, N: int, two_region: bool) -> Gem
 def launch(a, w, w_scale, bias, out_dtype, *, a_scale, ascale, group_idx=None, w_zero=None,
            two_region=False, config: GemmConfig | None = None) -> torch.Tensor:
     """Run the kernel; `config` overrides the heuristic (the benchmark's sweep uses it)."""
-    M, K = a.shape
+    M, K = a.shape  # w is int8 [N, K] or packed int4 uint8 [N, K/2]
     N = w.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
@@ -176,7 +210,8 @@ def launch(a, w, w_scale, bias, out_dtype, *, a_scale, ascale, group_idx=None, w
     if K == 0:
         return out.copy_((bias.float() if bias is not None else torch.zeros(N, device=a.device))
                          .expand(M, N))
-    c = config or choose_config(a.device, M, N, two_region)
+    w_int4 = w.dtype == torch.uint8
+    c = config or choose_config(a.device, M, N, two_region, w_int4)
     grid = (triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)
     dummy = w_scale  # pointer for absent optional operands; never read (constexpr flags)
     int8_gemm_kernel[grid](
@@ -184,7 +219,8 @@ def launch(a, w, w_scale, bias, out_dtype, *, a_scale, ascale, group_idx=None, w
         dummy if group_idx is None else group_idx, M, N, K, a.stride(0), w.stride(0), out.stride(0),
         a_scale.shape[0],  # number of time groups when ASCALE reads a table
         ASCALE=ascale, TWO_REGION=two_region, W_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
-        EVEN_K=K % c.block_k == 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        EVEN_K=K % c.block_k == 0, W_INT4=w_int4,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
@@ -222,7 +258,10 @@ def _aot_spec(name: str, cfg: GemmConfig, **flags) -> dict:
     sig = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
            "bias_ptr": "*fp32", "w_zero_ptr": "*i32", "group_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "num_groups": "i32"}
+    if flags.get("W_INT4"):
+        sig["w_ptr"] = "*u8"
     constexprs = {"ASCALE": PER_ROW, "TWO_REGION": False, "W_ZERO": False, "HAS_BIAS": True, "EVEN_K": False,
+                  "W_INT4": False,
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                   **flags}
     tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
@@ -242,4 +281,7 @@ AOT_SPECS = [
     _aot_spec("int8_gemm_static", CONFIGS[90][0], ASCALE=TABLE),
     _aot_spec("int8_gemm_wzp", CONFIGS[90][0], W_ZERO=True),
     _aot_spec("int8_gemm_wzp", CONFIGS[80][0], W_ZERO=True),
+    # W4A8: packed int4 weights (ViDiT-Q W4A8 runs the static variant)
+    *[_aot_spec("int8_gemm_static_w4", c, ASCALE=TABLE, W_INT4=True) for c in _unique(W4_CONFIGS)],
+    _aot_spec("int8_gemm_w4", W4_CONFIGS[90][0], W_INT4=True),
 ]
