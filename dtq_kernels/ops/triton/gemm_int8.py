@@ -170,7 +170,9 @@ TWO_REGION_CONFIGS = {
 # Packed int4 weights: the unpack holds a second copy of the weight tile in registers, and the
 # 128x256 tiles (and sm_80/89's 4-warp 128x128) spill; these do not (ptxas: 254/241/195 and
 # 218/209/188 registers on sm_80/89/90). With W_ZERO as well the 128x128 tile spills 12-16 bytes on
-# sm_80/89, so QuantLinear hands packed weights only to the symmetric variants.
+# sm_80/89, and the two-region kernel is at 255 registers without the unpack: both accept packed
+# weights (and are tested on them) but are not register-checked that way, so QuantLinear hands packed
+# weights only to int8_gemm / int8_gemm_static.
 W4_CONFIGS = {
     90: (GemmConfig(128, 128, 128, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
     80: (GemmConfig(128, 128, 128, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
