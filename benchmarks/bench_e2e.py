@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import dtq_kernels as dtq  # noqa: E402
-from dtq_kernels.cli import _drive_random_inputs, random_model  # noqa: E402
+from dtq_kernels.cli import drive_random_inputs, random_model  # noqa: E402
+from dtq_kernels.eval.harness import weight_bytes  # noqa: E402
 from dtq_kernels.nn.attention import set_quant_attention  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -60,7 +61,7 @@ def build_dit(dry: bool, sample_size: int) -> torch.nn.Module:
 def quantized(fp: torch.nn.Module, recipe: str, attention: bool = False) -> torch.nn.Module:
     model = copy.deepcopy(fp)
     plan = dtq.calibrate(model, recipe, progress=False, num_inference_steps=4,
-                         run_fn=lambda m: _drive_random_inputs(m, 2, 4, 2, None))
+                         run_fn=lambda m: drive_random_inputs(m, 2, 4, 2, None))
     dtq.quantize(model, plan)
     if attention:
         set_quant_attention(model)
@@ -84,11 +85,6 @@ CONTENDERS: list[tuple[str, Callable[[torch.nn.Module], torch.nn.Module]]] = [
     ("dtq rtn-w4a8 (packed int4 weights)", lambda fp: quantized(fp, "rtn-w4a8")),
     ("torchao int8 dynamic", torchao_int8),
 ]
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def inputs(cfg, device, dtype) -> dict[str, Any]:
@@ -116,13 +112,17 @@ def measure(name: str, make: Callable, fp: torch.nn.Module, device, dtype, rep: 
             else:
                 peak = None
             ms = common.time_ms(lambda: model(**kw), device=device, rep_ms=rep)
+        try:
+            weights_mb, note = weight_bytes(model) / 1e6, ""
+        except Exception as e:  # noqa: BLE001 - e.g. tensor subclasses without a plain storage: keep the timing
+            weights_mb, note = None, f"weight bytes not countable: {type(e).__name__}"
     except common.Skip as e:
         return {**row, "note": f"skipped: {e}"}
     except Exception as e:  # noqa: BLE001 - a failing contender is reported in the table, not hidden
         return {**row, "note": f"failed: {type(e).__name__}: {str(e)[:200]}"}
     rel = float((out - ref).norm() / ref.norm())
-    return {**row, "ms": ms, "weights_MB": model_bytes(model) / 1e6,
-            "forward_peak_MB": None if peak is None else peak / 1e6, "rel_err_vs_bf16": rel, "note": ""}
+    return {**row, "ms": ms, "weights_MB": weights_mb,
+            "forward_peak_MB": None if peak is None else peak / 1e6, "rel_err_vs_bf16": rel, "note": note}
 
 
 def main() -> int:

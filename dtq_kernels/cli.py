@@ -84,7 +84,7 @@ def _drive_sampler(model, num_samples: int, steps: int, batch_size: int, guidanc
         ref.sample(model, labels[i:i + batch_size], steps, torch.Generator().manual_seed(CALIB_SEED + b), **kw)
 
 
-def _drive_random_inputs(model, num_samples: int, steps: int, batch_size: int, guidance: float | None) -> None:
+def drive_random_inputs(model, num_samples: int, steps: int, batch_size: int, guidance: float | None) -> None:
     """Calibration forwards of a random DiT: random latents and labels at `steps` timesteps spread over
     the training range (statistics of random data through random weights: for smoke tests only)."""
     from .models import get_adapter
@@ -116,7 +116,7 @@ MODELS = {
                                lambda seed: _build_reference_random(seed, num_layers=2, heads=2, head_dim=16),
                                _drive_sampler),
     "dit-xl-random": ModelChoice("DiT-XL/2 (28 blocks, width 1152, 256 px latents) with random weights",
-                                 _build_dit_xl_random, _drive_random_inputs),
+                                 _build_dit_xl_random, drive_random_inputs),
 }
 
 

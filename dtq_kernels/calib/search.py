@@ -78,7 +78,7 @@ def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candid
 
     With D = X̂ − X and R = XŴᵀ − Y, the error is ‖DŴᵀ + R‖² = Σ(DG)⊙D + 2ΣD⊙(RŴ) + ‖R‖², G = ŴᵀŴ: N/K
     times cheaper per candidate when the layer widens (N > K). The candidates are ranked by whichever
-    form is cheaper; the winner's error is then computed directly."""
+    form is cheaper; after the Gram form, the winner's error is computed directly."""
     cands = candidates.float().to(x.device)
     step = max(1, CHUNK_ELEMS // max(x.numel(), x.shape[0] * w_hat.shape[0]))
     gram = w_hat.shape[0] > w_hat.shape[1]
@@ -93,8 +93,12 @@ def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candid
             errs.append(((d @ g) * d).sum((1, 2)) + 2 * (d * cross).sum((1, 2)))
         else:
             errs.append(((x_c @ w_hat.T - y_ref) ** 2).mean((1, 2)))
-    best = float(cands[int(torch.cat(errs).argmin())])
-    return best, float(((quant(x, best) @ w_hat.T - y_ref) ** 2).mean())
+    errs = torch.cat(errs)
+    i = int(errs.argmin())
+    best = float(cands[i])
+    if not gram:
+        return best, float(errs[i])
+    return best, float(((quant(x, best) @ w_hat.T - y_ref) ** 2).mean())  # the Gram value is only up to a constant
 
 
 def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: str,
