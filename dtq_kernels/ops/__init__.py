@@ -24,3 +24,9 @@ from . import attention_ops  # noqa: E402,F401
 from .attention_ops import quant_attention, quant_attention_static  # noqa: E402
 
 __all__ += ["quant_attention", "quant_attention_static"]
+
+# W4A4: 4-bit (FP4 / INT4) weights and activations with block scales, and their activation quantizer
+from . import w4a4_ops  # noqa: E402,F401
+from .w4a4_ops import quantize_act_4bit, w4a4_gemm  # noqa: E402
+
+__all__ += ["quantize_act_4bit", "w4a4_gemm"]

@@ -52,21 +52,26 @@ def unpack_int4(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, w_zero_ptr, group_ptr,
-                     M, N, K, stride_am, stride_wn, stride_om, num_groups,
-                     ASCALE: tl.constexpr, TWO_REGION: tl.constexpr, W_ZERO: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, W_INT4: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    # Grouped program order: GROUP_M row-tiles share each column of w tiles while it is in L2.
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share each column of w tiles
+    while it is in L2."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
+def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, w_zero_ptr, group_ptr,
+                     M, N, K, stride_am, stride_wn, stride_om, num_groups,
+                     ASCALE: tl.constexpr, TWO_REGION: tl.constexpr, W_ZERO: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, W_INT4: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,8 +196,12 @@ def choose_config(device: torch.device, M: int, N: int, two_region: bool, w_int4
     M=512) fall through to smaller tiles so more SMs work."""
     if INTERPRETING or device.type != "cuda":
         return INTERPRETER_CONFIG
+    return first_filling(TWO_REGION_CONFIGS if two_region else W4_CONFIGS if w_int4 else CONFIGS, device, M, N)
+
+
+def first_filling(table: dict, device: torch.device, M: int, N: int) -> GemmConfig:
+    """The first (largest) of this arch's candidates whose tile grid gives every SM a program, else the last."""
     major, _ = torch.cuda.get_device_capability(device)
-    table = TWO_REGION_CONFIGS if two_region else W4_CONFIGS if w_int4 else CONFIGS
     candidates = table[90 if major == 9 else 80]
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     for c in candidates:
