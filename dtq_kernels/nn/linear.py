@@ -7,6 +7,10 @@ Two execution paths, chosen once per layer from its spec and logged (logger `dtq
   CUDA tensor runs the fast kernels and a CPU tensor their exact references. Symmetric int4 weights
   stay packed two per byte all the way into the GEMM (W4A8); asymmetric int4 and two-region layers
   unpack them to int8 codes first (those kernel variants run out of registers with packed weights).
+* "w4a4-kernels": W4A4 with block scales along K: 4-bit weights and activations (FP4 E2M1/E1M2/E3M0 or
+  INT4, each with its own format), group_size 16/32/64/128, symmetric weights, dynamic activations.
+  `ops.quantize_act_4bit` (smoothing and rotation fused) makes the packed activation codes and their
+  block scales, `ops.w4a4_gemm` decodes both operands to int8 in registers for the int8 MMA.
 * "dequant-matmul": everything without a fused kernel yet (per-group weight scales, FP4/FP8 weights,
   FP4 activations, weight-only). The activations are quantized with the same ops/format math, the
   weights dequantized exactly, and a float matmul multiplies them: the same numbers a fused kernel
@@ -31,9 +35,9 @@ def _log_path_once(spec: LinearQuantSpec, path: str) -> None:
     key = (spec.name + spec.act_mode, path)
     if key not in _logged:
         _logged.add(key)
-        level = logging.INFO if path == "int8-kernels" else logging.WARNING
+        level = logging.WARNING if path == "dequant-matmul" else logging.INFO
         log.log(level, "QuantLinear %s (%s): %s path%s", spec.name, spec.act_mode, path,
-                "" if path == "int8-kernels" else " (no fused kernel for this format yet)")
+                " (no fused kernel for this format yet)" if path == "dequant-matmul" else "")
 
 
 class QuantLinear(torch.nn.Module):
@@ -67,7 +71,8 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("smooth", torch.ones(in_features) if spec.smooth else None)
         table_shape = {"static": (spec.time_groups,), "two_region": (spec.time_groups, 2)}.get(spec.act_mode)
         self.register_buffer("act_table", torch.ones(table_shape) if spec.act is not None and table_shape else None)
-        self.path = "int8-kernels" if self._has_kernels() else "dequant-matmul"
+        self.path = ("int8-kernels" if self._has_kernels() else "w4a4-kernels" if self._has_w4a4_kernels()
+                     else "dequant-matmul")
         self._tracker = None  # a TimestepTracker, held without registering it as a submodule
 
     # ---------------------------------------------------------------- construction
@@ -172,6 +177,17 @@ class QuantLinear(torch.nn.Module):
         return (s.act is not None and get_format(s.act).is_int and get_format(s.weight).is_int
                 and s.group_size is None and (s.weight_symmetric or s.act_mode != "two_region"))
 
+    def _has_w4a4_kernels(self) -> bool:
+        s = self.spec
+        return (s.act_block_size in ops.w4a4_ops.W4A4_GROUP_SIZES and s.weight_symmetric
+                and s.weight in formats.FOUR_BIT_FORMATS and s.act in formats.FOUR_BIT_FORMATS)
+
+    def _forward_w4a4(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        a, a_scale = ops.quantize_act_4bit(x, s.act, s.group_size, self.smooth, s.rotate)
+        return ops.w4a4_gemm(a, a_scale, self.qweight, self.wscale, self.bias, s.group_size, s.act, s.weight,
+                             x.dtype)
+
     def _group_idx(self) -> torch.Tensor:
         if self._tracker is not None:
             if not self._tracker.seen_timestep:
@@ -220,11 +236,9 @@ class QuantLinear(torch.nn.Module):
         if s.act is None:
             return x.float()
         f = get_format(s.act)
-        if f.kind == "fp4":  # dynamic per token, one scale per block of group_size along K
-            xs = self._smoothed_rotated(x)
-            xb = xs.reshape(xs.shape[0], -1, s.group_size)
-            scale = formats.absmax_scale(xb.abs().amax(-1, keepdim=True), f)
-            return formats.dequantize_fp4(formats.quantize_fp4(xb, scale, f), scale, f).reshape(xs.shape)
+        if s.act_block_size:  # dynamic per token, one scale per block of group_size along K
+            codes, scale = formats.quantize_blockwise(self._smoothed_rotated(x), f, s.act_block_size)
+            return formats.dequantize_blockwise(codes, scale, f)
         if f.kind == "fp8":
             xs = self._smoothed_rotated(x)
             scale = formats.absmax_scale(xs.abs().amax(-1, keepdim=True), f)
@@ -245,6 +259,8 @@ class QuantLinear(torch.nn.Module):
         _log_path_once(self.spec, self.path)
         if self.path == "int8-kernels":
             y = self._forward_kernels(x2)
+        elif self.path == "w4a4-kernels":
+            y = self._forward_w4a4(x2)
         else:
             y = F.linear(self._dequantized_input(x2), self.dequantized_weight().to(x2.device),
                          None if self.bias is None else self.bias.float()).to(x.dtype)
