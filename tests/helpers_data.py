@@ -12,7 +12,8 @@ def with_outliers(m, k, dtype=torch.float32, seed=0):
     return x.to(dtype)
 
 
-MINILM_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers generate images from noise.",
+MINILM_SENTENCES = ["The quick brown fox jumps over the lazy dog.",
+                    "Diffusion transformers generate images from noise.",
                     "Quantization maps floating point values to small integers.", "Stock markets fell on Tuesday."]
 
 

@@ -197,8 +197,8 @@ def code_index_moves(q, q_ref, fmt):
     return (rank(q) - rank(q_ref)).abs()
 
 
-@pytest.mark.parametrize("fmt,k,group,dtype", [("fp4_e2m1", 1152, 32, torch.bfloat16), ("int4", 4608, 128, torch.float16),
-                                               ("fp4_e3m0", 3072, 64, torch.float32)])
+@pytest.mark.parametrize("fmt,k,group,dtype", [("fp4_e2m1", 1152, 32, torch.bfloat16),
+                                               ("int4", 4608, 128, torch.float16), ("fp4_e3m0", 3072, 64, torch.float32)])
 def test_quantizer_kernel_with_fused_rotation(fmt, k, group, dtype):
     x = with_outliers(40, k, dtype, seed=k)
     sm = torch.rand(k) + 0.5
