@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .data import load_fashion_mnist
+from .images import save_grid
 from .model import NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, build_reference_dit, load_reference_dit
 
 
@@ -222,7 +223,7 @@ def evaluate(args) -> dict:
                   guidance_scale=args.eval_guidance, progress=True)
     t_sample = time.time() - t0
     torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
-    save_grid(imgs, n, out / "grid.png")
+    save_grid(imgs, out / "grid.png", cols=n)
     res = {"n_samples": len(imgs), "ddim_steps": args.eval_steps, "guidance": args.eval_guidance,
            "sample_seconds": round(t_sample, 1)}
     c = clf.load_classifier()
@@ -246,20 +247,6 @@ def evaluate(args) -> dict:
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     print(res, flush=True)
     return res
-
-
-def save_grid(imgs: torch.Tensor, per_row: int, path: Path, scale: int = 2) -> None:
-    """imgs [N, 1, 32, 32] in [-1, 1] -> grayscale PNG, per_row images per row, 2 px gaps."""
-    import numpy as np
-    from PIL import Image
-    n = imgs.shape[0]
-    rows = math.ceil(n / per_row)
-    canvas = np.full((rows * 34, per_row * 34), 255, dtype=np.uint8)
-    x = ((imgs[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        canvas[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = x[i]
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
 if __name__ == "__main__":
