@@ -1,4 +1,4 @@
-"""dtq_kernels: real low-bit inference for Diffusion Transformers (DESIGN.md §2 is the public vocabulary).
+"""dtq_kernels: real low-bit inference for Diffusion Transformers (docs/architecture.md).
 
     import dtq_kernels as dtq
     plan = dtq.calibrate(pipe, "tqdit-w8a8", num_samples=32, num_inference_steps=25)

@@ -1,7 +1,7 @@
-"""Time grouping (TQ-DiT TGQ, ALGORITHMS.md §2.1): which group a diffusion timestep falls in, and how
+"""Time grouping (TQ-DiT TGQ, docs/methods.md): which group a diffusion timestep falls in, and how
 per-group tables are completed when calibration never visited a group.
 
-Group of a timestep t in [0, T]: g = min(floor(t·G/T), G−1) (DESIGN.md §3). With G = 10 and T = 1000 the
+Group of a timestep t in [0, T]: g = min(floor(t·G/T), G−1) (docs/architecture.md). With G = 10 and T = 1000 the
 groups are [0,100), [100,200), ..., [900,1000].
 """
 from __future__ import annotations

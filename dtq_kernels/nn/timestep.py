@@ -1,4 +1,4 @@
-"""Timestep -> time-group plumbing for statically quantized models (DESIGN.md §3).
+"""Timestep -> time-group plumbing for statically quantized models (docs/architecture.md, "Timestep groups").
 
 `attach_timestep_tracker(model, time_groups, num_train_timesteps)` registers a `TimestepTracker`
 submodule and a forward pre-hook on the transformer. On every forward the hook reads the timestep
