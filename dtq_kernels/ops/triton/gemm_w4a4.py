@@ -4,8 +4,8 @@ sum (the semantics of w4a4_ops / reference.w4a4_gemm).
 
 GPUs before Blackwell (sm_80/89/90) have no 4-bit MMA. Every nibble is decoded through its operand's
 16-entry table (formats.code4_int_table: value × factor, exact in int8), passed as four int32 words of
-packed bytes (kernel arguments, not constexprs), so one compiled kernel serves every pair of formats:
-HQ-DiT's per-layer format choice costs no recompile. The decode factors (E2M1 ×2, E1M2/E3M0 ×4) become
+packed bytes (kernel arguments, neither constexprs nor specialized), so one compiled kernel (per tile
+config and group size) serves every pair of formats: HQ-DiT's per-layer format choice costs no recompile. The decode factors (E2M1 ×2, E1M2/E3M0 ×4) become
 one power-of-two multiply of the fp32 result, exact. E3M0 ×4 tops out at 64, inside int8, so there is
 no need for the FP8 MMA (whose throughput on sm_89/90 equals int8's).
 
@@ -50,7 +50,12 @@ def decode_codes(packed, lut0, lut1, lut2, lut3, ROWS: tl.constexpr, COLS: tl.co
     return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
 
 
-@triton.jit
+# the decode tables are data: never specialized on their values (a word divisible by 16, or equal to 1,
+# would otherwise compile a variant of its own per format)
+_LUT_ARGS = [f"{o}_lut{i}" for o in "aw" for i in range(4)]
+
+
+@triton.jit(do_not_specialize=_LUT_ARGS)
 def w4a4_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                      M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_wsn,
                      a_lut0, a_lut1, a_lut2, a_lut3, w_lut0, w_lut1, w_lut2, w_lut3, out_mult,
