@@ -30,7 +30,7 @@ import triton.language as tl
 from ... import formats
 from .._dispatch import register_kernel
 from .common import INTERPRETING
-from .gemm_int8 import _MMA, GemmConfig, _unique, first_filling, grouped_tile, round_to_bf16
+from .gemm_int8 import GemmConfig, _unique, first_filling, grouped_tile, round_to_bf16
 
 
 @triton.jit
@@ -171,6 +171,12 @@ def w4a4_gemm(a, a_scale, w, w_scale, bias, group_size, a_fmt, w_fmt, out_dtype)
 
 # ------------------------------------------------------------------ offline-compile specs (aot.py)
 
+# The decoded operands must reach the int8 tensor cores: int8 mma.sync on sm_80/89, int8 wgmma on sm_90.
+_INT8_MMA = {80: ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"],
+             89: ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"],
+             90: ["wgmma.mma_async.sync.aligned", ".s32.s8.s8"]}
+
+
 def _aot_spec(cfg: GemmConfig, group_size: int, out: str = "bf16") -> dict:
     cfg = cfg._replace(block_k=block_k(group_size))
     sig = {"a_ptr": "*u8", "w_ptr": "*u8", "out_ptr": f"*{out}", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
@@ -181,7 +187,7 @@ def _aot_spec(cfg: GemmConfig, group_size: int, out: str = "bf16") -> dict:
                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
     tag = f"g{group_size}_{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
     return dict(name=f"w4a4_gemm_{tag}", fn=w4a4_gemm_kernel, signature=sig, constexprs=constexprs,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, expect=_MMA,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, expect=_INT8_MMA,
                 divisible_by_16=[k for k in sig if k.endswith("_ptr") or k in ("N", "K", "stride_am", "stride_wn",
                                                                               "stride_om")])
 
