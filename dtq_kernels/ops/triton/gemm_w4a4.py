@@ -14,12 +14,17 @@ one K-tile, a dot from zero; group 16 (NVFP4) runs two dots per K-tile, each on 
 block's activation codes zeroed, at twice the MMA work. After each block's dot the int32 partial sum is
 converted and accumulated in fp32 with that block's a_scale · w_scale.
 
-Cost model (not measured: no GPU yet). Per K-tile, decoding costs ~9 int32 ops per element of the
-(BLOCK_M + BLOCK_N) x BLOCK_K codes, against 2·BLOCK_M·BLOCK_N·BLOCK_K MMA ops, plus ~3 fp32 ops per
-output element per block for the rescale. On an H100 SM (int8 MMA ~8K ops/clk, 64 int32 + 128 fp32
-lanes/clk) a 128x128 tile is decode- and rescale-bound, not MMA-bound: expect well under the int8
-GEMM's throughput (the decode through a byte-permute (prmt) of 4 codes at once is the next step,
-which needs inline PTX the interpreter cannot run). benchmarks/bench_gemm.py measures it.
+Cost model (datasheet rates, NOT measured: no GPU yet). An H100 SM does ~8.5K int8 MMA ops per clock
+but only 64 int32 and 128 fp32 ALU ops. Per K-tile of a 128x64 tile at group 32, the MMA is
+2·128·64·32 = 524K ops (~61 clocks); decoding (128 + 64)·32 codes at ~12 int32 ops each (nibble split,
+table select, shift, sign extension, repack) is ~74K ops (~1150 clocks), and the rescale of the
+128x64 partial sum (convert, multiply, add) ~32K fp32 ops (~250 clocks). So this kernel is bound by the
+decode, ~20x the MMA time: expect W4A4 well BELOW bf16 cuBLAS speed on sm_90 until the decode changes;
+its gains today are 4-bit weight and activation memory. The next step is a byte-permute decode (PTX
+prmt: 4 codes per ~3 instructions through the same 16-entry table, under the MMA time), which needs
+inline PTX the interpreter cannot run, so it waits for a GPU to test it on; after it, the per-block
+rescale bounds group 32 (~4x the MMA) while group 128 is about balanced. benchmarks/bench_gemm.py
+measures it.
 """
 from __future__ import annotations
 
