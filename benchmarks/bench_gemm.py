@@ -12,7 +12,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
 * dtq w4a4_gemm (W4A4: 4-bit codes two per byte for both operands, fp32 block scales along K, decoded to
   int8 in registers for the int8 MMA): FP4 E2M1 with group 32 (HQ-DiT's format, MXFP4's block), INT4 with
   group 128 (equal bits), and dtq quantize_act_4bit (E2M1, group 32, online Hadamard rotation fused) +
-  w4a4_gemm from bf16 activations: the whole W4A4 linear;
+  w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
+  decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -137,6 +138,11 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
             return a, a_s, w, w_s, torch.randn(N, device=device, dtype=BF16), group, fmt, fmt, BF16
         return make
 
+    def w4a4_prmt(*args):  # the byte-permute decode (gemm_w4a4.PRMT_DECODE_DEFAULT decides the op's default)
+        if device.type != "cuda":
+            raise common.Skip("the prmt decode is inline PTX: CUDA only")
+        return gemm_w4a4.launch(*args, prmt=True)
+
     def w4a4_linear(x, w, w_s, b):
         a, a_s = ops.quantize_act_4bit(x, "fp4_e2m1", 32, None, True)
         return ops.w4a4_gemm(a, a_s, w, w_s, b, 32, "fp4_e2m1", "fp4_e2m1", BF16)
@@ -174,6 +180,7 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
         ("dtq w4a4_gemm fp4_e2m1 g32 (W4A4 FP4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("fp4_e2m1", 32)),
         ("dtq w4a4_gemm int4 g128 (W4A4 INT4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("int4", 128)),
+        ("dtq w4a4_gemm fp4_e2m1 g32, prmt decode", w4a4_prmt, mk_w4a4("fp4_e2m1", 32)),
         ("dtq quantize_act_4bit(rotate) + w4a4_gemm fp4_e2m1 g32", w4a4_linear, mk_w4a4_linear),
         ("torch F.linear bf16", F.linear, mk_bf16),
         ("torch._int_mm (int32 out)", int_mm, mk_int8),
@@ -228,13 +235,18 @@ def check_correct(device, M, K, N) -> None:
     for op, args in (("int8_gemm", (a, a_s, w, w_s, None, torch.float32)),
                      ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32)),
                      ("int8_gemm", (a, a_s, w4, w_s, None, torch.float32)),
-                     ("w4a4_gemm", (a4, s4a, w44, s4w, None, 32, "fp4_e2m1", "int4", torch.float32))):
-        out = _dtq(op, "triton")(*args)
-        ref = getattr(reference, op)(*args)
+                     ("w4a4_gemm", (a4, s4a, w44, s4w, None, 32, "fp4_e2m1", "int4", torch.float32)),
+                     ("w4a4_gemm prmt", (a4, s4a, w44, s4w, None, 32, "fp4_e2m1", "int4", torch.float32))):
+        if op == "w4a4_gemm prmt":
+            if device.type != "cuda":
+                continue
+            out, ref = gemm_w4a4.launch(*args, prmt=True), reference.w4a4_gemm(*args)
+        else:
+            out, ref = _dtq(op, "triton")(*args), getattr(reference, op)(*args)
         # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py);
         # w4a4_gemm may contract once per block of 32, K/32 + 2 roundings of terms that partly cancel
         # (tests/test_w4a4.py), so it gets 10x the room
-        room = 1e-4 if op == "w4a4_gemm" else 1e-5
+        room = 1e-4 if op.startswith("w4a4_gemm") else 1e-5
         if not torch.allclose(out, ref, rtol=room, atol=room * float(ref.abs().max())):
             raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
                                  f"max |Δ| {float((out - ref).abs().max())}")
@@ -281,13 +293,14 @@ def sweep(device, shapes, rep) -> list[dict[str, Any]]:
 
 
 def _sweep_w4a4(device, major, model, M, K, N, rep) -> list[dict[str, Any]]:
-    """Every W4A4 candidate tile (group 16 has its own table) at groups 16, 32 and 128, E2M1 operands."""
+    """Every W4A4 candidate tile (group 16 has its own table) at groups 16, 32 and 128, E2M1 operands, with
+    either decode (the default arithmetic one and the byte-permute one)."""
     rows = []
-    for group in (16, 32, 128):
+    for group, prmt in ((g, p) for g in (16, 32, 128) for p in (False, True)):
         table = gemm_w4a4.GROUP16_CONFIGS if group == 16 else gemm_w4a4.CONFIGS
         for cfg in table[90 if major == 9 else 80]:
-            def fn(a, a_s, w, w_s, b, g, fa, fw, dt, cfg=cfg):
-                return gemm_w4a4.launch(a, a_s, w, w_s, b, g, fa, fw, dt, config=cfg)
+            def fn(a, a_s, w, w_s, b, g, fa, fw, dt, cfg=cfg, prmt=prmt):
+                return gemm_w4a4.launch(a, a_s, w, w_s, b, g, fa, fw, dt, config=cfg, prmt=prmt)
 
             def make(M, K, N, group=group):
                 return (torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, device=device),
@@ -296,7 +309,7 @@ def _sweep_w4a4(device, major, model, M, K, N, rep) -> list[dict[str, Any]]:
                         torch.rand(N, K // group, device=device), torch.randn(N, device=device, dtype=BF16), group,
                         "fp4_e2m1", "fp4_e2m1", BF16)
             chosen = gemm_w4a4.choose_config(device, M, N, group) == cfg._replace(block_k=gemm_w4a4.block_k(group))
-            r = measure(f"w4a4_gemm g{group}", fn, make, M, K, N, device, rep)
+            r = measure(f"w4a4_gemm g{group}{' prmt' if prmt else ''}", fn, make, M, K, N, device, rep)
             rows.append({"model": model, "M": M, "K": K, "N": N, "config": "x".join(map(str, cfg)),
                          "heuristic_pick": chosen, **r})
             print(f"sweep {model} {M}x{K}x{N} {r['provider']} {rows[-1]['config']}: {common.fmt(r['ms'])} ms",

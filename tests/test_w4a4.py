@@ -91,6 +91,57 @@ def test_kernel_decodes_every_nibble_through_the_table(fmt):
     assert torch.equal(out, (table[codes.long()].float() / factor)[None, :].repeat(3, 1))
 
 
+def _emulate_ptx(asm: str, regs: dict) -> dict:
+    """Run the integer PTX subset PRMT_DECODE_ASM uses, instruction by instruction, on Python ints (the
+    semantics of the PTX ISA: prmt's default mode picks byte c[4i+2:4i] of {b, a} for byte i, bit 4i+3
+    replicating its sign; lop3 evaluates its truth table bit by bit)."""
+    def prmt(a, b, c):
+        src, out = (b << 32) | a, 0
+        for i in range(4):
+            sel = (c >> 4 * i) & 0xF
+            byte = (src >> 8 * (sel & 7)) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * i
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
+
+    ops_ = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "shr.b32": lambda a, b: a >> b,
+            "mul.lo.u32": lambda a, b: a * b, "prmt.b32": prmt, "lop3.b32": lop3}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line and line not in "{}" and not line.startswith(".reg"):
+            op, rest = line.split(None, 1)
+            dst, *srcs = [t.strip() for t in rest.split(",")]
+            regs[dst] = ops_[op](*[int(t, 0) if t[0].isdigit() else regs[t] for t in srcs]) & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_prmt_decode_instructions_decode_every_nibble(fmt):
+    # The GPU-only byte-permute decode cannot run in the interpreter; its instruction sequence is checked
+    # here by emulation (operands as Triton packs them: $2 = 4 packed bytes, $3.. = the 4 table words,
+    # each repeated for the 4 elements of the pack; $0 / $1 = the 4 low / high nibbles' values).
+    from dtq_kernels.ops.triton import gemm_w4a4
+    table = formats.code4_int_table(fmt)[0].tolist()
+    luts = [w & 0xFFFFFFFF for w in gemm_w4a4.lut_words(fmt)]
+    g = torch.Generator().manual_seed(1)
+    words = [b * 0x01010101 for b in range(256)] + torch.randint(0, 2 ** 32, (200,), generator=g).tolist()
+    for x in words:
+        regs = {"$2": x, **{f"${3 + 4 * i + j}": w for i, w in enumerate(luts) for j in range(4)}}
+        r = _emulate_ptx(gemm_w4a4.PRMT_DECODE_ASM.value, regs)
+        signed = [[(v >> 8 * j & 0xFF) - (256 if v >> 8 * j & 0x80 else 0) for j in range(4)]
+                  for v in (r["$0"], r["$1"])]
+        assert signed == [[table[x >> 8 * j & 15] for j in range(4)], [table[x >> 8 * j + 4 & 15] for j in range(4)]]
+
+
+def test_prmt_decode_is_refused_off_gpu():
+    from dtq_kernels.ops.triton import gemm_w4a4
+    a, sa, w, sw, _ = operands(4, 64, 8, 32, "int4", "int4")
+    with pytest.raises(ValueError, match="prmt decode is inline PTX"):
+        gemm_w4a4.launch(a, sa, w, sw, None, 32, "int4", "int4", torch.float32, prmt=True)
+
+
 # ------------------------------------------------------------------------ GEMM: kernel vs reference
 
 def test_integer_accumulation_is_exact():
@@ -198,7 +249,8 @@ def code_index_moves(q, q_ref, fmt):
 
 
 @pytest.mark.parametrize("fmt,k,group,dtype", [("fp4_e2m1", 1152, 32, torch.bfloat16),
-                                               ("int4", 4608, 128, torch.float16), ("fp4_e3m0", 3072, 64, torch.float32)])
+                                               ("int4", 4608, 128, torch.float16),
+                                               ("fp4_e3m0", 3072, 64, torch.float32)])
 def test_quantizer_kernel_with_fused_rotation(fmt, k, group, dtype):
     x = with_outliers(40, k, dtype, seed=k)
     sm = torch.rand(k) + 0.5
@@ -381,13 +433,17 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("m,k,n,group", [(1, 1152, 1152, 32), (77, 1152, 200, 16), (4096, 4608, 1152, 128),
                                          (1000, 3072, 3072, 64)])
 def test_gpu_matches_reference(m, k, n, group):
+    from dtq_kernels.ops.triton import gemm_w4a4
     for a_fmt, w_fmt in (("fp4_e2m1", "fp4_e2m1"), ("int4", "int4"), ("fp4_e3m0", "fp4_e1m2")):
         args = operands(m, k, n, group, a_fmt, w_fmt, seed=m, device="cuda")
         a, sa, w, sw, bias = args
+        mag = magnitude(a, sa, w, sw, bias, group, a_fmt, w_fmt)
         for dtype in OUT_DTYPES:
             call = (a, sa, w, sw, bias, group, a_fmt, w_fmt, dtype)
-            assert_matches(gemm(call), gemm(call, "reference"),
-                           magnitude(a, sa, w, sw, bias, group, a_fmt, w_fmt), k // group)
+            ref = gemm(call, "reference")
+            assert_matches(gemm(call), ref, mag, k // group)
+            # both decodes: the default one and the byte-permute one (PRMT_DECODE_DEFAULT)
+            assert_matches(gemm_w4a4.launch(*call, prmt=True), ref, mag, k // group)
 
 
 @pytest.mark.gpu
