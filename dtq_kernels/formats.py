@@ -13,6 +13,8 @@ module, so the conventions below hold everywhere:
 * FP4 codes are 4 bits: bit 3 is the sign, bits 0-2 index the format's 8 magnitudes. Zero is always
   code 0 (no negative zero), so packed tensors are canonical.
 * 4-bit packing: two codes per byte along the last dimension, element 2i in the low nibble.
+* Block scales (W4A4, NVFP4, MXFP4): one fp32 scale per block of consecutive elements along the last
+  dimension (quantize_blockwise); a block holding NaN/Inf gets a NaN scale, never a plausible one.
 """
 from __future__ import annotations
 
