@@ -68,11 +68,13 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
-    # split-K: program (pid, s) sums the K-tiles [s·tiles_per_split, (s+1)·tiles_per_split)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(K, k_start + tiles_per_split * BLOCK_K)
+    if SPLIT_K == 1:
+        k_start = 0
+        k_end = K
+    else:  # split-K: program (pid, s) sums the K-tiles [s·tiles_per_split, (s+1)·tiles_per_split)
+        tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
+        k_end = tl.minimum(K, k_start + tiles_per_split * BLOCK_K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,7 +186,8 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out = round_to_bf16(out)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    out_ptr += tl.program_id(1) * M * N  # split-K: each split writes its own fp32 slice
+    if SPLIT_K > 1:
+        out_ptr += tl.program_id(1) * M * N  # each split writes its own fp32 slice
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -445,7 +448,8 @@ AOT_SPECS = [
     *[_aot_spec("int8_gemm_static_w4", c, ASCALE=TABLE, W_INT4=True) for c in _unique(W4_CONFIGS)],
     _aot_spec("int8_gemm_w4", W4_CONFIGS[90][0], W_INT4=True),
     # per-group W4A8 (groups 64 and 128: BLOCK_K = group, EVEN_K by construction)
-    *[_aot_spec(f"int8_gemm_w4_g{g}", c, W_INT4=True, W_GROUPED=True, EVEN_K=True)
+    *[dict(_aot_spec(f"int8_gemm_w4_g{g}", c, W_INT4=True, W_GROUPED=True, EVEN_K=True),
+           archs=tuple(a for a in (80, 89, 90) if c in table[90 if a == 90 else 80]))
       for g, table in GROUPED_W4_CONFIGS.items() for c in _unique(table)],
     # W4A16: bf16 activations, per-channel and per-group packed int4 weights, split-K at tiny M
     *[_aot_spec(f"w4a16_gemm_g{g}" if g else "w4a16_gemm", c, _F16_MMA if c.block_m >= 64 else _F16_MMA_SMALL,
