@@ -228,8 +228,8 @@ W4_CONFIGS = {
 }
 # Per-group weights: one K-tile is one group (BLOCK_K = group size), whose partial product is rescaled
 # into an fp32 accumulator: a second [BM, BN] accumulator. ptxas, no spills: group 64 at 128x128 holds
-# 255/214/210 registers on sm_90/80/89; group 128's 128x128 spills on sm_90, so sm_90 takes 64x256
-# (191 registers) there.
+# 255/213/210 registers on sm_90/80/89; group 128's 128x128 (242/240 on sm_80/89) spills on sm_90, so
+# sm_90 takes 64x256 (188 registers) there.
 GROUPED_W4_CONFIGS = {
     64: {90: (GemmConfig(128, 128, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4)),
          80: (GemmConfig(128, 128, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4))},
@@ -239,11 +239,12 @@ GROUPED_W4_CONFIGS = {
 # W4A16 (16-bit activations x int4 weights made 16-bit in registers), keyed by group size (None: per
 # channel), the same on every arch: at M <= 16 the GEMM is a weight stream (4x fewer bytes than bf16),
 # so the 16-row tile with narrow columns and split-K puts every SM on it; larger M gets wider tiles.
-# The 16-bit tiles take twice the registers of int8 ones: group 128 stays at 64-row tiles (128x128x128
-# spills everywhere), group 64's 16-row tile needs 2 warps (4 spill 8 bytes on sm_90).
+# The 16-bit tiles take twice the registers of int8 ones, and per-group ones a second accumulator: the
+# grouped kernels stay at 64-row tiles (128x128 spills 28 bytes on sm_90 at group 64, and everywhere at
+# group 128), and group 64's 16-row tile needs 2 warps (4 spill 8 bytes on sm_90).
 W4A16_CONFIGS = {
     None: (GemmConfig(128, 128, 64, 8, 3), GemmConfig(64, 128, 64, 4, 4), GemmConfig(16, 64, 128, 4, 4)),
-    64: (GemmConfig(128, 128, 64, 8, 3), GemmConfig(64, 128, 64, 4, 4), GemmConfig(16, 64, 64, 2, 4)),
+    64: (GemmConfig(64, 256, 64, 8, 3), GemmConfig(64, 128, 64, 4, 4), GemmConfig(16, 64, 64, 2, 4)),
     128: (GemmConfig(64, 128, 128, 8, 3), GemmConfig(64, 64, 128, 4, 4), GemmConfig(16, 64, 128, 4, 4)),
 }
 # FP8 E4M3 x E4M3 (sm_89 / sm_90 only): the int8 tiles, except sm_90's 128x256, which spills with the
