@@ -1,5 +1,6 @@
-"""Low-bit GEMMs (INT8 family, per-group W4A8, W4A16, FP8 W8A8) vs the peers, on the linear layers of
-DiT-XL/2, PixArt-Σ and Flux.
+"""Low-bit GEMMs (INT8, per-group W4A8, W4A16, FP8 W8A8) vs bf16 cuBLAS, torch._int_mm and _scaled_mm.
+
+The shapes are the linear layers of DiT-XL/2, PixArt-Σ and Flux.
 
 Floors for the new formats, before any measurement (H100 SXM: HBM 3.35 TB/s, BF16 989 TFLOP/s dense,
 INT8/FP8 1979 TOPS dense). At M <= 16 a GEMM is a weight stream: time >= weight bytes / bandwidth
@@ -24,7 +25,7 @@ or per group) runs the int8 MMA, ceiling 2× bf16 at M >= 4096 (the per-group re
 has the same peak as torch._scaled_mm: the target is ≥ 0.95× its time with the scales and bias fused.
 PixArt-Σ's linear widths are DiT-XL/2's (1152, 4608): its rows are the DiT-XL/2 rows.
 
-    python benchmarks/bench_gemm.py [--out DIR] [--sweep] [--rep MS]   # CUDA
+    python benchmarks/bench_gemm.py [--out DIR] [--full] [--sweep] [--rep MS]   # CUDA
     python benchmarks/bench_gemm.py --dry-run                          # CPU: one tiny shape, proves it runs
 
 What is timed (all outputs bf16 [M, N], bias included unless a row says otherwise):
@@ -79,13 +80,18 @@ from typing import Any, Callable
 M_VALUES = (1, 16, 64, 256, 1024, 4096, 16384)
 DIT_WIDTHS = ((1152, 1152), (1152, 4608), (4608, 1152), (1152, 3456))
 FLUX_WIDTHS = ((3072, 3072), (3072, 12288), (12288, 3072))
-SHAPES = ([("DiT-XL/2", m, k, n) for m in (*M_VALUES, 512, 2048, 8192) for k, n in DIT_WIDTHS]
-          + [("Flux", m, k, n) for m in M_VALUES for k, n in FLUX_WIDTHS])
+# --full: every M of the targets on every width (an estimated 10-15 min on an H100); the default run fits the 150 s a
+# benchmark gets in gpu_check.sh: the small-M (<= 16) and large-M (4096) ends the targets are set at
+FULL_SHAPES = ([("DiT-XL/2", m, k, n) for m in (*M_VALUES, 512, 2048, 8192) for k, n in DIT_WIDTHS]
+               + [("Flux", m, k, n) for m in M_VALUES for k, n in FLUX_WIDTHS])
+SHAPES = [(model, m, k, n) for model, widths in (("DiT-XL/2", DIT_WIDTHS[:3]), ("Flux", FLUX_WIDTHS))
+          for m in (1, 16, 4096) for k, n in widths]
 DRY_SHAPES = [("tiny (dry run)", 64, 128, 96)]
 
 import _setup  # noqa: E402  (first: it picks the interpreter before triton loads)
 
-ARGS = _setup.parse_args(__doc__.split("\n")[0], "one tiny shape on CPU (reference + interpreter)", sweep=True)
+ARGS = _setup.parse_args(__doc__.split("\n")[0], "one tiny shape on CPU (reference + interpreter)", sweep=True,
+                         full="every M in 1..16384 on every width (FULL_SHAPES) instead of the quick grid")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -379,7 +385,7 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gemm: no CUDA GPU (use --dry-run to check the script on CPU)", file=sys.stderr)
         return 2
-    shapes = DRY_SHAPES if ARGS.dry_run else SHAPES
+    shapes = DRY_SHAPES if ARGS.dry_run else FULL_SHAPES if ARGS.full else SHAPES
     header = common.env_header(device, note="bench_gemm: bf16 outputs, bias included unless noted")
     rows = []
     contenders = providers(device, ARGS.dry_run)

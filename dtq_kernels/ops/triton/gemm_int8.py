@@ -1,16 +1,25 @@
-"""INT8 GEMM family in Triton: int8 x int8 -> int32 tensor-core dots with a fused fp32 epilogue.
+"""Quantized-weight GEMMs in Triton: one tiled kernel, int8 / 16-bit / FP8 tensor-core dots, fused fp32
+epilogue.
 
-One kernel serves the four ops; constexpr switches pick the activation-scale source and the integer
-correction, so every variant shares the tiling, program order and masking:
+One kernel serves every op; constexpr switches pick the operand kinds, the activation-scale source and
+the integer correction, so every variant shares the tiling, program order and masking:
 * int8_gemm           a_scale per token [M] or per tensor [1]
 * int8_gemm_static    per-tensor scale read on the device as scale_table[group_idx[0]] (no host sync)
 * int8_gemm_wzp       asymmetric weights: acc = a·wᵀ − rowsum(a)·zᵀ, exact in int32
 * int8_gemm_two_region two accumulations max(q,0)·wᵀ and min(q,0)·wᵀ, scaled by (c_pos, c_neg)
+* w4a16_gemm          A_KIND=1: fp16/bf16 activations, int4 codes converted exactly to 16 bits in
+                      registers for the 16-bit MMA (fp32 accumulation), no activation scale
+* fp8_gemm            A_KIND=2: float8_e4m3 activations and weights on the FP8 MMA (sm_89/sm_90),
+                      each K-tile's product promoted into an fp32 accumulator
 The epilogue is evaluated in fp32 in the reference's order, so results differ from it only by FMA
 contraction (the integer part is exact). W6A6 and narrower codes are the same op: codes are smaller.
 W4A8: every variant also takes int4 weights packed two per byte (uint8 [N, K/2], formats.pack_int4);
 constexpr W_INT4 loads the packed tile (half the weight bytes) and unpacks it in registers to int8
 for the same int8 dot, so 4-bit weights are never expanded in memory.
+W_GROUPED: per-group weight scales [N, K/G] with BLOCK_K = G: each K-tile's dot starts from zero and is
+added to an fp32 accumulator times its group's scales (the per-group rescale inside the K loop).
+SPLIT_K > 1 (W4A16 at M <= 16): programs also split K; each writes its fp32 partial (scales applied)
+to a workspace that splitk_reduce_kernel sums in order, adds the bias to and casts.
 
 Configs are chosen per arch by a fixed heuristic, not @triton.autotune: the choice is deterministic,
 costs nothing at the first call and is safe inside CUDA-graph capture. They have NOT been timed on a
