@@ -80,13 +80,13 @@ def test_error_falls_as_bits_rise():
 
 def test_spec_without_a_kernel_runs_the_logged_simulation_on_cpu(caplog):
     spec = S(weight="fp4_e2m1", group_size=32, act="fp4_e2m1")
-    q = QuantLinear.from_linear(layer(), spec)
-    assert q.path == "dequant-matmul" and q.kernel_path.simulated
-    assert "path=dequant-matmul" in repr(q)
     qlinear._logged.clear()  # logged once per spec and path: forget earlier tests' layers
     with caplog.at_level("WARNING", logger="dtq_kernels.nn"):
-        q(gaussian())
+        q = QuantLinear.from_linear(layer(), spec)
     assert "SIMULATED" in caplog.text
+    assert q.path == "dequant-matmul" and q.kernel_path.simulated
+    assert "path=dequant-matmul" in repr(q)
+    assert q(gaussian()).shape == (64, 192)
 
 
 def test_dequantized_weight_is_what_the_layer_multiplies_by():
@@ -306,3 +306,14 @@ def test_new_kernel_paths_match_independent_fake_quant(spec):
         with dtq.ops.use_backend(backend):
             y = q(x)
         assert rel(y, ref) < 1e-5, (spec.name, backend, rel(y, ref))
+
+
+def test_layers_compile_fullgraph():
+    # the path is resolved and logged when the layer is built or moved, so forward traces without breaks
+    lin, x = layer(), gaussian(8)
+    for spec in (S(weight="int4", group_size=128), S(weight="int4", act=None),
+                 S(weight="fp8_e4m3", act="fp8_e4m3", rotate=True), S(act_mode="two_region", two_region_mode="sign")):
+        table = [[0.03, 0.002]] if spec.act_mode == "two_region" else None
+        q = QuantLinear.from_linear(lin, spec, table)
+        compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), q(x)), spec.name

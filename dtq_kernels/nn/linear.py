@@ -3,7 +3,8 @@
 Which kernel runs a layer is decided by ONE table, PATHS: each row maps (weight format, activation
 format, weight granularity, activation mode) to a kernel path, the layout its weights are stored in
 and the QuantLinear method that runs it. The first row that matches the spec wins, once per layer,
-and is logged (logger `dtq_kernels.nn`) and shown in repr as `path=`:
+and is logged (logger `dtq_kernels.nn`, when the layer is built or moved to a device) and shown in repr
+as `path=`:
 
 | row                  | weights (symmetric unless said)  | activations           | granularity    | modes            |
 |----------------------|----------------------------------|-----------------------|----------------|------------------|
@@ -158,6 +159,8 @@ class QuantLinear(torch.nn.Module):
         table_shape = {"static": (spec.time_groups,), "two_region": (spec.time_groups, 2)}.get(spec.act_mode)
         self.register_buffer("act_table", torch.ones(table_shape) if spec.act is not None and table_shape else None)
         self._tracker = None  # a TimestepTracker, held without registering it as a submodule
+        self._run_path = self.kernel_path  # the row for the device the weights are on (see _apply)
+        _log_path_once(spec, self.kernel_path)
 
     # ---------------------------------------------------------------- construction
 
@@ -232,7 +235,12 @@ class QuantLinear(torch.nn.Module):
         def keep_dtype(t):
             r = fn(t)
             return r if r.dtype == t.dtype else t.to(r.device)
-        return super()._apply(keep_dtype, recurse)
+        out = super()._apply(keep_dtype, recurse)
+        # resolve the path for the new device now, not in forward: no device query inside a compiled
+        # graph, and a layer that cannot run on this GPU fails when it is moved there
+        self._run_path = self._path_for(self.qweight.device)
+        _log_path_once(self.spec, self._run_path)
+        return out
 
     # ---------------------------------------------------------------- inspection
 
@@ -370,8 +378,9 @@ class QuantLinear(torch.nn.Module):
             raise TypeError(f"QuantLinear input must be float32/float16/bfloat16, got {x.dtype}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        path = self._path_for(x2.device)
-        _log_path_once(self.spec, path)
+        # the path was resolved (and logged) when the layer was built or moved: nothing here queries the
+        # device or logs, so torch.compile(fullgraph=True) traces straight through
+        path = self._run_path if x2.device == self.qweight.device else self._path_for(x2.device)
         y = getattr(self, path.forward)(x2)
         return y.reshape(*lead, self.out_features)
 
