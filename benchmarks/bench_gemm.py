@@ -360,15 +360,17 @@ def _sweep_kinds(device):
 
 
 def sweep(device, shapes, rep) -> list[dict[str, Any]]:
-    """Every candidate config of every kernel kind per shape (W4A16 at M <= 16 also with split-K 1/2/4/8)."""
+    """Every candidate config of every kernel kind per shape (W4A16 / W4A8 at M <= 16 also the 16-row tile
+    with split-K 1/2/4/8)."""
     major = torch.cuda.get_device_capability(device)[0]
     rows = []
     for model, M, K, N in shapes:
         for name, kind, group, make_launch in _sweep_kinds(device):
             picked = gemm_int8.choose_config(device, M, N, False, kind=kind, K=K, group=group)
             configs = list(gemm_int8.config_candidates(kind, major, group))
-            if kind == gemm_int8.W4A16 and M <= 16:
-                configs += [configs[-1]._replace(split_k=s) for s in (2, 4, 8)]
+            if kind in (gemm_int8.W4A16, gemm_int8.W4) and M <= 16:  # the 16-row tile, with split-K
+                small = configs[-1] if kind == gemm_int8.W4A16 else gemm_int8.W4_SMALL_M_CONFIGS[group]
+                configs += [small._replace(split_k=s) for s in (1, 2, 4, 8) if small._replace(split_k=s) not in configs]
             for cfg in configs:
                 def fn(args, kwargs, cfg=cfg):
                     return gemm_int8.launch(*args, **kwargs, config=cfg)

@@ -85,6 +85,23 @@ def test_grouped_is_the_sum_of_per_group_products():
     assert torch.equal(run(op, packed), run(op, args))
 
 
+@pytest.mark.parametrize("group", [None, 64])
+def test_w4a8_split_k_matches_reference(group):
+    # the tiny-M GPU config: 16-row tile, K split over 4 programs; each split's groups are exact and
+    # scaled as in the reference, only the fp32 additions of the splits' partials are reordered
+    op, args = grouped_args(3, 1024, 128, group or 64, torch.bfloat16, seed=7)
+    a, a_s, w, w_s, b, dt = args
+    if group is None:
+        w_s = w_s[:, 0].contiguous()
+    cfg = gemm_int8.GemmConfig(16, 64, group or 128, 4, 1, 8, 4)
+    out = gemm_int8.launch(a, w, w_s, b, dt, a_scale=a_s, ascale=gemm_int8.PER_ROW, config=cfg)
+    ref = reference.int8_gemm(a, a_s, w, w_s, b, dt)
+    codes = formats.unpack_int4(w).abs()
+    mag = (reference.group_scaled_matmul(a.abs(), codes, w_s) if group else
+           reference.int_matmul(a.abs(), codes).float() * w_s) * a_s[:, None] + b.abs()
+    assert_close_sum(out, ref, mag, 1024 // (group or 1024) + 8)
+
+
 @pytest.mark.parametrize("m,k,n,group", [(16, 1152, 256, 128), (8, 4608, 128, 64), (4, 3072, 128, 128)])
 def test_grouped_w4a8_model_widths(m, k, n, group):
     op, args = grouped_args(m, k, n, group, torch.bfloat16, seed=k)

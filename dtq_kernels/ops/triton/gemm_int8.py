@@ -18,7 +18,7 @@ constexpr W_INT4 loads the packed tile (half the weight bytes) and unpacks it in
 for the same int8 dot, so 4-bit weights are never expanded in memory.
 W_GROUPED: per-group weight scales [N, K/G] with BLOCK_K = G: each K-tile's dot starts from zero and is
 added to an fp32 accumulator times its group's scales (the per-group rescale inside the K loop).
-SPLIT_K > 1 (W4A16 at M <= 16): programs also split K; each writes its fp32 partial (scales applied)
+SPLIT_K > 1 (W4A16 and W4A8 at M <= 16): programs also split K; each writes its fp32 partial (scales applied)
 to a workspace that splitk_reduce_kernel sums in order, adds the bias to and casts.
 
 Configs are chosen per arch by a fixed heuristic, not @triton.autotune: the choice is deterministic,
@@ -256,6 +256,10 @@ W4A16_CONFIGS = {
     64: (GemmConfig(64, 256, 64, 8, 3), GemmConfig(64, 128, 64, 4, 4), GemmConfig(16, 64, 64, 2, 4)),
     128: (GemmConfig(64, 128, 128, 8, 3), GemmConfig(64, 64, 128, 4, 4), GemmConfig(16, 64, 128, 4, 4)),
 }
+# W4A8 at M <= 16 (packed int4 weights, per channel or per group): the same weight stream as W4A16, so
+# the same 16-row tile (mma.sync on every arch: wgmma needs 64 rows) and split-K.
+W4_SMALL_M_CONFIGS = {None: GemmConfig(16, 64, 128, 4, 4), 64: GemmConfig(16, 64, 64, 4, 4),
+                      128: GemmConfig(16, 64, 128, 4, 4)}
 # FP8 E4M3 x E4M3 (sm_89 / sm_90 only): the int8 tiles, except sm_90's 128x256, which spills with the
 # two-level accumulation (max_num_imprecise_acc keeps a second accumulator).
 FP8_CONFIGS = {90: CONFIGS[90][1:], 80: CONFIGS[80]}
@@ -296,8 +300,8 @@ def _split_k(c: GemmConfig, M: int, N: int, K: int, sms: int) -> GemmConfig:
 def choose_config(device: torch.device, M: int, N: int, two_region: bool, w_int4: bool = False, *,
                   kind: str | None = None, K: int = 0, group: int | None = None) -> GemmConfig:
     """The largest candidate tile that still gives every SM a program; small GEMMs (DiT-XL/2 at 256 px,
-    M=512) fall through to smaller tiles so more SMs work. W4A16 at M <= 16 takes the 16-row tile and
-    split-K."""
+    M=512) fall through to smaller tiles so more SMs work. W4A16 and W4A8 at M <= 16 take a 16-row tile
+    and split-K."""
     kind = kind or (TWO_REGION_KIND if two_region else W4 if w_int4 else INT8)
     if INTERPRETING or device.type != "cuda":
         return INTERPRETER_CONFIG if group is None else INTERPRETER_CONFIG._replace(block_k=group)
@@ -305,6 +309,8 @@ def choose_config(device: torch.device, M: int, N: int, two_region: bool, w_int4
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     if kind == W4A16 and M <= 16:
         return _split_k(candidates[-1], M, N, K, sms)
+    if kind == W4 and M <= 16:
+        return _split_k(W4_SMALL_M_CONFIGS[group], M, N, K, sms)
     for c in candidates:
         if triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n) >= sms:
             return c
@@ -418,6 +424,7 @@ def fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype):
 _MMA = {80: ["mma.sync"], 89: ["mma.sync"], 90: ["wgmma"]}
 _F16_MMA = {80: ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"],
             89: ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"], 90: [".f32.bf16.bf16"]}
+_MMA_SMALL = {a: ["mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32"] for a in (80, 89, 90)}
 _F16_MMA_SMALL = {a: ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"] for a in (80, 89, 90)}
 _FP8_MMA = {89: ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"],
             90: ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3"]}
@@ -465,6 +472,11 @@ AOT_SPECS = [
     *[_aot_spec(f"w4a16_gemm_g{g}" if g else "w4a16_gemm", c, _F16_MMA if c.block_m >= 64 else _F16_MMA_SMALL,
                 a_type="*bf16", W_INT4=True, A_KIND=A_16BIT, ASCALE=NO_ASCALE, W_GROUPED=g is not None,
                 EVEN_K=g is not None) for g, table in W4A16_CONFIGS.items() for c in table],
+    # W4A8 at M <= 16: 16-row tiles, split-K
+    *[_aot_spec(f"int8_gemm_w4_small_g{g}" if g else "int8_gemm_w4_small", c, _MMA_SMALL, W_INT4=True,
+                W_GROUPED=g is not None, EVEN_K=g is not None) for g, c in W4_SMALL_M_CONFIGS.items()],
+    _aot_spec("int8_gemm_w4_small_splitk4_g128", W4_SMALL_M_CONFIGS[128], _MMA_SMALL, W_INT4=True, W_GROUPED=True,
+              EVEN_K=True, SPLIT_K=4, HAS_BIAS=False),
     _aot_spec("w4a16_gemm_splitk4_g128", W4A16_CONFIGS[128][-1], _F16_MMA_SMALL, a_type="*bf16",
               W_INT4=True, A_KIND=A_16BIT, ASCALE=NO_ASCALE, W_GROUPED=True, EVEN_K=True, SPLIT_K=4, HAS_BIAS=False),
     dict(name="splitk_reduce", fn=splitk_reduce_kernel, num_warps=4,
