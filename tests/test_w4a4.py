@@ -343,7 +343,7 @@ def test_quant_linear_runs_the_w4a4_kernel(weight, act, group, rotate):
     spec = LinearQuantSpec(weight=weight, group_size=group, act=act, rotate=rotate, smooth=True)
     smooth = torch.rand(256) + 0.5
     q = QuantLinear.from_linear(lin, spec, smooth=smooth)
-    assert q.path == "w4a4-kernels" and "path=w4a4-kernels" in repr(q)
+    assert q.path == "w4a4_gemm" and "path=w4a4_gemm" in repr(q)
     assert q.qweight.shape == (96, 128) and q.qweight.dtype == torch.uint8 and q.wscale.shape == (96, 256 // group)
     assert q.weight_bytes() == 96 * 128 + 96 * (256 // group) * 4
     x = with_outliers(37, 256, torch.bfloat16)
@@ -364,7 +364,10 @@ def test_quant_linear_runs_the_w4a4_kernel(weight, act, group, rotate):
 
 def test_quant_linear_w4a4_paths_only_for_what_the_kernel_takes():
     from dtq_kernels.nn import LinearQuantSpec, QuantLinear
-    assert QuantLinear(256, 8, LinearQuantSpec(weight="int4", act="int4", group_size=128)).path == "w4a4-kernels"
+    assert QuantLinear(256, 8, LinearQuantSpec(weight="int4", act="int4", group_size=128)).path == "w4a4_gemm"
+    # static int4 activations with per-group int4 weights: the per-tensor int8 GEMM row, not W4A4
+    static = LinearQuantSpec(weight="int4", act="int4", group_size=64, act_mode="static")
+    assert QuantLinear(256, 8, static).path == "int8_gemm_grouped" and static.act_block_size is None
     # fp4 activations with int8 weights, or a group the kernel does not take (48): simulated, logged
     assert QuantLinear(96, 8, LinearQuantSpec(weight="int8", act="fp4_e2m1", group_size=32)).path == "dequant-matmul"
     assert QuantLinear(96, 8, LinearQuantSpec(weight="fp4_e2m1", act="fp4_e2m1", group_size=48)).path == \

@@ -23,6 +23,9 @@ class LinearQuantSpec:
     Hadamard rotation of the input (W rotated offline) — both fused into the activation quantizer.
     FP4 activations are quantized dynamically per token in blocks of group_size, and so are INT4
     activations of a W4A4 spec (4-bit weights, dynamic mode, group_size set): see act_block_size.
+    allow_simulated: run the layer on CUDA even when no kernel serves the spec, by the simulated
+    dequant-matmul path (see nn/linear.py PATHS); without it (or DTQ_ALLOW_SIMULATED=1) such a layer
+    raises on CUDA tensors. It changes no numbers, only whether the slow path may run.
     """
 
     weight: str = "int8"
@@ -34,6 +37,7 @@ class LinearQuantSpec:
     two_region_mode: str | None = None
     smooth: bool = False
     rotate: bool = False
+    allow_simulated: bool = False
 
     def __post_init__(self):
         if self.weight not in WEIGHT_FORMATS:

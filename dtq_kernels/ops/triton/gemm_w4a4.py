@@ -36,7 +36,7 @@ import triton.language as tl
 from ... import formats
 from .._dispatch import register_kernel
 from .common import INTERPRETING
-from .gemm_int8 import GemmConfig, _unique, first_filling, grouped_tile, round_to_bf16
+from .gemm_int8 import GemmConfig, _unique, device_sms, first_filling, grouped_tile, round_to_bf16
 
 
 @triton.jit
@@ -174,7 +174,9 @@ def choose_config(device: torch.device, M: int, N: int, group_size: int) -> Gemm
     if INTERPRETING or device.type != "cuda":
         c = INTERPRETER_CONFIG
     else:
-        c = first_filling(GROUP16_CONFIGS if group_size == 16 else CONFIGS, device, M, N)
+        table = GROUP16_CONFIGS if group_size == 16 else CONFIGS
+        c = first_filling(table[90 if torch.cuda.get_device_capability(device)[0] == 9 else 80], M, N,
+                          device_sms(device))
     return c._replace(block_k=block_k(group_size))
 
 
