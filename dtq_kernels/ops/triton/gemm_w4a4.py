@@ -244,6 +244,6 @@ def _aot_spec(cfg: GemmConfig, group_size: int, out: str = "bf16", prmt: bool = 
 
 AOT_SPECS = [*[_aot_spec(c, g) for c in _unique(CONFIGS) for g in (32, 128)],
              *[_aot_spec(c, 16) for c in _unique(GROUP16_CONFIGS)],
-             # the byte-permute decode on the largest tile of each table
-             _aot_spec(CONFIGS[90][0], 32, prmt=True), _aot_spec(CONFIGS[90][0], 128, prmt=True),
-             _aot_spec(GROUP16_CONFIGS[90][0], 16, prmt=True)]
+             # the byte-permute decode (off by default) on the largest tile; the other tiles and groups
+             # compiled without spills too when it was written (ptxas: 220-255 registers)
+             _aot_spec(CONFIGS[90][0], 32, prmt=True)]
