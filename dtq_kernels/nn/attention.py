@@ -30,6 +30,7 @@ log = logging.getLogger("dtq_kernels.nn.attention")
 
 # An additive mask entry at or below this is a masked key: exp(-1e4) underflows to 0 in fp32 softmax.
 MASKED_BIAS = -1e4
+PROCESSOR_MODES = ("dynamic", "static", "fp")
 STATIC_KEYS = ("q_scales", "k_scales", "v_scales", "p_scales", "bits", "heads")
 
 
@@ -44,6 +45,9 @@ def default_pv_format(device: torch.device) -> str:
 class QuantAttnProcessor:
     """Processor for one diffusers `Attention` module.
 
+    mode "fp": float attention (SDPA on [B, S, H, D] views); what a module whose q/k/v were fused into
+    one `to_qkv` (nn/fused.py) gets when its attention is not quantized. Every mode reads a fused
+    `to_qkv` when the module has one.
     mode "dynamic": no calibration. mode "static": `static` is a plan entry (QuantPlan.attention[name]:
     heads, bits, q_scales / k_scales / v_scales [G][H], p_mode "two_region" (p_scales [G][2], split
     mode) or "uniform" (p_scales [G][1])) and `group_idx` the int32 [1] device tensor holding the time
@@ -53,8 +57,8 @@ class QuantAttnProcessor:
 
     def __init__(self, mode: str = "dynamic", *, static: dict | None = None, group_idx: Any = None,
                  pv_format: str | None = None, smooth_k: bool = True, name: str = ""):
-        if mode not in ("dynamic", "static"):
-            raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
+        if mode not in PROCESSOR_MODES:
+            raise ValueError(f"mode must be one of {PROCESSOR_MODES}, got {mode!r}")
         if mode == "static":
             if static is None:
                 raise ValueError("mode='static' needs the calibrated settings (static=plan.attention[name])")
@@ -116,15 +120,18 @@ class QuantAttnProcessor:
     def _attend(self, attn, query, key, value, mask) -> torch.Tensor:
         """query [B, Sq, H, D], key / value [B, Sk, H, D] -> [B, Sq, H·D]."""
         B, Sq, H, D = query.shape
-        reason = None
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason, kpm = None, None
+        if self.mode == "fp":
+            pass  # float attention by choice, not a fallback
+        elif query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             reason = f"dtype {query.dtype} (the kernel takes fp16/bf16/fp32)"
         elif D > ops.attention_ops.MAX_HEAD_DIM:
             reason = f"head dim {D} > {ops.attention_ops.MAX_HEAD_DIM}"
-        kpm, mask_reason = (None, None) if reason else self.key_padding_mask(mask, B, key.shape[1])
-        reason = reason or mask_reason
-        if reason is not None:
-            self._fallback(reason)
+        else:
+            kpm, reason = self.key_padding_mask(mask, B, key.shape[1])
+        if reason is not None or self.mode == "fp":
+            if reason is not None:
+                self._fallback(reason)
             sdpa_mask = mask
             if mask is not None:  # as AttnProcessor2_0 does: [B·H or B, Sq or 1, Sk] -> [B, H or 1, ., Sk]
                 sdpa_mask = attn.prepare_attention_mask(mask, key.shape[1], B).view(B, attn.heads, -1, mask.shape[-1])
@@ -144,6 +151,21 @@ class QuantAttnProcessor:
                                              t["p_scales"], self._group_idx(), self.bits, self.p_mode, scale)
         return out.reshape(B, Sq, H * D)
 
+    def _attend_heads(self, attn, query, key, value, mask) -> torch.Tensor:
+        """q/k norms (they normalize the last (head) dim, so the [B, S, H, D] layout gives what [B, H, S, D]
+        gives), then attention -> [B, Sq, H·D] in q's dtype."""
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return self._attend(attn, query, key, value, mask).to(query.dtype)
+
+    def attend_qkv(self, attn, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention on a fused projection's output qkv [B, S, 3·H·D] (nn/fused.py): q, k and v are
+        [B, S, H, D] views of it, no copy or transpose -> [B, S, H·D] (before to_out)."""
+        from .fused import split_qkv
+        return self._attend_heads(attn, *split_qkv(qkv, attn.heads), mask)
+
     # ------------------------------------------------------------------ the diffusers protocol
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -160,23 +182,22 @@ class QuantAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
-        # q/k norms normalize the last (head) dim, so the [B, S, H, D] layout gives what [B, H, S, D] gives
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        hidden_states = self._attend(attn, query, key, value, attention_mask).to(query.dtype)
+        fused_qkv = getattr(attn, "to_qkv", None) if not hasattr(attn, "to_q") else None
+        if fused_qkv is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError(f"{self.name}: q/k/v are fused (self-attention), but encoder_hidden_states was given")
+            hidden_states = self.attend_qkv(attn, fused_qkv(hidden_states), attention_mask)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+            hidden_states = self._attend_heads(attn, query, key, value, attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

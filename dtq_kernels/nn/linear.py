@@ -196,8 +196,16 @@ class QuantLinear(torch.nn.Module):
         return ops.quantize_act(x, bits, self.smooth, s.rotate, None, None)
 
     def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
-        s, out_dtype = self.spec, x.dtype
         q, a_scale = self._quantize_input(x)
+        return self.forward_quantized(q, a_scale, x.dtype)
+
+    def forward_quantized(self, q: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM of the "int8-kernels" path on activation codes a producer already made (q int8 [M, K],
+        a_scale f32 [M] or [1]; None for two-region codes, whose scale is the table) with this layer's
+        quantizer (nn/fused.py: LayerNorm-modulate or GELU fused with the quantization) -> [M, N]."""
+        if self.path != "int8-kernels":
+            raise RuntimeError(f"forward_quantized needs the int8-kernels path; this layer runs {self.path}")
+        s = self.spec
         if s.act_mode == "two_region":
             return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self._codes(), self.wscale,
                                             self.bias, out_dtype)
