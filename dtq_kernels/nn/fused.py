@@ -13,7 +13,7 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
   the fused layer takes their elementwise maximum (no consumer clips more than it was calibrated to;
   logged with the largest ratio). The attention module then gets a `QuantAttnProcessor` that reads
   `to_qkv` ("fp" mode: float SDPA on the same views, unless quantized attention is installed).
-  `model.dtq_fused` records {fused path: [member paths]}; a checkpoint stores it and
+  `model.dtq_fused` records {fused path: {member path: width}}; a checkpoint stores it and
   `split_fused_state` turns a fused state dict back into the per-layer one, so checkpoints load
   fused or unfused either way.
 * Block rewrite (`FastBasicTransformerBlock`): a diffusers BasicTransformerBlock with adaLN-zero (DiT)
@@ -91,15 +91,20 @@ def fuse_linears(layers: list[QuantLinear]) -> QuantLinear:
 
 
 def _self_attentions(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from diffusers.models.attention_processor import Attention
+    """Plain self-attention modules: one input for q/k/v, and a processor whose work QuantAttnProcessor
+    does (SD3's joint attention, with its text-stream projections and processor, is left alone)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from .attention import QuantAttnProcessor
+    plain = (AttnProcessor, AttnProcessor2_0, QuantAttnProcessor)
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, Attention) and not m.is_cross_attention and all(hasattr(m, p) for p in QKV)}
+            if isinstance(m, Attention) and not m.is_cross_attention and m.added_kv_proj_dim is None
+            and type(m.processor) in plain and all(hasattr(m, p) for p in QKV)}
 
 
 def fuse_qkv(model: torch.nn.Module) -> dict[str, list[str]]:
     """Fuse q/k/v of every self-attention whose three projections can share one quantizer; install the
     fused-projection attention processor where the module has no dtq processor yet. Returns and records
-    in model.dtq_fused {"<attn>.to_qkv": ["<attn>.to_q", "<attn>.to_k", "<attn>.to_v"]}."""
+    in model.dtq_fused {"<attn>.to_qkv": {"<attn>.to_q": out_features, "<attn>.to_k": ..., "<attn>.to_v": ...}}."""
     from .attention import QuantAttnProcessor
     fused_map = dict(getattr(model, "dtq_fused", {}))
     skipped = {}
@@ -114,7 +119,7 @@ def fuse_qkv(model: torch.nn.Module) -> dict[str, list[str]]:
             delattr(attn, p)
         if not isinstance(attn.processor, QuantAttnProcessor):
             attn.set_processor(QuantAttnProcessor("fp", name=name))
-        fused_map[f"{name}.{FUSED_QKV}"] = [f"{name}.{p}" for p in QKV]
+        fused_map[f"{name}.{FUSED_QKV}"] = {f"{name}.{p}": m.out_features for p, m in zip(QKV, members)}
     if skipped:
         first = next(iter(skipped))
         log.info("QKV fusion: %d self-attention modules keep separate q/k/v (e.g. %s: %s)", len(skipped), first,
@@ -123,14 +128,14 @@ def fuse_qkv(model: torch.nn.Module) -> dict[str, list[str]]:
     return fused_map
 
 
-def split_fused_state(state: dict[str, torch.Tensor], fused: dict[str, list[str]],
-                      out_features: dict[str, int]) -> dict[str, torch.Tensor]:
+def split_fused_state(state: dict[str, torch.Tensor], fused: dict[str, dict[str, int]]) -> dict[str, torch.Tensor]:
     """The per-layer state dict of a model saved with fused layers: each "<fused>.<buffer>" split along
-    its output channels into its members (out_features: member path -> width). Buffers without an
-    output-channel axis (smooth, act_table: shared by construction) are copied to every member."""
+    its output channels into its members (fused: {fused path: {member path: out_features}}, as
+    model.dtq_fused records it). Buffers without an output-channel axis (smooth, act_table: shared by
+    construction) are copied to every member."""
     out = dict(state)
-    for fused_name, members in fused.items():
-        widths = [out_features[m] for m in members]
+    for fused_name, member_widths in fused.items():
+        members, widths = list(member_widths), list(member_widths.values())
         prefix = fused_name + "."
         for key in [k for k in state if k.startswith(prefix)]:
             buf, t = key[len(prefix):], out.pop(key)
@@ -178,7 +183,7 @@ def ln_modulate_into(layer: torch.nn.Module, norm: torch.nn.LayerNorm, x: torch.
     if not _fusable(layer):
         return layer(ln_modulate_plain(norm, x, shift, scale))
     # shift / scale are chunks of the adaLN output: [B, C] slices, contiguous copies of B·C elements
-    q, a_scale = ops.layernorm_modulate_quantize(x.reshape(B * S, C), shift.contiguous(), scale.contiguous(), S,
+    q, a_scale = ops.layernorm_modulate_quantize(x.reshape(B * S, C).contiguous(), shift.contiguous(), scale.contiguous(), S,
                                                  float(norm.eps),
                                                  *_quantizer_args(layer))
     return layer.forward_quantized(q, a_scale, x.dtype).view(B, S, -1)

@@ -29,7 +29,7 @@ _logged: set[tuple[str, str]] = set()
 
 def _log_path_once(spec: LinearQuantSpec, path: str) -> None:
     key = (spec.name + spec.act_mode, path)
-    if key not in _logged:
+    if not torch.compiler.is_compiling() and key not in _logged:  # (logging would break a compiled graph)
         _logged.add(key)
         level = logging.INFO if path == "int8-kernels" else logging.WARNING
         log.log(level, "QuantLinear %s (%s): %s path%s", spec.name, spec.act_mode, path,
@@ -205,6 +205,7 @@ class QuantLinear(torch.nn.Module):
         quantizer (nn/fused.py: LayerNorm-modulate or GELU fused with the quantization) -> [M, N]."""
         if self.path != "int8-kernels":
             raise RuntimeError(f"forward_quantized needs the int8-kernels path; this layer runs {self.path}")
+        _log_path_once(self.spec, self.path)
         s = self.spec
         if s.act_mode == "two_region":
             return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self._codes(), self.wscale,

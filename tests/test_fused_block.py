@@ -1,0 +1,197 @@
+"""The fast block path (nn/fused.py): QKV fusion, one quantization per shared input, LN / GELU fused with
+the quantization. On the reference backend it must give the per-layer path's numbers bit for bit, run
+exactly the ops it promises, survive checkpoints either way and compile without graph breaks."""
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("diffusers")
+
+import dtq_kernels as dtq  # noqa: E402
+from dtq_kernels.nn import QuantLinear  # noqa: E402
+from dtq_kernels.nn.attention import QuantAttnProcessor, set_quant_attention  # noqa: E402
+from dtq_kernels.nn.fused import fast_block_class, fuse_linears  # noqa: E402
+from dtq_kernels.plan import LayerPlan  # noqa: E402
+from helpers_models import (dit_inputs, rel, run_dit, sd3_inputs, tiny_dit, tiny_pixart, tiny_sd3,  # noqa: E402
+                            uniform_plan)
+
+S = dtq.LinearQuantSpec
+TABLE = torch.linspace(0.02, 0.06, 10).tolist()
+
+
+def _two_region_fc2(m):
+    """W8A8 dynamic everywhere, fc2 (post-GELU) two-region sign mode per time group."""
+    plan = uniform_plan(m, S(), time_groups=2)
+    spec = S(act_mode="two_region", two_region_mode="sign", time_groups=2)
+    for n in plan.layers:
+        if n.endswith("ff.net.2"):
+            plan.layers[n] = LayerPlan(spec, [[0.03, 0.17 / 128], [0.05, 0.17 / 128]])
+    return plan
+
+
+PLANS = {
+    "w8a8-dynamic": lambda m: uniform_plan(m, S()),
+    "w8a8-static-10-groups": lambda m: uniform_plan(m, S(act_mode="static", time_groups=10), TABLE, 10),
+    "w4a8-packed-rotated": lambda m: uniform_plan(m, S(weight="int4", rotate=True)),
+    "w8a8-asymmetric-weights": lambda m: uniform_plan(m, S(weight_symmetric=False)),
+    "two-region-fc2": _two_region_fc2,
+    "fp4-dequant-matmul": lambda m: uniform_plan(m, S(weight="fp4_e2m1", act="fp4_e2m1", group_size=32)),
+}
+
+
+def _pair(build, plan_fn):
+    fused, per_layer = build(), build()
+    dtq.quantize(fused, plan_fn(fused))
+    dtq.quantize(per_layer, plan_fn(per_layer), fuse=False)
+    return fused, per_layer
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_fast_dit_block_is_bit_identical_to_the_per_layer_path(name):
+    fused, per_layer = _pair(tiny_dit, PLANS[name])
+    block = fused.transformer_blocks[0]
+    assert isinstance(block, fast_block_class())
+    assert isinstance(block.attn1.to_qkv, QuantLinear) and not hasattr(block.attn1, "to_q")
+    for t in (120, 870):  # two time groups for the static / two-region plans
+        a, b = run_dit(fused, **dit_inputs(t=t)), run_dit(per_layer, **dit_inputs(t=t))
+        assert torch.equal(a, b), (name, t, float((a - b).abs().max()))
+
+
+def test_fast_pixart_block_with_cross_attention_is_bit_identical():
+    fused, per_layer = _pair(tiny_pixart, PLANS["w8a8-static-10-groups"])
+    assert isinstance(fused.transformer_blocks[0], fast_block_class())
+    assert hasattr(fused.transformer_blocks[0].attn2, "to_q")  # cross-attention keeps its projections
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 7, 32,
+              generator=g), timestep=torch.tensor([300, 300]))
+    with torch.no_grad():
+        assert torch.equal(fused(**kw).sample, per_layer(**kw).sample)
+
+
+def test_fast_path_with_quantized_attention_matches_the_per_layer_path():
+    fused, per_layer = _pair(tiny_dit, PLANS["w8a8-dynamic"])
+    for m in (fused, per_layer):
+        set_quant_attention(m)
+    a, b = run_dit(fused, **dit_inputs()), run_dit(per_layer, **dit_inputs())
+    # the same int8 Q/K codes; P·V summed in fp32 over differently strided V: equal to fp32 rounding
+    assert rel(a, b) < 1e-6
+
+
+def test_sd3_joint_blocks_keep_the_per_layer_path(caplog):
+    caplog.set_level("INFO", logger="dtq_kernels.nn")
+    fused, per_layer = _pair(tiny_sd3, lambda m: uniform_plan(m, S()))
+    assert hasattr(fused.transformer_blocks[0].attn, "to_q") and fused.dtq_fused == {}
+    assert "keep the per-layer path" in caplog.text and "JointTransformerBlock" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(fused(**sd3_inputs()).sample, per_layer(**sd3_inputs()).sample)
+
+
+# ------------------------------------------------------------------------------------ QKV fusion
+
+def test_fuse_linears_concatenates_channels_and_takes_the_larger_static_table():
+    torch.manual_seed(0)
+    spec = S(act_mode="static", time_groups=2)
+    lins = [torch.nn.Linear(64, n) for n in (32, 32, 48)]
+    tables = [[0.02, 0.03], [0.025, 0.01], [0.02, 0.03]]
+    parts = [QuantLinear.from_linear(lin, spec, t) for lin, t in zip(lins, tables)]
+    fused = fuse_linears(parts)
+    assert fused.out_features == 112
+    assert torch.equal(fused.act_table, torch.tensor([0.025, 0.03]))
+    assert torch.equal(fused.wscale, torch.cat([p.wscale for p in parts]))
+    other = QuantLinear.from_linear(lins[0], S(), None)
+    with pytest.raises(ValueError, match="different quantization specs"):
+        fuse_linears([parts[0], other])
+
+
+# ---------------------------------------------------------------------------------- kernel count
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dtq ops and float matmuls / SDPA while `active` (inner ops of a dtq op are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts, self.active = Counter(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if self.active and (name.startswith("dtq::") or name in MATMULS or "scaled_dot_product" in name):
+            self.counts["sdpa" if "scaled_dot_product" in name else name.split("::")[1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_block_ops(model) -> Counter:
+    counter = OpCounter()
+    block = model.transformer_blocks[0]
+    hooks = [block.register_forward_pre_hook(lambda *a: setattr(counter, "active", True)),
+             block.register_forward_hook(lambda *a: setattr(counter, "active", False))]
+    with counter:
+        run_dit(model, **dit_inputs())
+    for h in hooks:
+        h.remove()
+    return counter.counts
+
+
+@pytest.mark.parametrize("plan_name,quant_attention", [("w8a8-dynamic", False), ("w8a8-dynamic", True),
+                                                        ("w8a8-static-10-groups", False)])
+def test_w8a8_dit_block_runs_exactly_the_fused_ops(plan_name, quant_attention):
+    fused, per_layer = _pair(tiny_dit, PLANS[plan_name])
+    if quant_attention:
+        set_quant_attention(fused)
+    counts = _count_block_ops(fused)
+    # adaLN stays FP: timestep embedder (2 Linear) + the modulation Linear: the only float matmuls
+    fp_linears = sum(type(m) is torch.nn.Linear for m in fused.transformer_blocks[0].modules())
+    assert fp_linears == 3
+    attention = {"quant_attention": 1} if quant_attention else {"sdpa": 1}
+    assert counts == Counter({"layernorm_modulate_quantize": 2,  # attention input, MLP input
+                              "int8_gemm": 4,                    # to_qkv, to_out, fc1, fc2
+                              "quantize_act": 1,                 # to_out's input (the attention output)
+                              "gelu_quantize": 1,                # fc2's input
+                              "addmm": fp_linears, **attention}), counts
+    assert isinstance(fused.transformer_blocks[0].attn1.processor, QuantAttnProcessor)
+    unfused = _count_block_ops(per_layer)
+    assert unfused["quantize_act"] == 6 and unfused["int8_gemm"] == 6 and "layernorm_modulate_quantize" not in unfused
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("save_fused", [True, False])
+def test_checkpoint_loads_fused_or_unfused_either_way(tmp_path, save_fused):
+    m = tiny_dit()
+    plan = PLANS["w8a8-static-10-groups"](m)
+    dtq.quantize(m, plan, fuse=save_fused)
+    ref = run_dit(m, **dit_inputs(t=640))
+    dtq.save_quantized(m, tmp_path)
+    for fuse in (True, False):
+        fresh = tiny_dit(seed=7)
+        dtq.load_quantized(fresh, tmp_path, fuse=fuse)
+        assert hasattr(fresh.transformer_blocks[0].attn1, "to_qkv") == fuse
+        assert torch.equal(run_dit(fresh, **dit_inputs(t=640)), ref)
+
+
+# ------------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("plan_name", ["w8a8-dynamic", "w8a8-static-10-groups"])
+def test_quantized_dit_compiles_fullgraph(plan_name):
+    torch._dynamo.reset()
+    m = tiny_dit(layers=1)
+    dtq.quantize(m, PLANS[plan_name](m))
+    set_quant_attention(m)
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager (the reference ops run), counting the graphs made
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    made = []
+    for t in (130, 830):  # a time-group switch: read on the device, no recompilation
+        kw = dit_inputs(t=t)
+        with torch.no_grad():
+            assert torch.equal(compiled(**kw).sample, m(**kw).sample)
+        made.append(len(graphs))
+    assert made[0] >= 1 and made[1] == made[0], made
