@@ -16,11 +16,11 @@ import torch
 # (attn.to_*) and the text stream (attn.add_*_proj, attn.to_add_out) attend together, so both are
 # "qkv" / "attn_out"; ff_context is the text stream's MLP. Flux single blocks: proj_mlp feeds a GELU
 # (fc1); proj_out reads [attention output, GELU(mlp)] concatenated, so it is no pure post-GELU input.
-# to_qkv: q/k/v fused after quantization (nn/fused.py).
+# to_qkv / to_added_qkv: q/k/v fused after quantization (nn/fused.py).
 _ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_qkv", "qkv"), ("attn1.to_out.0", "attn_out"),
           ("attn2.to_q", "cross_q"), ("attn2.to_k", "cross_kv"), ("attn2.to_v", "cross_kv"),
           ("attn2.to_out.0", "attn_out"), ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2"),
-          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.to_qkv", "qkv"), ("attn.add_q_proj", "qkv"),
+          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.to_qkv", "qkv"), ("attn.to_added_qkv", "qkv"), ("attn.add_q_proj", "qkv"),
           ("attn.add_k_proj", "qkv"), ("attn.add_v_proj", "qkv"), ("attn.to_out.0", "attn_out"),
           ("attn.to_add_out", "attn_out"), ("ff_context.net.0.proj", "fc1"), ("ff_context.net.2", "fc2"),
           ("proj_mlp", "fc1"), ("proj_out", "attn_out_mlp"))

@@ -3,15 +3,16 @@
 Applied by `dtq.quantize` (and `load_quantized`) after the plan's layers are installed; `fuse=False`
 keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
 
-* QKV fusion (`fuse_qkv`): a self-attention's to_q / to_k / to_v QuantLinears (one input) become one
+* QKV fusion (`fuse_qkv`): an attention's to_q / to_k / to_v QuantLinears (one input) become one
   `to_qkv` QuantLinear over the concatenated output channels: one activation quantization, one GEMM,
-  the split is a view of its output. Calibration still sees and scales the three layers separately;
+  the split is a view of its output; SD3 / Flux's text-stream add_q/k/v_proj likewise become
+  `to_added_qkv` (diffusers' own fused-projection processors read both). Calibration still sees and scales the three layers separately;
   the fusion happens after the plan is applied. Per-output-channel weight scales (and zero points,
   biases) concatenate. Their activation quantizers must agree: the same spec and the same smoothing
   vector (ViDiT-Q smoothing computes one per layer, so a smoothed q/k/v stays unfused, logged), and
   one static table: the three tables describe one input, and where calibration left them different
   the fused layer takes their elementwise maximum (no consumer clips more than it was calibrated to;
-  logged with the largest ratio). The attention module then gets a `QuantAttnProcessor` that reads
+  logged with the largest ratio). A plain self-attention then gets a `QuantAttnProcessor` that reads
   `to_qkv` ("fp" mode: float SDPA on the same views, unless quantized attention is installed).
   `model.dtq_fused` records {fused path: {member path: width}}; a checkpoint stores it and
   `split_fused_state` turns a fused state dict back into the per-layer one, so checkpoints load
@@ -32,6 +33,7 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,8 @@ from .linear import QuantLinear
 log = logging.getLogger("dtq_kernels.nn")
 
 QKV = ("to_q", "to_k", "to_v")
-FUSED_QKV = "to_qkv"
+ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")  # SD3 / Flux text stream
+FUSED_QKV, FUSED_ADDED_QKV = "to_qkv", "to_added_qkv"
 
 
 # ------------------------------------------------------------------------------------------ QKV fusion
@@ -90,39 +93,67 @@ def fuse_linears(layers: list[QuantLinear]) -> QuantLinear:
     return fused
 
 
-def _self_attentions(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Plain self-attention modules: one input for q/k/v, and a processor whose work QuantAttnProcessor
-    does (SD3's joint attention, with its text-stream projections and processor, is left alone)."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list[tuple[str, tuple]], Any]]:
+    """{module path: (attention module, [(fused attribute, member attributes)], how its processor learns of
+    the fusion)} for the attention modules whose processor can read fused projections:
+    * plain self-attention (DiT, PixArt attn1; AttnProcessor(2_0) or QuantAttnProcessor): one `to_qkv`,
+      read by QuantAttnProcessor ("fp" mode unless quantized attention is installed);
+    * SD3 joint attention (JointAttnProcessor2_0, no q/k norms): `to_qkv` + `to_added_qkv` (the text
+      stream), read by diffusers' FusedJointAttnProcessor2_0 (which has no q/k norms, hence the condition);
+    * Flux attention (FluxAttnProcessor): `to_qkv` (+ `to_added_qkv` in double-stream blocks), which the
+      processor reads itself once `fused_projections` is set.
+    Cross-attention (PixArt attn2: q from the image, k/v from the caption) has no shared input for q."""
+    from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
+                                                      JointAttnProcessor2_0)
     from .attention import QuantAttnProcessor
-    plain = (AttnProcessor, AttnProcessor2_0, QuantAttnProcessor)
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, Attention) and not m.is_cross_attention and m.added_kv_proj_dim is None
-            and type(m.processor) in plain and all(hasattr(m, p) for p in QKV)}
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+    except ImportError:  # older diffusers: no FluxAttention class
+        FluxAttention = FluxAttnProcessor = None
+    targets = {}
+    for name, m in model.named_modules():
+        proc = getattr(m, "processor", None)
+        if isinstance(m, Attention) and not m.is_cross_attention and m.added_kv_proj_dim is None \
+                and type(proc) in (AttnProcessor, AttnProcessor2_0, QuantAttnProcessor):
+            targets[name] = (m, [(FUSED_QKV, QKV)], "dtq")
+        elif isinstance(m, Attention) and type(proc) is JointAttnProcessor2_0 and m.added_kv_proj_dim is not None \
+                and m.norm_q is None and m.norm_added_q is None:
+            targets[name] = (m, [(FUSED_QKV, QKV), (FUSED_ADDED_QKV, ADDED_QKV)], "sd3")
+        elif FluxAttention is not None and isinstance(m, FluxAttention) and type(proc) is FluxAttnProcessor:
+            groups = [(FUSED_QKV, QKV)] + ([(FUSED_ADDED_QKV, ADDED_QKV)] if m.added_kv_proj_dim is not None else [])
+            targets[name] = (m, groups, "flux")
+    return {n: t for n, t in targets.items() if all(hasattr(t[0], a) for _, members in t[1] for a in members)}
 
 
-def fuse_qkv(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Fuse q/k/v of every self-attention whose three projections can share one quantizer; install the
-    fused-projection attention processor where the module has no dtq processor yet. Returns and records
-    in model.dtq_fused {"<attn>.to_qkv": {"<attn>.to_q": out_features, "<attn>.to_k": ..., "<attn>.to_v": ...}}."""
+def fuse_qkv(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Fuse q/k/v (and the text stream's add_q/k/v) of every attention module `_fusion_targets` lists
+    whose projections can share one quantizer, and point its processor at the fused layers. Returns and
+    records in model.dtq_fused {"<attn>.to_qkv": {"<attn>.to_q": out_features, ...}, ...}."""
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
     from .attention import QuantAttnProcessor
     fused_map = dict(getattr(model, "dtq_fused", {}))
     skipped = {}
-    for name, attn in _self_attentions(model).items():
-        members = [getattr(attn, p) for p in QKV]
-        reason = fusion_obstacle(members)
+    for name, (attn, groups, reader) in _fusion_targets(model).items():
+        reason = next((r for _, members in groups if (r := fusion_obstacle([getattr(attn, a) for a in members]))),
+                      None)
         if reason is not None:
             skipped[name] = reason
             continue
-        attn.to_qkv = fuse_linears(members)
-        for p in QKV:
-            delattr(attn, p)
-        if not isinstance(attn.processor, QuantAttnProcessor):
+        for fused_attr, members in groups:
+            layers = [getattr(attn, a) for a in members]
+            setattr(attn, fused_attr, fuse_linears(layers))
+            for a in members:
+                delattr(attn, a)
+            fused_map[f"{name}.{fused_attr}"] = {f"{name}.{a}": m.out_features for a, m in zip(members, layers)}
+        if reader == "dtq" and not isinstance(attn.processor, QuantAttnProcessor):
             attn.set_processor(QuantAttnProcessor("fp", name=name))
-        fused_map[f"{name}.{FUSED_QKV}"] = {f"{name}.{p}": m.out_features for p, m in zip(QKV, members)}
+        elif reader == "sd3":
+            attn.set_processor(FusedJointAttnProcessor2_0())
+        elif reader == "flux":
+            attn.fused_projections = True
     if skipped:
         first = next(iter(skipped))
-        log.info("QKV fusion: %d self-attention modules keep separate q/k/v (e.g. %s: %s)", len(skipped), first,
+        log.info("QKV fusion: %d attention modules keep separate projections (e.g. %s: %s)", len(skipped), first,
                  skipped[first])
     model.dtq_fused = fused_map
     return fused_map
