@@ -13,7 +13,7 @@ output written in bf16, two residual updates (read + write). Elementwise work (L
 GELU) is assumed fused into its neighbours (dtq's fused quantizers, inductor): a lower bound. Time floor =
 max(compute, bytes / bandwidth).
 
-  block (tokens), batch 2     | GFLOP GEMM / attn | MB bf16 / W8A8 / W4A8 | floor us: bf16 | W8A8 | W8A8+qattn | W4A8+qattn
+  block (tokens), batch 2     | GFLOP GEMM / attn | MB bf16 / W8A8 / W4A8 | floor us: bf16 | W8A8 | +qattn | W4A8+qattn
   DiT-XL/2 256 px (256)       |    16.3 /   0.6   |    84 /   60 /   52   |      25        |   18 |     18     |     16
   DiT-XL/2 512 px (1024)      |    65.2 /   9.7   |   194 /  145 /  137   |      76        |   43 |     43     |     41
   PixArt-Σ 1024 px (4096+300) |   307.6 / 165.9   |   682 /  527 /  517   |     479        |  323 |    239     |    239
@@ -187,7 +187,8 @@ def _pixart_inputs(model, batch, device, dtype, caption_tokens):
 def _flux_inputs(model, batch, device, dtype, image_tokens, text_tokens):
     cfg, g = model.config, torch.Generator().manual_seed(0)
     kw = dict(hidden_states=torch.randn(batch, image_tokens, cfg.in_channels, generator=g).to(device, dtype),
-              encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=g).to(device, dtype),
+              encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim,
+                                                generator=g).to(device, dtype),
               pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(device, dtype),
               timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
               img_ids=torch.zeros(image_tokens, 3, device=device), txt_ids=torch.zeros(text_tokens, 3, device=device))

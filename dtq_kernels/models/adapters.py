@@ -1,6 +1,6 @@
 """Model adapters: what dtq needs to know about each diffusers transformer.
 
-Which Linear layers are quantized and which stay floating point (ALGORITHMS.md "Kept FP": adaLN,
+Which Linear layers are quantized and which stay floating point (docs/methods.md, "Kept in floating point": adaLN,
 timestep/label/caption embedders, patch embedding, final layer), the role of each quantized layer (the
 calibration methods treat qkv, attention out-proj, fc1 and the post-GELU fc2 differently), where the
 timestep comes from in forward(), and how it maps onto the 0..T training timesteps.
@@ -17,10 +17,12 @@ import torch
 # "qkv" / "attn_out"; ff_context is the text stream's MLP. Flux single blocks: proj_mlp feeds a GELU
 # (fc1); proj_out reads [attention output, GELU(mlp)] concatenated, so it is no pure post-GELU input.
 # to_qkv / to_added_qkv: q/k/v fused after quantization (nn/fused.py).
-_ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_qkv", "qkv"), ("attn1.to_out.0", "attn_out"),
+_ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_qkv", "qkv"),
+          ("attn1.to_out.0", "attn_out"),
           ("attn2.to_q", "cross_q"), ("attn2.to_k", "cross_kv"), ("attn2.to_v", "cross_kv"),
           ("attn2.to_out.0", "attn_out"), ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2"),
-          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.to_qkv", "qkv"), ("attn.to_added_qkv", "qkv"), ("attn.add_q_proj", "qkv"),
+          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.to_qkv", "qkv"),
+          ("attn.to_added_qkv", "qkv"), ("attn.add_q_proj", "qkv"),
           ("attn.add_k_proj", "qkv"), ("attn.add_v_proj", "qkv"), ("attn.to_out.0", "attn_out"),
           ("attn.to_add_out", "attn_out"), ("ff_context.net.0.proj", "fc1"), ("ff_context.net.2", "fc2"),
           ("proj_mlp", "fc1"), ("proj_out", "attn_out_mlp"))

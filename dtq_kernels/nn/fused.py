@@ -6,9 +6,9 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
 * QKV fusion (`fuse_qkv`): an attention's to_q / to_k / to_v QuantLinears (one input) become one
   `to_qkv` QuantLinear over the concatenated output channels: one activation quantization, one GEMM,
   the split is a view of its output; SD3 / Flux's text-stream add_q/k/v_proj likewise become
-  `to_added_qkv` (diffusers' own fused-projection processors read both). Calibration still sees and scales the three layers separately;
-  the fusion happens after the plan is applied. Per-output-channel weight scales (and zero points,
-  biases) concatenate. Their activation quantizers must agree: the same spec and the same smoothing
+  `to_added_qkv` (diffusers' own fused-projection processors read both). Calibration still sees and
+  scales the three layers separately: the fusion happens after the plan is applied. Per-output-channel
+  weight scales (and zero points, biases) concatenate. Their activation quantizers must agree: the same spec and the same smoothing
   vector (ViDiT-Q smoothing computes one per layer, so a smoothed q/k/v stays unfused, logged), and
   one static table: the three tables describe one input, and where calibration left them different
   the fused layer takes their elementwise maximum (no consumer clips more than it was calibrated to;
@@ -214,9 +214,8 @@ def ln_modulate_into(layer: torch.nn.Module, norm: torch.nn.LayerNorm, x: torch.
     if not _fusable(layer):
         return layer(ln_modulate_plain(norm, x, shift, scale))
     # shift / scale are chunks of the adaLN output: [B, C] slices, contiguous copies of B·C elements
-    q, a_scale = ops.layernorm_modulate_quantize(x.reshape(B * S, C).contiguous(), shift.contiguous(), scale.contiguous(), S,
-                                                 float(norm.eps),
-                                                 *_quantizer_args(layer))
+    q, a_scale = ops.layernorm_modulate_quantize(x.reshape(B * S, C).contiguous(), shift.contiguous(),
+                                                 scale.contiguous(), S, float(norm.eps), *_quantizer_args(layer))
     return layer.forward_quantized(q, a_scale, x.dtype).view(B, S, -1)
 
 
