@@ -120,7 +120,10 @@ def load_quantized(model: torch.nn.Module, path: str | Path, fuse: bool = True) 
     state = _load_tensors(path / MODEL_FILE)
     linears = check_plan_fits(model, plan)
     fused = meta.get("fused_linears") or {}
-    widths = {m: w for group in fused.values() for m, w in group.items()} if isinstance(fused, dict) else {None: 0}
+    try:
+        widths = {m: int(w) for group in fused.values() for m, w in group.items()}
+    except (AttributeError, TypeError, ValueError):
+        widths = {None: 0}  # not {fused: {member: width}}: reported below
     if any(m not in linears or linears[m].out_features != w for m, w in widths.items()):
         raise CheckpointError(f"{path / PLAN_FILE}: fused_linears does not match the plan's layers")
     state = split_fused_state(state, fused)

@@ -175,6 +175,22 @@ def test_checkpoint_loads_fused_or_unfused_either_way(tmp_path, save_fused):
         assert torch.equal(run_dit(fresh, **dit_inputs(t=640)), ref)
 
 
+def test_checkpoint_with_a_wrong_fusion_record_is_refused(tmp_path):
+    import json
+    from dtq_kernels.checkpoint import CheckpointError
+    m = tiny_dit()
+    dtq.quantize(m, PLANS["w8a8-dynamic"](m))
+    dtq.save_quantized(m, tmp_path)
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    group = meta["fused_linears"]["transformer_blocks.0.attn1.to_qkv"]
+    group["transformer_blocks.0.attn1.to_q"] += 1
+    (tmp_path / "plan.json").write_text(json.dumps(meta))
+    fresh = tiny_dit()
+    with pytest.raises(CheckpointError, match="fused_linears"):
+        dtq.load_quantized(fresh, tmp_path)
+    assert not any(isinstance(x, QuantLinear) for x in fresh.modules())
+
+
 # ------------------------------------------------------------------------------- torch.compile
 
 @pytest.mark.parametrize("plan_name", ["w8a8-dynamic", "w8a8-static-10-groups"])
