@@ -63,8 +63,9 @@ class ModelAdapter:
         return t * self.num_train_timesteps if self.flow_matching else t
 
     def attention_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """diffusers `Attention` modules (the quantized attention processor's hook points). Flux's
-        `FluxAttention` has its own processor interface and is not listed: its attention stays FP."""
+        """diffusers `Attention` modules (the quantized attention processor's hook points, and what
+        attention calibration covers). Flux's `FluxAttention` has its own processor interface and is not
+        listed: it gets dynamic quantized attention only (nn.attention.QuantFluxAttnProcessor)."""
         from diffusers.models.attention_processor import Attention
         return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
 

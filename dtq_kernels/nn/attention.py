@@ -13,6 +13,8 @@ per-query or per-head mask, a general additive bias, head dims over 128, float64
 torch SDPA, logged once per module and reason, and counted in `processor.fallbacks`.
 A query whose keys are all masked gets zeros from the kernel where SDPA averages over all keys.
 
+`QuantFluxAttnProcessor` does the same for Flux's `FluxAttention` (dynamic mode).
+
 `set_quant_attention(model, settings=None, group_idx=None)` installs processors module by module:
 DiTTransformer2DModel has no set_attn_processor, and per-module installation also serves PixArt.
 """
@@ -136,9 +138,10 @@ class QuantAttnProcessor:
             if mask is not None:  # as AttnProcessor2_0 does: [B·H or B, Sq or 1, Sk] -> [B, H or 1, ., Sk]
                 sdpa_mask = attn.prepare_attention_mask(mask, key.shape[1], B).view(B, attn.heads, -1, mask.shape[-1])
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                 attn_mask=sdpa_mask, scale=attn.scale)
+                                                 attn_mask=sdpa_mask, scale=getattr(attn, "scale", None))
             return out.transpose(1, 2).reshape(B, Sq, H * D)
-        scale = float(attn.scale)
+        # FluxAttention has no `scale`: 1/sqrt(D), as its own processor uses
+        scale = float(attn.scale) if hasattr(attn, "scale") else None
         if self.mode == "dynamic":
             out = ops.quant_attention(query, key, value, kpm, scale,
                                       self.pv_format or default_pv_format(query.device), self.smooth_k)
@@ -207,27 +210,75 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class QuantFluxAttnProcessor(QuantAttnProcessor):
+    """Processor for Flux's `FluxAttention` (double-stream blocks: image + text streams attending
+    together; single-stream blocks): diffusers' FluxAttnProcessor (separate or fused projections,
+    RMS q/k norms, text tokens first, rotary embeddings on [B, S, H, D]) with the attention itself run by
+    dtq.quant_attention ("dynamic" mode; static per-head tables are not calibrated for Flux)."""
+
+    def __init__(self, mode: str = "dynamic", **kwargs):
+        if mode == "static":
+            raise ValueError("Flux attention has no calibrated static settings: use mode='dynamic' (or 'fp')")
+        super().__init__(mode, **kwargs)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+        query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            enc_q, enc_k, enc_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (enc_q, enc_k, enc_v))
+            enc_q, enc_k = attn.norm_added_q(enc_q), attn.norm_added_k(enc_k)
+            query, key, value = (torch.cat(p, dim=1) for p in ((enc_q, query), (enc_k, key), (enc_v, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(attn, query, key, value, attention_mask).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text = encoder_hidden_states.shape[1]
+        enc_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(enc_out.contiguous())
+
+
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
     return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def flux_attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+    except ImportError:  # a diffusers without FluxAttention
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, FluxAttention)}
 
 
 def set_quant_attention(model: torch.nn.Module, settings: dict[str, dict] | None = None, group_idx: Any = None, *,
                         pv_format: str | None = None, smooth_k: bool = True) -> dict[str, QuantAttnProcessor]:
     """Install QuantAttnProcessor on the model's diffusers Attention modules, one by one; returns them.
 
-    settings None: the dynamic processor on every Attention module. settings {module path: plan entry}
+    settings None: the dynamic processor on every Attention module (and QuantFluxAttnProcessor on
+    Flux's FluxAttention modules). settings {module path: plan entry}
     (QuantPlan.attention): the static processor on exactly those modules; the others keep their
     processor (calibration skips cross-attention, whose P depends on a caption mask it does not see).
     group_idx (static only): the int32 [1] group tensor or the TimestepTracker; defaults to the tracker
     that dtq.quantize / attach_timestep_tracker put on the model (`model.dtq_timestep`).
     """
     modules = attention_modules(model)
-    if not modules:
+    flux = flux_attention_modules(model)
+    if not modules and not (flux and settings is None):
         raise ValueError(f"{type(model).__name__} has no diffusers Attention modules")
     if settings is None:
         procs = {name: QuantAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
                  for name in modules}
+        procs.update({name: QuantFluxAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
+                      for name in flux})
+        modules = {**modules, **flux}
     else:
         unknown = sorted(set(settings) - set(modules))
         if unknown:

@@ -100,12 +100,12 @@ def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, 
       read by QuantAttnProcessor ("fp" mode unless quantized attention is installed);
     * SD3 joint attention (JointAttnProcessor2_0, no q/k norms): `to_qkv` + `to_added_qkv` (the text
       stream), read by diffusers' FusedJointAttnProcessor2_0 (which has no q/k norms, hence the condition);
-    * Flux attention (FluxAttnProcessor): `to_qkv` (+ `to_added_qkv` in double-stream blocks), which the
-      processor reads itself once `fused_projections` is set.
+    * Flux attention (FluxAttnProcessor or QuantFluxAttnProcessor): `to_qkv` (+ `to_added_qkv` in
+      double-stream blocks), which the processor reads itself once `fused_projections` is set.
     Cross-attention (PixArt attn2: q from the image, k/v from the caption) has no shared input for q."""
     from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
                                                       JointAttnProcessor2_0)
-    from .attention import QuantAttnProcessor
+    from .attention import QuantAttnProcessor, QuantFluxAttnProcessor
     try:
         from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
     except ImportError:  # older diffusers: no FluxAttention class
@@ -119,7 +119,8 @@ def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, 
         elif isinstance(m, Attention) and type(proc) is JointAttnProcessor2_0 and m.added_kv_proj_dim is not None \
                 and m.norm_q is None and m.norm_added_q is None:
             targets[name] = (m, [(FUSED_QKV, QKV), (FUSED_ADDED_QKV, ADDED_QKV)], "sd3")
-        elif FluxAttention is not None and isinstance(m, FluxAttention) and type(proc) is FluxAttnProcessor:
+        elif FluxAttention is not None and isinstance(m, FluxAttention) \
+                and type(proc) in (FluxAttnProcessor, QuantFluxAttnProcessor):
             groups = [(FUSED_QKV, QKV)] + ([(FUSED_ADDED_QKV, ADDED_QKV)] if m.added_kv_proj_dim is not None else [])
             targets[name] = (m, groups, "flux")
     return {n: t for n, t in targets.items() if all(hasattr(t[0], a) for _, members in t[1] for a in members)}
