@@ -221,7 +221,8 @@ def ln_modulate_into(layer: torch.nn.Module, norm: torch.nn.LayerNorm, x: torch.
 
 
 def gelu_into(layer: torch.nn.Module, h: torch.Tensor, approximate: str, dropout: torch.nn.Module) -> torch.Tensor:
-    """layer(dropout(GELU(h))) with GELU fused into the layer's activation quantization when it can be."""
+    """layer(dropout(GELU(h))) with GELU fused into the layer's activation quantization when it can be
+    (the dropout is the identity in eval mode; in training mode the block runs diffusers' forward)."""
     if not _fusable(layer, gelu=True):
         return layer(dropout(F.gelu(h, approximate=approximate)))
     lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
@@ -246,6 +247,8 @@ def _block_obstacle(block: torch.nn.Module) -> str | None:
         return f"norm_type {block.norm_type!r} (the rewrite covers ada_norm_zero and ada_norm_single)"
     if block.pos_embed is not None or block.only_cross_attention:
         return "positional embedding inside the block or cross-attention-only attn1"
+    if block.norm_type == "ada_norm_zero" and block.attn2 is not None:
+        return "adaLN-zero with cross-attention (a LayerNorm before attn2 the rewrite does not run)"
     norms = (block.norm1.norm if block.norm_type == "ada_norm_zero" else block.norm1,
              block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2)
     if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is None for n in norms):
