@@ -103,12 +103,18 @@ def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candid
 
 def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: str,
                   candidates: list[torch.Tensor | None], quant: ActQuant, init: list[float | None],
-                  rounds: int = 3) -> tuple[torch.Tensor, list[float | None], list[float]]:
+                  rounds: int = 3, out_weights: list[torch.Tensor | None] | None = None
+                  ) -> tuple[torch.Tensor, list[float | None], list[float]]:
     """Alternating W / A search for one linear layer with per-group activation parameters.
 
     rows[g]: calibration input rows of group g ([n, K], None for an unvisited group); candidates[g]:
     activation parameter grid of group g; init[g]: its starting value (λ = 1). Returns
     (per-channel weight clips [N], per-group activation parameters, per-group final output MSE).
+
+    out_weights[g] (optional, [N] ≥ 0): TQ-DiT's Hessian-guided objective with a diagonal Fisher per
+    output channel: group g's activation search minimizes mean(f ⊙ (X̂Ŵᵀ − Y)²), which is the plain
+    error with the rows of Ŵ and the columns of Y scaled by √f. The weight search is per output channel,
+    so a per-channel factor leaves its argmin unchanged: it stays the plain output MSE.
     """
     w = w.float()
     groups = [g for g, r in enumerate(rows) if r is not None and len(r)]
@@ -124,5 +130,10 @@ def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: 
         clips = search_weight_clip(x_hat, w, torch.cat([y[g] for g in groups]), weight_fmt)
         w_hat = fake_quant_weight(w, weight_fmt, clips.to(w.device))
         for g in groups:
-            act[g], errs[g] = search_act(x[g], w_hat, y[g], candidates[g], quant)
+            f = None if out_weights is None else out_weights[g]
+            if f is None:
+                act[g], errs[g] = search_act(x[g], w_hat, y[g], candidates[g], quant)
+            else:
+                r = f.float().clamp_min(0).sqrt().to(w.device)
+                act[g], errs[g] = search_act(x[g], w_hat * r[:, None], y[g] * r, candidates[g], quant)
     return clips, act, errs
