@@ -156,7 +156,7 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
     elif rec.method == "viditq":
         build_viditq(rec, stats, layers, plan, transformer)
     elif rec.method == "tqdit":
-        build_tqdit(rec, stats, layers, plan, adapter)
+        build_tqdit(rec, stats, layers, plan, adapter, transformer)
     elif rec.method in BALANCING_BUILDERS:
         BALANCING_BUILDERS[rec.method]()(rec, stats, layers, plan, transformer, adapter)
     else:

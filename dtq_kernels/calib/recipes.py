@@ -44,6 +44,12 @@ class Recipe:
     group_size: int | None = None    # block size along K of FP4 weight scales and activation blocks
     gptq: bool = True                # GPTQ error-compensating rounding (False: round to nearest)
 
+    def __post_init__(self):
+        if self.objective not in ("mse", "fisher"):
+            raise ValueError(f"objective must be 'mse' or 'fisher', got {self.objective!r}")
+        if self.objective == "fisher" and self.method != "tqdit":
+            raise ValueError("the Fisher objective is a TQ-DiT search option (method 'tqdit')")
+
     @property
     def needs_stats(self) -> bool:
         return not (self.method == "viditq" and self.smooth_alpha is None)
@@ -81,6 +87,9 @@ _RECIPES = {r.name: r for r in [
            "dilatequant", "int4", "int8", "static", rows_per_group=64, search_rounds=1, tpq=True),
     Recipe("dilatequant-w6a6", "DilateQuant W6A6: as dilatequant-w4a8 with 6-bit weights and activations",
            "dilatequant", "int6", "int6", "static", rows_per_group=64, search_rounds=1, tpq=True),
+    Recipe("hqdit-w4a4-fp4", "HQ-DiT FP4 W4A4: per-layer E2M1/E1M2/E3M0 choice for weights and activations, "
+           "Hadamard rotation, GPTQ onto the FP4 grid, blocks of 32 (FP4 simulated until the W4A4 kernel lands)",
+           "hqdit", "fp4_e2m1", "fp4_e2m1", "dynamic", rows_per_group=256, group_size=32),
 ]}
 
 

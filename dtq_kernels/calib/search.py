@@ -40,11 +40,13 @@ def weight_clip_candidates(fmt: str) -> torch.Tensor:
     return clips[clips <= 1.0].float()
 
 
-def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    return dequantize_weight(quantize_weight(w, fmt, clip_ratio=clip)).to(w.device)
+def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.0,
+                      group_size: int | None = None) -> torch.Tensor:
+    return dequantize_weight(quantize_weight(w, fmt, group_size, clip_ratio=clip)).to(w.device)
 
 
-def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str) -> torch.Tensor:
+def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str,
+                       group_size: int | None = None, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel clip ratio [N] minimizing mean over rows of (X̂Ŵᵀ − Y)² for each channel.
 
     With D = Ŵ − W and R = X̂Wᵀ − Y, channel o's error is ‖X̂d_o + r_o‖² = d_oᵀHd_o + 2d_oᵀ(X̂ᵀR)_o + ‖r_o‖²,
@@ -52,7 +54,7 @@ def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor
     candidate instead of N·K·n; its terms are all error-sized (no cancellation against ‖Y‖²)."""
     n, k = w.shape
     rows = x_hat.shape[0]
-    cands = weight_clip_candidates(fmt).to(w.device)
+    cands = (weight_clip_candidates(fmt) if candidates is None else candidates.float()).to(w.device)
     step = max(1, CHUNK_ELEMS // (n * max(k, rows)))
     gram = rows > k
     if gram:
@@ -62,7 +64,7 @@ def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor
     for i in range(0, len(cands), step):
         c = cands[i:i + step]
         # one quantize_weight call for the whole chunk: row j·N + o is channel o at clip c[j]
-        w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n)).reshape(len(c), n, k)
+        w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n), group_size).reshape(len(c), n, k)
         if gram:
             d = w_c - w
             errs.append(((d @ h) * d).sum(-1) + 2 * (d * cross).sum(-1))  # [C, N], up to a per-channel constant
