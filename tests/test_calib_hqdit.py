@@ -111,8 +111,9 @@ def test_format_choice_differs_on_minilm():
     for i, layer in enumerate(model.encoder.layer):
         for key, lin in (("qkv", layer.attention.self.query), ("out", layer.attention.output.dense),
                          ("fc1", layer.intermediate.dense), ("fc2", layer.output.dense)):
-            hooks.append(lin.register_forward_pre_hook(
-                lambda m, a, key=(i, key), lin=lin: got.setdefault(key, (a[0].reshape(-1, a[0].shape[-1]), lin))))
+            def keep(m, a, key=(i, key)):  # returns None: the input passes on unchanged
+                got.setdefault(key, (a[0].reshape(-1, a[0].shape[-1]), m))
+            hooks.append(lin.register_forward_pre_hook(keep))
     sentences = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers denoise latent patches.",
                  "Quantization maps floats to small integers with a scale.", "A cup of coffee in the morning."]
     with torch.no_grad():

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..formats import dequantize_int, dequantize_weight, get_format, quantize_int, quantize_weight
+from ..formats import dequantize_weight, fake_quantize, get_format, quantize_weight
 
 LAMBDAS = torch.tensor([0.01 + i * 1.19 / 100 for i in range(101)], dtype=torch.float64)
 
@@ -29,8 +29,7 @@ def delta0(absmax: float, bits: int) -> float:
 
 def fake_quant_int(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Symmetric INTn quantize→dequantize (formats.py math); scale broadcasts against x."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return dequantize_int(quantize_int(x, s, bits), s)
+    return fake_quantize(x, scale, f"int{bits}")
 
 
 def weight_clip_candidates(fmt: str) -> torch.Tensor:
