@@ -1,4 +1,4 @@
-"""Named calibration recipes: which method, which formats, which constants (ALGORITHMS.md)."""
+"""Named calibration recipes: which method, which formats, which constants (docs/methods.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
