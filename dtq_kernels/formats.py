@@ -27,7 +27,7 @@ __all__ = [
     "quantize_int", "dequantize_int", "asymmetric_params", "fp4_grid", "fp4_table", "fp4_int_table",
     "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
     "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
-    "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight",
+    "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight", "fake_quantize",
     "TWO_REGION_MODES", "quantize_two_region", "dequantize_two_region",
     "FOUR_BIT_FORMATS", "code4_int_table", "fp4_midpoints", "pack_4bit", "unpack_4bit", "quantize_blockwise",
     "dequantize_blockwise", "nvfp4_scales_fp32", "mxfp4_scales_fp32",
@@ -404,10 +404,13 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None = None,
-                    clip_ratio: torch.Tensor | float = 1.0, symmetric: bool = True) -> QuantizedWeight:
+                    clip_ratio: torch.Tensor | float = 1.0, symmetric: bool = True,
+                    scale: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest weight quantization with absmax (× clip_ratio) scales per channel or group.
 
     clip_ratio broadcasts against the scale ([N] or [N, G]); calibration methods pass searched clips.
+    `scale` ([N] or [N, K / group_size], symmetric formats only) replaces the absmax scales: a weight
+    already on a calibrated grid (GPTQ) keeps exactly the codes it was rounded to.
     """
     f = get_format(fmt)
     if w.ndim != 2:
@@ -418,12 +421,20 @@ def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None =
     clip = clip[:, None] if clip.ndim == 1 else clip  # per-channel clips apply to every group
     zero = None
     if f.is_int and not symmetric:
+        if scale is not None:
+            raise ValueError("explicit weight scales are supported for symmetric formats only")
         scale, zero = asymmetric_params(wg.amin(-1) * clip, wg.amax(-1) * clip, f.bits)
         codes = quantize_int(wg, scale[..., None], f.bits, zero[..., None])
     elif f.kind == "block_fp4":
         raise ValueError(f"{f.name} carries its own block scales: use quantize_{f.name}")
     else:
-        scale = absmax_scale(wg.abs().amax(-1) * clip, f)
+        if scale is None:
+            scale = absmax_scale(wg.abs().amax(-1) * clip, f)
+        else:
+            scale = scale.float().reshape(wg.shape[:2]).to(wg.device)
+            check_finite(scale, "weight scale")
+            if bool((scale < 0).any()):
+                raise ValueError("explicit weight scales must be non-negative")
         if f.is_int:
             codes = quantize_int(wg, scale[..., None], f.bits)
         elif f.kind == "fp4":
@@ -434,6 +445,20 @@ def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None =
         scale = scale[:, 0]
         zero = None if zero is None else zero[:, 0]
     return QuantizedWeight(codes.reshape(w.shape), scale, f.name, group_size, zero)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """Symmetric quantize→dequantize of x with a given scale (broadcast against x) in any INT, FP8 or
+    FP4 format: the value a kernel multiplies by (GPTQ's rounding, calibration searches)."""
+    f = get_format(fmt)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if f.is_int:
+        return dequantize_int(quantize_int(x, scale, f.bits), scale)
+    if f.kind == "fp4":
+        return dequantize_fp4(quantize_fp4(x, scale, f), scale, f)
+    if f.kind == "fp8":
+        return quantize_fp8_e4m3(x, scale).float() * scale
+    raise ValueError(f"{f.name} carries its own block scales: use quantize_{f.name}")
 
 
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:

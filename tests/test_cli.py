@@ -95,3 +95,18 @@ def test_random_model_builds_the_depth_independent_buffers():
     slow = DiTTransformer2DModel(**cfg)
     assert torch.equal(fast.pos_embed.pos_embed, slow.pos_embed.pos_embed)
     assert all(torch.isfinite(p).all() and p.std() > 0.01 for p in fast.parameters() if p.numel() > 1)
+
+
+def test_folding_recipe_from_the_cli(tmp_path, capsys):
+    """A recipe that re-parameterizes the FP model (PTQ4DiT's balancing folded into adaLN / V) through
+    `dtq calibrate` -> plan -> `dtq quantize --plan`, and `dtq quantize --recipe` directly."""
+    plan_dir = tmp_path / "plan"
+    plan = cli.run(["calibrate", "--recipe", "ptq4dit-w8a8", "--model", "tiny-random", "--num-samples", "2",
+                    "--steps", "2", "--out", str(plan_dir)])
+    assert any(p.endswith("norm1.linear.weight") for p in plan.reparam)
+    model = cli.run(["quantize", "--plan", str(plan_dir), "--model", "tiny-random", "--out", str(tmp_path / "ck")])
+    adaln = model.get_submodule("transformer_blocks.0.norm1.linear")
+    assert torch.equal(adaln.weight.detach(), plan.tensors["transformer_blocks.0.norm1.linear.weight"])
+    model = cli.run(["quantize", "--recipe", "dilatequant-w4a8", "--model", "tiny-random", "--num-samples", "2",
+                     "--steps", "2", "--out", str(tmp_path / "ck2")])
+    assert model.dtq_plan.time_groups == 2  # TPQ: one time group per calibration step

@@ -286,3 +286,20 @@ def test_blockwise_round_trip_and_pack(fmt):
     bound = (scale * half_step * (1 + 1e-6)).repeat_interleave(32, dim=1)
     assert bool(((y - x).abs() <= bound).all())
     assert torch.allclose(y.reshape(6, 4, 32).abs().amax(-1), x.reshape(6, 4, 32).abs().amax(-1), rtol=1e-6)
+
+
+def test_explicit_weight_scales_keep_a_calibrated_grid():
+    """A weight already on a grid (GPTQ's output) re-quantized with that grid's scales keeps its codes."""
+    from dtq_kernels.formats import dequantize_weight, fake_quantize, quantize_weight
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=g)
+    for fmt, gs in (("fp4_e1m2", 32), ("fp4_e3m0", 16), ("int4", None), ("int8", 32)):
+        qw = quantize_weight(w, fmt, gs, clip_ratio=0.8)
+        again = quantize_weight(dequantize_weight(qw), fmt, gs, scale=qw.scale)
+        assert torch.equal(again.codes, qw.codes) and torch.equal(again.scale, qw.scale)
+        scale = qw.scale if gs is None else qw.scale.repeat_interleave(gs, 1)
+        assert torch.equal(fake_quantize(w, scale if gs else scale[:, None], fmt), dequantize_weight(qw))
+    with pytest.raises(ValueError, match="symmetric formats only"):
+        quantize_weight(w, "int4", symmetric=False, scale=torch.ones(8))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_weight(w, "int4", scale=torch.full((8,), float("nan")))

@@ -181,9 +181,10 @@ class QuantLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, spec: LinearQuantSpec, act_scales=None, *,
                     smooth: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                    weight_clip=None) -> "QuantLinear":
+                    weight_clip=None, weight_scale: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize `linear` (or a calibrated `weight` replacing its own) round-to-nearest with absmax
-        scales, clipped by `weight_clip` (a ratio, or one per output channel). Static modes need
+        scales, clipped by `weight_clip` (a ratio, or one per output channel), or with explicit
+        `weight_scale` (a calibrated grid, e.g. GPTQ's). Static modes need
         act_scales: [time_groups] (static) or [time_groups, 2] (two-region (c_pos, c_neg))."""
         q = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
         w = (linear.weight if weight is None else weight).detach().float().cpu()
@@ -205,7 +206,7 @@ class QuantLinear(torch.nn.Module):
             w = w @ hadamard_matrix(linear.in_features)
         qw = formats.quantize_weight(w, spec.weight, group_size=spec.group_size,
                                      clip_ratio=1.0 if weight_clip is None else torch.as_tensor(weight_clip).float(),
-                                     symmetric=spec.weight_symmetric)
+                                     symmetric=spec.weight_symmetric, scale=weight_scale)
         q.qweight.copy_(q._pack(qw.codes))
         q.wscale.copy_(qw.scale)
         if qw.zero_point is not None:
