@@ -9,6 +9,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   byte (W4A8: unpacked in registers; same int8 MMA work, half the weight bytes, so it can only gain
   where the weight read matters — small M), and dtq quantize_per_token + int8_gemm from
   bf16 activations (the dynamic W8A8 linear, comparable with torchao's);
+* the same two dtq ops on the CUDA backend (CUTLASS: sm_90a TMA + wgmma, sm_80/89 IMMA; scales and bias
+  fused in the epilogue), skipped with the reason where the extension is not built or not usable;
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -64,7 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 import common  # noqa: E402
 import dtq_kernels.ops as ops  # noqa: E402
 from dtq_kernels import formats  # noqa: E402
-from dtq_kernels.ops import reference  # noqa: E402
+from dtq_kernels.ops import cuda, reference  # noqa: E402
 from dtq_kernels.ops.triton import gemm_int8  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -134,9 +136,18 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
     def fp8_rowwise(a, w, sa, sb, b):
         return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=BF16, use_fast_accum=True)
 
+    def needs_cuda_backend(make):
+        def mk(M, K, N):
+            if device.type != "cuda" or not cuda.available():
+                raise common.Skip(f"the CUDA backend cannot run here: {cuda.unavailable_reason() or 'no GPU'}")
+            return make(M, K, N)
+        return mk
+
     out = [
         ("dtq int8_gemm", _dtq("int8_gemm", dtq_backend), mk_int8),
+        ("dtq int8_gemm [cuda]", _dtq("int8_gemm", "cuda"), needs_cuda_backend(mk_int8)),
         ("dtq int8_gemm_static", _dtq("int8_gemm_static", dtq_backend), mk_static),
+        ("dtq int8_gemm_static [cuda]", _dtq("int8_gemm_static", "cuda"), needs_cuda_backend(mk_static)),
         ("dtq int8_gemm_two_region", _dtq("int8_gemm_two_region", dtq_backend), mk_two),
         ("dtq int8_gemm, packed int4 weights (W4A8)", _dtq("int8_gemm", dtq_backend), mk_w4),
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
@@ -190,12 +201,16 @@ def check_correct(device, M, K, N) -> None:
     for op, args in (("int8_gemm", (a, a_s, w, w_s, None, torch.float32)),
                      ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32)),
                      ("int8_gemm", (a, a_s, w4, w_s, None, torch.float32))):
-        out = _dtq(op, "triton")(*args)
+        backends = ["triton"]
+        if device.type == "cuda" and cuda.available() and op == "int8_gemm" and args[2].dtype == torch.int8:
+            backends.append("cuda")
         ref = getattr(reference, op)(*args)
-        # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py)
-        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
-            raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
-                                 f"max |Δ| {float((out - ref).abs().max())}")
+        for backend in backends:
+            out = _dtq(op, backend)(*args)
+            # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py)
+            if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
+                raise AssertionError(f"dtq {op} ({backend}) disagrees with the reference on {M}x{K}x{N}: "
+                                     f"max |Δ| {float((out - ref).abs().max())}")
 
 
 def measure(name, fn, make, M, K, N, device, rep) -> dict[str, Any]:

@@ -36,6 +36,15 @@ log "GPU tests"
 timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$RESULTS/gpu_tests.log" | tail -30
 status_tests=${PIPESTATUS[0]}
 
+log "compute-sanitizer memcheck of the CUDA (_C) kernels"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/memcheck_cuda.py 2>&1 \
+    | tee "$RESULTS/memcheck_cuda.log" | tail -20
+  status_memcheck=${PIPESTATUS[0]}
+else
+  log "compute-sanitizer not found"; status_memcheck=1
+fi
+
 status_bench=0
 for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
@@ -45,6 +54,6 @@ for bench in benchmarks/bench_*.py; do
   [ "$rc" -eq 0 ] || { log "$name failed (rc $rc)"; status_bench=1; }
 done
 
-log "results in $RESULTS (tests rc $status_tests, benchmarks rc $status_bench)"
+log "results in $RESULTS (tests rc $status_tests, memcheck rc $status_memcheck, benchmarks rc $status_bench)"
 ls -la "$RESULTS"
-[ "$status_tests" -eq 0 ] && [ "$status_bench" -eq 0 ]
+[ "$status_tests" -eq 0 ] && [ "$status_memcheck" -eq 0 ] && [ "$status_bench" -eq 0 ]

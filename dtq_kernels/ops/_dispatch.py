@@ -38,10 +38,13 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "layernorm_modulate_quantize": {"any": "triton"},
     "gelu_quantize": {"any": "triton"},
     "quantize_two_region": {"any": "triton"},
-    # Not measured yet on a GPU: the Triton INT8 GEMM family is the only fast kernel for these ops
-    # (benchmarks/bench_gemm.py compares it with cuBLAS bf16, torch._int_mm and FP8 _scaled_mm).
+    # Not measured yet on a GPU: int8_gemm and int8_gemm_static also have CUTLASS kernels ("cuda": sm_80,
+    # sm_89, sm_90a), but no committed measurement shows them faster, so Triton stays the default
+    # (benchmarks/bench_gemm.py times both beside cuBLAS bf16, torch._int_mm and FP8 _scaled_mm);
+    # DTQ_BACKEND=cuda selects them.
     "int8_gemm": {"any": "triton"},
     "int8_gemm_static": {"any": "triton"},
+    # The Triton GEMM family's other ops have no CUDA kernel.
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
     # Not measured yet on a GPU: the Triton quantized attention is the only fast kernel
