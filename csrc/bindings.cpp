@@ -86,8 +86,8 @@ void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a
   if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 16)
     throw std::invalid_argument("scaled_gemm: bad shape (need M >= 0, N and K positive multiples of 16)");
   if (groups < 1) throw std::invalid_argument("scaled_gemm: groups must be >= 1");
+  if (M == 0) return;  // nothing to compute (an empty tensor may have a null data pointer)
   if (!a || !a_scale || !w || !w_scale || !out) throw std::invalid_argument("scaled_gemm: null operand pointer");
-  if (M == 0) return;
   dtq::ScaledGemmParams p;
   p.a = reinterpret_cast<const void*>(a);
   p.w = reinterpret_cast<const void*>(w);
