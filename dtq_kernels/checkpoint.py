@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .plan import QuantPlan
-from .quantize import _build_empty, check_plan_fits, install
+from .quantize import build_empty, check_plan_fits, install
 
 CHECKPOINT_FORMAT_VERSION = 1
 MODEL_FILE, PLAN_FILE, PLAN_TENSORS_FILE = "model.safetensors", "plan.json", "plan_tensors.safetensors"
@@ -28,7 +28,9 @@ class CheckpointError(ValueError):
     pass
 
 
-def _config_of(model: torch.nn.Module) -> dict:
+def model_config(model: torch.nn.Module) -> dict:
+    """The model's (diffusers) config as plain JSON data, private "_" keys left out: what a checkpoint
+    records so that it is only ever loaded into the architecture it was saved from."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
@@ -56,7 +58,7 @@ def save_plan(plan: QuantPlan, path: str | Path, model: torch.nn.Module) -> Path
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()},
               str(path / PLAN_TENSORS_FILE))
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
-            "config": _config_of(model), "plan": json.loads(plan.to_json())}
+            "config": model_config(model), "plan": json.loads(plan.to_json())}
     (path / PLAN_FILE).write_text(json.dumps(meta, indent=1))
     return path
 
@@ -91,17 +93,23 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
 
 
+def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
+    """Raise CheckpointError unless the checkpoint metadata `meta` (read_plan) was saved from a model of
+    `model`'s class and config."""
+    if meta.get("model_class") != type(model).__name__:
+        raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, the model is a {type(model).__name__}")
+    saved, mine = meta.get("config", {}), model_config(model)
+    if saved != mine:
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
+
+
 def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
     with the saved codes and scales; outputs are bit-identical to the saved model's."""
     path = Path(path)
     meta, plan = read_plan(path)
-    if meta.get("model_class") != type(model).__name__:
-        raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, the model is a {type(model).__name__}")
-    if meta.get("config", {}) != _config_of(model):
-        saved, mine = meta.get("config", {}), _config_of(model)
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
+    check_model_matches(meta, model)
     state = _load_tensors(path / MODEL_FILE)
     linears = check_plan_fits(model, plan)
     expected = _expected_state(model, plan, linears)
@@ -113,7 +121,7 @@ def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         if tuple(state[k].shape) != shape or state[k].dtype != dtype:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                                   f"the model expects {shape} {dtype}")
-    install(model, plan, _build_empty)
+    install(model, plan, build_empty)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -123,7 +131,7 @@ def _expected_state(model, plan: QuantPlan, linears: dict) -> dict[str, tuple[tu
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()
                 if not any(k.startswith(name + ".") for name in linears)}
     for name, lin in linears.items():
-        skeleton = _build_empty(torch.nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
+        skeleton = build_empty(torch.nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
                                                 device="meta"), name, plan.layers[name], plan)
         for k, v in skeleton.state_dict().items():
             expected[f"{name}.{k}"] = (tuple(v.shape), v.dtype)
