@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh            # results under $OUT when set, else benchmarks/results/
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja and nvcc but no network and no diffusers:
-# carry wheels in .whl/ (see the device README) and they are installed to /tmp/site first.
+# carry wheels in .whl/ (see the device README) and they are installed to /tmp/site first. The CUDA build
+# needs the CUTLASS headers: carry the nvidia-cutlass wheel pinned in requirements-dev.txt there too
+# (pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl), or set DTQ_CUTLASS_INCLUDE_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,6 +31,8 @@ log "environment"
 
 log "build (pip install -e .)"
 start=$(date +%s)
+# every core: the CUTLASS kernel families compile in parallel (setup.py defaults to 2 jobs for CI)
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee -a "$RESULTS/gpu_check.log"
 log "build took $(( $(date +%s) - start )) s"
 
