@@ -116,6 +116,17 @@ def test_cutlass_gemms_use_the_tensor_core_instruction_of_their_arch(arch):
 
 
 @needs_build
+def test_cutlass_gemms_do_not_spill():
+    """ptxas's resource report per kernel: a stack frame or local memory in a GEMM means registers spilled."""
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                       _cuobjdump("-res-usage"))
+    gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage if "ActScale" in name]
+    assert len(gemms) == 15, len(gemms)  # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes
+    spilled = [(name[:100], reg, stack, local) for name, reg, stack, local in gemms if stack or local]
+    assert not spilled, spilled
+
+
+@needs_build
 def test_extension_imports_without_gpu_and_reports_why():
     from dtq_kernels import _C
     assert _C.built_archs() == ["sm_80", "sm_89", "sm_90a", "compute_90"]
