@@ -42,6 +42,8 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     ("misaligned_a", ValueError, r"a must start on a 16-byte boundary"),
     ("misaligned_w_scale", ValueError, r"w_scale must start on a 16-byte boundary"),
     ("strided_a_scale", ValueError, r"a_scale must be contiguous"),
+    ("a_scale_len", ValueError, r"a_scale must have M=32 entries or 1, got 5"),
+    ("w_scale_len", ValueError, r"w_scale and bias must have N=48 entries"),
     ("cpu", ValueError, r"a must be a CUDA tensor, got cpu"),
 ])
 def test_validation_names_the_argument(case, exc, match):
@@ -64,6 +66,10 @@ def test_validation_names_the_argument(case, exc, match):
         w_s = _misaligned(w_s)
     elif case == "strided_a_scale":
         a_s = torch.rand(2 * a.shape[0])[::2]
+    elif case == "a_scale_len":
+        a_s = torch.rand(5)
+    elif case == "w_scale_len":
+        w_s = torch.rand(47)
     with pytest.raises(exc, match=match):
         cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b)
 

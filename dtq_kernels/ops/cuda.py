@@ -100,6 +100,15 @@ def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: tor
     check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
     check(a_scale.dtype == torch.float32 and w_scale.dtype == torch.float32, op,
           "cuda backend: a_scale and w_scale must be float32", TypeError)
+    check(w_scale.shape[0] == N and (bias is None or tuple(bias.shape) == (N,)), op,
+          f"cuda backend: w_scale and bias must have N={N} entries")
+    if group_idx is None:
+        check(a_scale.shape[0] in (M, 1), op, f"cuda backend: a_scale must have M={M} entries or 1, "
+              f"got {a_scale.shape[0]}")
+    else:
+        check(group_idx.dtype == torch.int32 and group_idx.numel() == 1, op,
+              "cuda backend: group_idx must be one int32", TypeError)
+        check(a_scale.shape[0] >= 1, op, "cuda backend: the scale table is empty")
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     named = {"a": a, "a_scale": a_scale, "w": w, "w_scale": w_scale, "bias": bias, "group_idx": group_idx}
@@ -125,6 +134,8 @@ _KIND_CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 def _scaled_gemm(kind: str, op: str, a, a_scale, a_scale_per_token: bool, group_idx, groups: int, w, w_scale, bias,
                  out_dtype: torch.dtype) -> torch.Tensor:
     bias = validate_scaled_gemm(op, a, a_scale, w, w_scale, bias, group_idx, _KIND_CODES[kind])
+    check(out_dtype in _DTYPE_CODES, op, f"cuda backend: out_dtype {out_dtype} is not one of "
+          f"{list(_DTYPE_CODES)}", TypeError)
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"dtq cuda backend: {reason}")
