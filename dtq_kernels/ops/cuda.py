@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ._checks import check
-from ._dispatch import register_kernel
+from ._dispatch import BackendError, register_kernel
 
 try:
     from .. import _C
@@ -170,6 +170,10 @@ def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torc
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """CUTLASS FP8 E4M3 W8A8 (fp32 accumulation): sm_90a TMA + wgmma (3.x), sm_89 mma.sync (2.x); the same
-    fused epilogue as int8_gemm. Other GPUs raise (FP8 tensor cores start at sm_89)."""
+    fused epilogue as int8_gemm. Older GPUs get a BackendError (FP8 tensor cores start at sm_89)."""
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 9):
+        cap = torch.cuda.get_device_capability(a.device)
+        raise BackendError(f"dtq.fp8_gemm: the cuda kernel needs FP8 tensor cores (sm_89/sm_90), "
+                           f"got sm_{cap[0]}{cap[1]}")
     per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
     return _scaled_gemm("fp8", "fp8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
