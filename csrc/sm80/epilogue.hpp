@@ -5,31 +5,21 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
 
+#include "cutlass_glue.hpp"
 #include "scaled_gemm.h"
 
 namespace dtq::sm80 {
 
 using namespace cute;
 
-// The activation scale per output row: a_scale[group + m] (per token) or a_scale[group] (per tensor), where
-// group = clamp(*group_idx, 0, groups - 1) is read on the device, or 0 without group_idx. It is CUTLASS's
-// column broadcast with a runtime row stride (1 or 0) and a pointer offset found on the device.
+// ActScaleArguments (cutlass_glue.hpp) as an epilogue node.
 template <class ThreadMap>
 struct VisitorActScale : cutlass::epilogue::threadblock::VisitorColBroadcast<
                              ThreadMap, float, Stride<int64_t, _0, _0>, /*EnableNullptr=*/false> {
   using Base = cutlass::epilogue::threadblock::VisitorColBroadcast<ThreadMap, float, Stride<int64_t, _0, _0>, false>;
 
-  struct Arguments {
-    float const* ptr = nullptr;
-    bool per_token = false;
-    int32_t const* group_idx = nullptr;
-    int groups = 1;
-  };
-  struct Params {
-    typename Base::Params base;
-    int32_t const* group_idx;
-    int groups;
-  };
+  using Arguments = ActScaleArguments;
+  using Params = ActScaleParams<typename Base::Params>;
   using SharedStorage = typename Base::SharedStorage;
 
   template <class ProblemShape>
@@ -50,10 +40,7 @@ struct VisitorActScale : cutlass::epilogue::threadblock::VisitorColBroadcast<
   template <class ProblemShape>
   CUTLASS_DEVICE auto get_callbacks(cutlass::gemm::GemmCoord threadblock_tile_offset, int thread_idx,
                                     ProblemShape problem_shape) {
-    float const* ptr = params_ptr->base.ptr_col;
-    if (params_ptr->group_idx != nullptr) {
-      ptr += max(0, min(*params_ptr->group_idx, params_ptr->groups - 1));
-    }
+    float const* ptr = act_scale_start(params_ptr->base.ptr_col, params_ptr->group_idx, params_ptr->groups);
     // From here on as VisitorColBroadcast::get_callbacks, on the offset pointer.
     Tensor mCol = make_tensor(make_gmem_ptr(ptr), problem_shape, params_ptr->base.dCol);
     Tensor tC_gCol = group_modes<1, 4>(ThreadMap::partition(mCol, thread_idx, threadblock_tile_offset)(_0{}, _0{}, _, _, _, _));

@@ -5,7 +5,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
 
-#include "common.h"
+#include "cutlass_glue.hpp"
 #include "scaled_gemm.h"
 #include "sm80/epilogue.hpp"
 
@@ -31,27 +31,13 @@ const char* run_scaled_gemm(ScaledGemmParams const& p, cudaStream_t stream) {
                                 Epilogue::arguments(p), p.a, p.w, nullptr, nullptr,
                                 /*batch strides A, B, C, D=*/0, 0, 0, 0,
                                 /*lda=*/int64_t(p.K), /*ldb=*/int64_t(p.K), /*ldc=*/0, /*ldd=*/0);
-  Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS can_implement rejected the problem";
-  if (Gemm::get_workspace_size(args) != 0) return "the kernel unexpectedly needs a workspace";
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS kernel launch failed";
-  return nullptr;
+  return run_without_workspace<Gemm>(args, stream);
 }
 
 // Dispatch on the output dtype code (common.h).
 template <class... Config>  // run_scaled_gemm's parameters but the last (ElementOut)
 const char* run_scaled_gemm_any_out(ScaledGemmParams const& p, cudaStream_t stream) {
-  switch (p.out_dtype) {
-    case kFloat32:
-      return run_scaled_gemm<Config..., float>(p, stream);
-    case kFloat16:
-      return run_scaled_gemm<Config..., cutlass::half_t>(p, stream);
-    case kBFloat16:
-      return run_scaled_gemm<Config..., cutlass::bfloat16_t>(p, stream);
-    default:
-      return "unsupported output dtype code";
-  }
+  return with_out_element(p.out_dtype, [&](auto out) { return run_scaled_gemm<Config..., decltype(out)>(p, stream); });
 }
 
 }  // namespace dtq::sm80

@@ -5,31 +5,21 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 
+#include "cutlass_glue.hpp"
 #include "scaled_gemm.h"
 
 namespace dtq::sm90 {
 
 using namespace cute;
 
-// The activation scale per output row: a_scale[group + m] (per token) or a_scale[group] (per tensor), where
-// group = clamp(*group_idx, 0, groups - 1) is read on the device, or 0 without group_idx. It is CUTLASS's
-// column broadcast with a runtime row stride (bool: 1 or 0) and a pointer offset found on the device.
+// ActScaleArguments (cutlass_glue.hpp) as an epilogue node.
 template <class TileShape>
 struct Sm90ActScale : cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, _0>,
                                                                   /*Alignment=*/1, /*EnableNullptr=*/false> {
   using Base = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, _0>, 1, false>;
 
-  struct Arguments {
-    float const* ptr = nullptr;
-    bool per_token = false;
-    int32_t const* group_idx = nullptr;
-    int groups = 1;
-  };
-  struct Params {
-    typename Base::Params base;
-    int32_t const* group_idx;
-    int groups;
-  };
+  using Arguments = ActScaleArguments;
+  using Params = ActScaleParams<typename Base::Params>;
   using SharedStorage = typename Base::SharedStorage;
 
   template <class ProblemShape>
@@ -62,9 +52,7 @@ struct Sm90ActScale : cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, 
   // set there (from the table each time: persistent kernels call this once per output tile).
   template <bool ReferenceSrc, class... Args>
   CUTLASS_DEVICE auto get_consumer_store_callbacks(cutlass::epilogue::fusion::ConsumerStoreArgs<Args...> const& args) {
-    float const* ptr = table;
-    if (group_idx != nullptr) ptr += max(0, min(*group_idx, groups - 1));
-    this->params.ptr_col = ptr;
+    this->params.ptr_col = act_scale_start(table, group_idx, groups);
     return Base::template get_consumer_store_callbacks<ReferenceSrc>(args);
   }
 };

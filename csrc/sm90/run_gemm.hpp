@@ -6,7 +6,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
-#include "common.h"
+#include "cutlass_glue.hpp"
 #include "scaled_gemm.h"
 #include "sm90/epilogue.hpp"
 
@@ -46,26 +46,12 @@ const char* run_scaled_gemm(ScaledGemmParams const& p, cudaStream_t stream) {
       {p.M, p.N, p.K, 1},
       {static_cast<ElementAB const*>(p.a), stride_a, static_cast<ElementAB const*>(p.w), stride_b},
       {Epilogue::arguments(p), nullptr, {}, static_cast<ElementOut*>(p.out), stride_d}};
-  Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS can_implement rejected the problem";
-  if (Gemm::get_workspace_size(args) != 0) return "the kernel unexpectedly needs a workspace";
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS kernel launch failed";
-  return nullptr;
+  return run_without_workspace<Gemm>(args, stream);
 }
 
 template <class... Config>  // run_scaled_gemm's parameters but the last (ElementOut)
 const char* run_scaled_gemm_any_out(ScaledGemmParams const& p, cudaStream_t stream) {
-  switch (p.out_dtype) {
-    case kFloat32:
-      return run_scaled_gemm<Config..., float>(p, stream);
-    case kFloat16:
-      return run_scaled_gemm<Config..., cutlass::half_t>(p, stream);
-    case kBFloat16:
-      return run_scaled_gemm<Config..., cutlass::bfloat16_t>(p, stream);
-    default:
-      return "unsupported output dtype code";
-  }
+  return with_out_element(p.out_dtype, [&](auto out) { return run_scaled_gemm<Config..., decltype(out)>(p, stream); });
 }
 
 }  // namespace dtq::sm90
