@@ -1,7 +1,8 @@
 """Save and load quantized models: a directory with
 
     model.safetensors         every parameter and buffer of the quantized model (packed codes, scales, FP parts)
-    plan.json                 {"format_version", "model_class", "config", "plan": QuantPlan JSON}
+    plan.json                 {"format_version", "model_class", "config", "plan": QuantPlan JSON,
+                               "fused_linears": {fused layer: {member layer: out_features}} (nn/fused.py)}
     plan_tensors.safetensors  the plan's vectors (smoothing factors, calibrated weights)
 
 `load_quantized(fresh_fp_model, path)` checks everything (format version, model class, config, every
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .nn.fused import apply_fast_path, split_fused_state
 from .plan import QuantPlan
 from .quantize import build_empty, check_plan_fits, install
 
@@ -58,7 +60,8 @@ def save_plan(plan: QuantPlan, path: str | Path, model: torch.nn.Module) -> Path
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()},
               str(path / PLAN_TENSORS_FILE))
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
-            "config": model_config(model), "plan": json.loads(plan.to_json())}
+            "config": model_config(model), "plan": json.loads(plan.to_json()),
+            "fused_linears": dict(getattr(model, "dtq_fused", {}))}
     (path / PLAN_FILE).write_text(json.dumps(meta, indent=1))
     return path
 
@@ -104,14 +107,26 @@ def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+def load_quantized(model: torch.nn.Module, path: str | Path, fuse: bool = True) -> torch.nn.Module:
     """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
-    with the saved codes and scales; outputs are bit-identical to the saved model's."""
+    with the saved codes and scales; outputs are bit-identical to the saved model's.
+
+    Fused layers (q/k/v, nn/fused.py) are read back into their members first, so a checkpoint saved
+    fused or unfused loads either way: fuse=True applies the fast path after loading (dtq.quantize's
+    default), fuse=False keeps the per-layer path."""
     path = Path(path)
     meta, plan = read_plan(path)
     check_model_matches(meta, model)
     state = _load_tensors(path / MODEL_FILE)
     linears = check_plan_fits(model, plan)
+    fused = meta.get("fused_linears") or {}
+    try:
+        widths = {m: int(w) for group in fused.values() for m, w in group.items()}
+    except (AttributeError, TypeError, ValueError):
+        widths = {None: 0}  # not {fused: {member: width}}: reported below
+    if any(m not in linears or linears[m].out_features != w for m, w in widths.items()):
+        raise CheckpointError(f"{path / PLAN_FILE}: fused_linears does not match the plan's layers")
+    state = split_fused_state(state, fused)
     expected = _expected_state(model, plan, linears)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -121,8 +136,10 @@ def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         if tuple(state[k].shape) != shape or state[k].dtype != dtype:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                                   f"the model expects {shape} {dtype}")
-    install(model, plan, build_empty)
+    install(model, plan, build_empty, fuse=False)
     model.load_state_dict(state, strict=True)
+    if fuse:
+        apply_fast_path(model)
     return model
 
 

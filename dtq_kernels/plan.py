@@ -100,3 +100,14 @@ class QuantPlan:
             raise ValueError(f"quantization plan names tensors that are missing: {sorted(missing)[:5]}")
         layers = {name: LayerPlan.from_dict(lp) for name, lp in d.pop("layers").items()}
         return cls(**d, layers=layers, tensors=tensors)
+
+
+def uniform_plan(model: torch.nn.Module, spec: LinearQuantSpec, act_scales: list | None = None,
+                 time_groups: int = 1, recipe: str = "uniform") -> QuantPlan:
+    """Every Linear the model's adapter quantizes gets the same spec (and static table), with no
+    calibration: for speed and memory measurements, and tests, where the values do not matter."""
+    from .models.adapters import get_adapter
+    adapter = get_adapter(model)
+    layers = {n: LayerPlan(spec, act_scales) for n in adapter.quantizable_linears(model)}
+    return QuantPlan(recipe=recipe, model_type=adapter.model_type, time_groups=time_groups, layers=layers,
+                     kept_fp=adapter.kept_fp(model))

@@ -67,7 +67,8 @@ def check_plan_fits(model: torch.nn.Module, plan: QuantPlan) -> dict[str, torch.
     return linears
 
 
-def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: bool = False) -> torch.nn.Module:
+def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: bool = False,
+            fuse: bool = True) -> torch.nn.Module:
     linears = check_plan_fits(model, plan)
     adapter = get_adapter(model)
     built = {}
@@ -92,15 +93,24 @@ def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: 
                         "attention stays in floating point", plan.recipe)
         else:
             set_quant_attention(model, plan.attention, tracker)
+    if fuse:
+        from .nn.fused import apply_fast_path
+        apply_fast_path(model)
     model.dtq_plan = plan
     return model
 
 
-def quantize(model: torch.nn.Module, plan: QuantPlan | str, progress: bool = False) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, plan: QuantPlan | str, progress: bool = False,
+             fuse: bool = True) -> torch.nn.Module:
     """Quantize `model` in place per `plan` (a QuantPlan from dtq.calibrate, or the name of a recipe that
-    needs no calibration data, e.g. "viditq-w8a8"); returns the model."""
+    needs no calibration data, e.g. "viditq-w8a8"); returns the model.
+
+    fuse=True (default): the fast path of nn/fused.py: q/k/v fused into one layer where their
+    quantizers agree, and supported blocks (DiT, PixArt) quantize each shared input once, with the
+    LayerNorm-modulate and GELU fused into the quantization. fuse=False: every layer quantizes its
+    own input (the per-layer path; the same numbers on the reference backend)."""
     if isinstance(plan, str):
         plan = _plan_from_recipe(model, plan)
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan or a recipe name, got {type(plan).__name__}")
-    return install(model, plan, _build_calibrated, progress)
+    return install(model, plan, _build_calibrated, progress, fuse)

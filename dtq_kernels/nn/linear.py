@@ -90,17 +90,21 @@ class KernelPath:
 
 _GROUPS = tuple(ops.GEMM_GROUP_SIZES)
 PATHS: list[KernelPath] = [
-    KernelPath("int8_gemm", "_forward_int8_gemm", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static")),
-    KernelPath("int8_gemm_grouped", "_forward_int8_gemm", INT_FORMATS, INT_FORMATS, _GROUPS, ("dynamic", "static")),
-    KernelPath("int8_gemm_wzp", "_forward_wzp", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static"),
+    KernelPath("int8_gemm", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static")),
+    KernelPath("int8_gemm_grouped", "_forward_int_codes", INT_FORMATS, INT_FORMATS, _GROUPS, ("dynamic", "static")),
+    KernelPath("int8_gemm_wzp", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static"),
                weight_symmetric=False, layout="int8"),
-    KernelPath("int8_gemm_two_region", "_forward_two_region", INT_FORMATS, INT_FORMATS, (None,), ("two_region",),
+    KernelPath("int8_gemm_two_region", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("two_region",),
                layout="int8"),
     KernelPath("w4a16_gemm", "_forward_w4a16", ("int4",), (None,), (None, *_GROUPS)),
     KernelPath("fp8_gemm", "_forward_fp8", ("fp8_e4m3",), ("fp8_e4m3",), (None,), ("dynamic",), archs=(89, 90)),
     # the simulation: matches every spec, so it must stay last
     KernelPath("dequant-matmul", "_forward_simulated", weight_symmetric=None, simulated=True),
 ]
+
+
+# the paths whose activations are integer codes: a producer may quantize for them (forward_quantized)
+CODE_INPUT_PATHS = ("int8_gemm", "int8_gemm_grouped", "int8_gemm_wzp", "int8_gemm_two_region")
 
 
 def select_path(spec: LinearQuantSpec, arch: int | None = None) -> KernelPath:
@@ -114,7 +118,7 @@ def simulation_allowed(spec: LinearQuantSpec) -> bool:
 
 def _log_path_once(spec: LinearQuantSpec, path: KernelPath) -> None:
     key = (spec.name + spec.act_mode, path.name)
-    if key not in _logged:
+    if not torch.compiler.is_compiling() and key not in _logged:  # (logging would break a compiled graph)
         _logged.add(key)
         if path.simulated:
             log.warning("QuantLinear %s (%s): %s path (SIMULATED: no kernel for this spec; weights dequantized "
@@ -294,20 +298,31 @@ class QuantLinear(torch.nn.Module):
 
     # -------- one method per kernel path (PATHS[i].forward): flattened input [M, K] -> [M, N] in x.dtype
 
-    def _forward_int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_int_codes(self, x: torch.Tensor) -> torch.Tensor:
+        q, a_scale = self._quantize_input(x)
+        return self.forward_quantized(q, a_scale, x.dtype)
+
+    def takes_codes(self) -> bool:
+        """Whether this layer (on its current device) runs an integer-activation path: forward_quantized works."""
+        return self._run_path.name in CODE_INPUT_PATHS
+
+    def forward_quantized(self, q: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM of an integer-activation path (CODE_INPUT_PATHS) on activation codes a producer already
+        made with this layer's quantizer (q int8 [M, K], a_scale f32 [M] or [1]; ignored for two-region
+        codes, whose scales are the table) -> [M, N]. nn/fused.py uses it to hand LayerNorm-modulate or
+        GELU fused with the quantization straight to the GEMM."""
+        name = self._run_path.name
+        if name not in CODE_INPUT_PATHS:
+            raise RuntimeError(f"forward_quantized needs an integer-activation path {CODE_INPUT_PATHS}; "
+                               f"this layer runs {name}")
+        if name == "int8_gemm_two_region":
+            return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self.qweight, self.wscale,
+                                            self.bias, out_dtype)
+        if name == "int8_gemm_wzp":
+            return ops.int8_gemm_wzp(q, a_scale, self.qweight, self.wscale, self.wzero, self.bias, out_dtype)
         # 4-bit weights go to the GEMM still packed (uint8 [N, K/2]): the kernel unpacks in registers;
         # per-group scales [N, K/G] select the kernel's per-group rescale
-        q, a_scale = self._quantize_input(x)
-        return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, x.dtype)
-
-    def _forward_wzp(self, x: torch.Tensor) -> torch.Tensor:
-        q, a_scale = self._quantize_input(x)
-        return ops.int8_gemm_wzp(q, a_scale, self.qweight, self.wscale, self.wzero, self.bias, x.dtype)
-
-    def _forward_two_region(self, x: torch.Tensor) -> torch.Tensor:
-        q, _ = self._quantize_input(x)
-        return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self.qweight, self.wscale, self.bias,
-                                        x.dtype)
+        return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, out_dtype)
 
     def _forward_w4a16(self, x: torch.Tensor) -> torch.Tensor:
         # the activations are 16-bit by definition: fp32 inputs are rounded to bf16 (fp16 / bf16 pass as is)
