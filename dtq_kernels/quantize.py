@@ -67,7 +67,8 @@ def check_plan_fits(model: torch.nn.Module, plan: QuantPlan) -> dict[str, torch.
     return linears
 
 
-def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: bool = False) -> torch.nn.Module:
+def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: bool = False,
+            attention: bool = True) -> torch.nn.Module:
     linears = check_plan_fits(model, plan)
     adapter = get_adapter(model)
     built = {}
@@ -84,7 +85,7 @@ def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: 
         if tracker is not None:
             module.bind_timestep_tracker(tracker)
         model.set_submodule(name, module)
-    if plan.attention:
+    if plan.attention and attention:
         try:
             from .nn.attention import set_quant_attention
         except ImportError:
@@ -96,11 +97,13 @@ def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: 
     return model
 
 
-def quantize(model: torch.nn.Module, plan: QuantPlan | str, progress: bool = False) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, plan: QuantPlan | str, progress: bool = False,
+             attention: bool = True) -> torch.nn.Module:
     """Quantize `model` in place per `plan` (a QuantPlan from dtq.calibrate, or the name of a recipe that
-    needs no calibration data, e.g. "viditq-w8a8"); returns the model."""
+    needs no calibration data, e.g. "viditq-w8a8"); returns the model. attention=False leaves attention
+    in floating point even where the plan has quantized-attention settings."""
     if isinstance(plan, str):
         plan = _plan_from_recipe(model, plan)
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan or a recipe name, got {type(plan).__name__}")
-    return install(model, plan, _build_calibrated, progress)
+    return install(model, plan, _build_calibrated, progress, attention)

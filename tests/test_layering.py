@@ -1,6 +1,7 @@
 """The runtime (what a quantized model needs to run, save and load) stands apart from the tools that make
 and judge quantized models (docs/architecture.md): it imports nothing from calibration, evaluation or
-training code, and it imports and runs with the plotting / evaluation extras absent."""
+training code, and it imports and runs with the plotting / evaluation extras absent. Importing it does not import
+diffusers; the diffusers backend registers itself when diffusers loads."""
 import ast
 import json
 import os
@@ -81,8 +82,11 @@ except ImportError:
     pass
 import torch
 import dtq_kernels as dtq
+assert "diffusers" not in sys.modules  # the diffusers backend registers when diffusers loads, not before
 import dtq_kernels.checkpoint, dtq_kernels.quantize, dtq_kernels.nn.attention, dtq_kernels.models.adapters
 from diffusers import DiTTransformer2DModel
+from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+assert AUTO_QUANTIZER_MAPPING["dtq"].__module__ == "dtq_kernels.diffusers_quantizer"
 torch.manual_seed(0)
 model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=1,
                               sample_size=8).eval()
