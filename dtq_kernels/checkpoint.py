@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .meta import empty_model, has_meta_tensors
 from .plan import QuantPlan
 from .quantize import build_empty, check_plan_fits, install
 
@@ -84,11 +85,11 @@ def read_plan(path: str | Path) -> tuple[dict, QuantPlan]:
     return meta, plan
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"missing checkpoint file {file}")
     try:
-        return load_file(str(file))
+        return load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
 
@@ -104,25 +105,46 @@ def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
-    with the saved codes and scales; outputs are bit-identical to the saved model's."""
+def load_quantized(model: torch.nn.Module | type, path: str | Path,
+                   device: str | torch.device | None = None) -> torch.nn.Module:
+    """Load a quantized checkpoint; outputs are bit-identical to the saved model's.
+
+    model: the model's class (a diffusers model class): the model is built from the saved config with
+      its parameters on the meta device, the quantized layers are installed there, and every tensor is
+      assigned straight from the file, so no floating-point weight of a quantized layer is ever built
+      (peak memory about the checkpoint's size). Or a fresh floating-point instance of the same
+      architecture and config, quantized in place (its parameters may also be on the meta device).
+    device: where the tensors are loaded (e.g. "cuda": file to GPU tensor by tensor, without staging
+      the whole checkpoint on the host); default CPU, or where a given model's tensors already are.
+    """
     path = Path(path)
     meta, plan = read_plan(path)
+    if isinstance(model, type):
+        if meta.get("model_class") != model.__name__:
+            raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, not a {model.__name__}")
+        model = empty_model(model, meta.get("config", {}))
     check_model_matches(meta, model)
-    state = _load_tensors(path / MODEL_FILE)
+    state = _load_tensors(path / MODEL_FILE, device or "cpu")
     linears = check_plan_fits(model, plan)
     expected = _expected_state(model, plan, linears)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint tensors do not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    skeleton = {k for k, v in model.state_dict().items() if v.is_meta}  # kept-FP tensors take the file's dtype
     for k, (shape, dtype) in expected.items():
-        if tuple(state[k].shape) != shape or state[k].dtype != dtype:
+        same_dtype = state[k].dtype == dtype or (k in skeleton and state[k].is_floating_point() and dtype.is_floating_point)
+        if tuple(state[k].shape) != shape or not same_dtype:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                                   f"the model expects {shape} {dtype}")
     install(model, plan, build_empty)
-    model.load_state_dict(state, strict=True)
+    assign = bool(has_meta_tensors(model))  # a skeleton: take the file's tensors as they are, no copies
+    model.load_state_dict(state, strict=True, assign=assign)
+    if device is not None:
+        model.to(device)
+    unfilled = has_meta_tensors(model)
+    if unfilled:
+        raise CheckpointError(f"{len(unfilled)} tensors of the model are in no checkpoint file, e.g. {unfilled[:3]}")
     return model
 
 

@@ -238,6 +238,23 @@ class DtqQuantizer(DiffusersQuantizer):
         return True
 
 
+def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True) -> DtqConfig:
+    """Make a model quantized with dtq.quantize / dtq.load_quantized look as if it came from
+    from_pretrained with a DtqConfig, so that diffusers' save_pretrained writes a checkpoint that
+    from_pretrained loads back quantized. Returns the config it attached."""
+    plan = getattr(model, "dtq_plan", None)
+    if not isinstance(plan, QuantPlan):
+        raise ValueError("mark_quantized: the model was not quantized with dtq (no plan attached)")
+    if not hasattr(model, "register_to_config"):
+        raise TypeError(f"mark_quantized needs a diffusers model, got {type(model).__name__}")
+    cfg = DtqConfig(plan=plan, quantize_attention=quantize_attention)
+    model.register_to_config(quantization_config=cfg)
+    model.hf_quantizer = DtqQuantizer(cfg, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = DtqQuantMethod.DTQ
+    return cfg
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
