@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .models.reference_dit.images import save_grid
+
 CALIB_SEED = 10_000  # calibration noise seeds: disjoint from the sampling seeds (--seed)
 
 
@@ -342,22 +344,6 @@ def cmd_sample(args) -> Path:
     save_grid(images, out)
     print(f"wrote {out} ({args.num} samples, {args.steps} DDIM steps, labels i mod {ref.NUM_CLASSES})")
     return out
-
-
-def save_grid(images: torch.Tensor, path: Path, cols: int = 10, zoom: int = 3) -> None:
-    """Images [N, C, H, W] in [-1, 1] as one PNG, `cols` per row (one column per class)."""
-    from PIL import Image
-    n, c, h, w = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    x = images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    canvas = torch.full((c, rows * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        y0, x0 = 2 + (i // cols) * (h + 2), 2 + (i % cols) * (w + 2)
-        canvas[:, y0:y0 + h, x0:x0 + w] = x[i]
-    arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr)
-    img.resize((img.width * zoom, img.height * zoom), Image.NEAREST).save(path)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

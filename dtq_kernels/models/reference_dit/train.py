@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         print(f"warm start from {args.init_from}", flush=True)
     abar = ddpm_alphas_cumprod().to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params / 1e6:.2f}M, tokens {(32 // args.patch_size) ** 2}, device {device}", flush=True)
+    print(f"params {n_params / 1e6:.2f}M, tokens {(32 // size['patch_size']) ** 2}, device {device}", flush=True)
 
     start, last_save = time.time() - elapsed, time.time()
     while step < args.max_steps and (time.time() - start) < args.max_minutes * 60:
