@@ -174,7 +174,8 @@ class DtqQuantizer(DiffusersQuantizer):
         elif cfg.needs_data():
             raise ValueError(
                 f"dtq: recipe {cfg.recipe!r} calibrates on data, which from_pretrained does not have. Make its plan "
-                f"first: `dtq calibrate --recipe {cfg.recipe} --model <diffusers model dir> --out PLAN_DIR` (or "
+                f"first: `dtq calibrate --recipe {cfg.recipe} --model <diffusers pipeline dir> --prompt TEXT (or "
+                f"--class-labels 1,2,...) --out PLAN_DIR` (or "
                 f"plan = dtq.calibrate(pipe, {cfg.recipe!r})), then pass DtqConfig(plan=PLAN_DIR or plan). "
                 "Data-free recipes (e.g. 'viditq-w8a8') run directly.")
 
