@@ -191,3 +191,9 @@ def test_truncated_weights_file_is_refused(q_dir, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(Exception, match="(?i)incomplete|truncat|invalid|error|deserializ"):
         DiT.from_pretrained(d)
+
+
+def test_plan_directory_that_is_not_a_dtq_plan_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a dtq checkpoint"):
+        dtq.DtqConfig(plan=tmp_path)
