@@ -43,7 +43,7 @@ CPU_COST_NOTE = ("one CPU thread (shared machine): sampling ~2.5 s/image fp32, ~
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
-NOISE_SEED_OFFSET = 1    # the noise-floor FP run uses seed + this
+NOISE_SEEDS = 3          # the noise floor: the FP model sampled again with seeds seed+1 .. seed+NOISE_SEEDS
 # TQ-DiT ablations: one of the paper's components switched off, calibrated the same way.
 ABLATIONS = {"tqdit-w6a6-g1": ("tqdit-w6a6", {"time_groups": 1}, "tqdit-w6a6 with ONE time group (TGQ off)"),
              "tqdit-w6a6-nomrq": ("tqdit-w6a6", {"mrq": False},
@@ -271,8 +271,8 @@ def _run(args: argparse.Namespace) -> list[dict]:
                   cls_ref_n=args.cls_ref_n, device=args.device)
     ev = harness.evaluate(models, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples, **common)
     if args.out_dir:
-        noise = harness.evaluate({"fp": fp}, n, args.seed + NOISE_SEED_OFFSET, steps, guidance, sqnr_samples=0,
-                                 **common).rows
+        noise = [harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0, **common).rows[0]
+                 for k in range(1, NOISE_SEEDS + 1)]
         k = max(args.sqnr_samples, 1)
         with hooks.record_calls(fp) as calls:
             harness.generate(fp, k, args.seed, steps, guidance, k, sample_fn)
