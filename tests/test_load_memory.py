@@ -30,8 +30,8 @@ def status(key):
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 def measure(load):
-    # each load in its own forked process, peak RSS reset first (clear_refs 5): nothing one load freed is
-    # reused by the next, and the imports' own peak does not count
+    # each load in its own child forked from this fresh process (whose heap holds nothing freed that a
+    # load could reuse unseen), peak RSS reset first (clear_refs 5) so the imports' own peak does not count
     r, w = os.pipe()
     if os.fork() == 0:
         open("/proc/self/clear_refs", "w").write("5")
