@@ -99,8 +99,10 @@ out = q(torch.randn(3, 256))
 plan = dtq.QuantPlan(recipe="test", model_type="dit", time_groups=2, layers={"x": dtq.LayerPlan(spec, [0.05, 0.07])})
 assert dtq.QuantPlan.from_json(plan.to_json()).layers["x"].spec == spec
 loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(tuple(BLOCKED))]
-print(json.dumps({"finite": bool(torch.isfinite(out).all()), "loaded": loaded,
-                  "diffusers": "diffusers" in sys.modules}))
+diffusers_before = "diffusers" in sys.modules
+from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING  # the import hook registers dtq right here
+print(json.dumps({"finite": bool(torch.isfinite(out).all()), "loaded": loaded, "diffusers": diffusers_before,
+                  "registered": AUTO_QUANTIZER_MAPPING["dtq"].__module__}))
 """
 
 
@@ -111,4 +113,4 @@ def test_runtime_runs_with_tools_and_extras_blocked():
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result == {"finite": True, "loaded": [], "diffusers": False}
+    assert result == {"finite": True, "loaded": [], "diffusers": False, "registered": "dtq_kernels.diffusers_quantizer"}
