@@ -107,7 +107,9 @@ def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
 
 def load_quantized(model: torch.nn.Module | type, path: str | Path,
                    device: str | torch.device | None = None) -> torch.nn.Module:
-    """Load a quantized checkpoint; outputs are bit-identical to the saved model's.
+    """Load a quantized checkpoint: every tensor bit-identical to the saved model's, and so are its
+    outputs (on CPU, tensors assigned from the file keep the file's 8-byte alignment, and BLAS may then
+    round a floating-point layer's sum differently by an ulp; a copy with its own allocation does not).
 
     model: the model's class (a diffusers model class): the model is built from the saved config with
       its parameters on the meta device, the quantized layers are installed there, and every tensor is

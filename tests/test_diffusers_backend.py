@@ -10,7 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import dtq_kernels as dtq  # noqa: E402
 from dtq_kernels.nn.linear import QuantLinear  # noqa: E402
-from helpers_models import dit_inputs, run_dit, tiny_dit, tiny_dit_pipeline, uniform_plan  # noqa: E402
+from helpers_models import dit_inputs, own_memory, run_dit, tiny_dit, tiny_dit_pipeline, uniform_plan  # noqa: E402
 
 DiT = diffusers.DiTTransformer2DModel
 
@@ -67,7 +67,7 @@ def test_data_free_recipe_quantizes_an_fp_checkpoint(fp_dir):
     assert model.hf_quantizer.is_compileable and model.is_quantized
     ref = dtq.quantize(DiT.from_pretrained(fp_dir), "viditq-w8a8")
     x = dit_inputs()
-    assert torch.equal(run_dit(model, **x), run_dit(ref, **x))  # the same layers as dtq.quantize builds
+    assert torch.equal(run_dit(own_memory(model), **x), run_dit(own_memory(ref), **x))  # the same layers as dtq.quantize builds
 
 
 def test_save_pretrained_round_trip_is_bit_identical(fp_dir, q_dir):
@@ -79,7 +79,28 @@ def test_save_pretrained_round_trip_is_bit_identical(fp_dir, q_dir):
     a, b = first.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     x = dit_inputs()
-    assert torch.equal(run_dit(first, **x), run_dit(again, **x))
+    assert torch.equal(run_dit(own_memory(first), **x), run_dit(own_memory(again), **x))
+
+
+@pytest.mark.parametrize("kind", ["pixart", "sd3", "flux"])
+def test_other_architectures_round_trip(accelerate, kind, tmp_path):
+    import helpers_models as h
+    model, inputs = {"pixart": (h.tiny_pixart, lambda: dict(hidden_states=torch.randn(1, 4, 8, 8),
+                                                            encoder_hidden_states=torch.randn(1, 7, 32),
+                                                            timestep=torch.tensor([300]))),
+                     "sd3": (h.tiny_sd3, h.sd3_inputs), "flux": (h.tiny_flux, h.flux_inputs)}[kind]
+    model().save_pretrained(tmp_path / "fp")
+    cls = type(model())
+    q = cls.from_pretrained(tmp_path / "fp", quantization_config=dtq.DtqConfig("viditq-w8a8"))
+    assert any(isinstance(m, QuantLinear) for m in q.modules())
+    q.save_pretrained(tmp_path / "q")
+    again = cls.from_pretrained(tmp_path / "q")
+    a, b = q.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    torch.manual_seed(0)
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(own_memory(q)(**x).sample, own_memory(again)(**x).sample)
 
 
 def test_prequantized_load_keeps_scales_fp32_under_torch_dtype(q_dir):
@@ -98,7 +119,8 @@ def test_static_plan_with_time_groups_round_trips(fp_dir, tmp_path):
     plan = uniform_plan(tiny_dit(), spec, act_scales=[0.02, 0.03, 0.04, 0.05], time_groups=4)
     model = DiT.from_pretrained(fp_dir, quantization_config=dtq.DtqConfig(plan=plan))
     model.save_pretrained(tmp_path / "q")
-    again = DiT.from_pretrained(tmp_path / "q")
+    again = own_memory(DiT.from_pretrained(tmp_path / "q"))
+    own_memory(model)
     for t in (30, 900):
         x = dit_inputs(t=t)
         assert torch.equal(run_dit(model, **x), run_dit(again, **x))

@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import dtq_kernels as dtq  # noqa: E402
 from dtq_kernels.nn.linear import QuantLinear  # noqa: E402
-from helpers_models import tiny_dit_pipeline  # noqa: E402
+from helpers_models import own_memory, tiny_dit_pipeline  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -36,6 +36,8 @@ def test_calibrating_recipe_then_save_and_load(tmp_path):
     assert isinstance(q, QuantLinear) and q.spec.act_mode == "static"
     pipe.save_pretrained(tmp_path / "pipe")
     again = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe")
+    own_memory(pipe.transformer)
+    own_memory(again.transformer)
     assert isinstance(again.transformer.transformer_blocks[1].ff.net[2], QuantLinear)
     run = dict(class_labels=[2], num_inference_steps=2, output_type="np")
     a = pipe(**run, generator=torch.Generator().manual_seed(0)).images
