@@ -116,7 +116,7 @@ def test_two_region_post_gelu_layers_read_their_time_group():
             plan.layers[n] = LayerPlan(spec2, [good[n], [coarse_group_1 * c for c in good[n]]])
         return dtq.quantize(m, plan)
     ok, bad = quantized(1.0), quantized(8.0)  # bad: group 1 (t >= 500) steps 8x too coarse
-    assert ok.get_submodule(fc2[0]).path == "int8-kernels"
+    assert ok.get_submodule(fc2[0]).path == "int8_gemm_two_region"
     # int8 everywhere, 8-bit two-region fc2 steps at the measured range: as close as W8A8 dynamic (< 3%)
     assert rel(run_dit(ok, **dit_inputs(t=200)), ref) < 0.03
     assert torch.equal(run_dit(ok, **dit_inputs(t=200)), run_dit(bad, **dit_inputs(t=200)))  # same group 0

@@ -22,6 +22,9 @@ class LinearQuantSpec:
     smooth / rotate: a per-channel smoothing vector divides the input (folded into W), and an online
     Hadamard rotation of the input (W rotated offline) — both fused into the activation quantizer.
     FP4 activations are quantized dynamically per token in blocks of group_size.
+    allow_simulated: run the layer on CUDA even when no kernel serves the spec, by the simulated
+    dequant-matmul path (see nn/linear.py PATHS); without it (or DTQ_ALLOW_SIMULATED=1) such a layer
+    raises on CUDA tensors. It changes no numbers, only whether the slow path may run.
     """
 
     weight: str = "int8"
@@ -33,6 +36,7 @@ class LinearQuantSpec:
     two_region_mode: str | None = None
     smooth: bool = False
     rotate: bool = False
+    allow_simulated: bool = False
 
     def __post_init__(self):
         if self.weight not in WEIGHT_FORMATS:

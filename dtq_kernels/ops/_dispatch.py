@@ -44,6 +44,11 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "int8_gemm_static": {"any": "triton"},
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton kernels (gemm_int8.py) are the only fast ones. fp8_gemm and
+    # quantize_act_fp8 feed FP8 tensor cores: the kernel refuses sm_80 with a BackendError.
+    "w4a16_gemm": {"any": "triton"},
+    "fp8_gemm": {"any": "triton"},
+    "quantize_act_fp8": {"any": "triton"},
     # Not measured yet on a GPU: the Triton quantized attention is the only fast kernel
     # (benchmarks/bench_attention.py compares it with SDPA flash/cuDNN bf16 and SageAttention).
     "quant_attention": {"any": "triton"},

@@ -47,10 +47,27 @@ def weight_codes(w: torch.Tensor) -> torch.Tensor:
     return formats.unpack_int4(w) if w.dtype == torch.uint8 else w
 
 
+def group_scaled_matmul(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Σ_g (a_g · w_gᵀ) · w_scale[:, g] in fp32, groups in ascending K order (the kernels' order), for
+    w_scale [N, K/G]. Each group's product runs in fp32: exact for int8 codes (G <= EXACT_FP32_K), the
+    fp32 matmul's rounding for float activations."""
+    n_groups = w_scale.shape[1]
+    g = a.shape[1] // n_groups
+    af, wf, ws = a.float(), w.float(), w_scale.float()
+    acc = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    for i in range(n_groups):
+        acc = acc + (af[:, i * g:(i + 1) * g] @ wf[:, i * g:(i + 1) * g].T) * ws[None, :, i]
+    return acc
+
+
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last."""
-    out = int_matmul_float(a, weight_codes(w)) * a_scale.float()[:, None] * w_scale.float()[None, :]
+    """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last; with
+    per-group scales [N, K/G]: group_scaled_matmul(a, w, w_scale) · a_scale[:, None] + bias."""
+    if w_scale.dim() == 2:
+        out = group_scaled_matmul(a, weight_codes(w), w_scale) * a_scale.float()[:, None]
+    else:
+        out = int_matmul_float(a, weight_codes(w)) * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -90,6 +107,30 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     return out.to(out_dtype)
 
 
+def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only int4 (see gemm_ops.w4a16_gemm): Σ_g (x_g · codes_gᵀ) · w_scale[:, g] + bias in fp32, or
+    (x · codesᵀ) · w_scale + bias with per-channel scales."""
+    codes = weight_codes(w)
+    if w_scale.dim() == 2:
+        out = group_scaled_matmul(x, codes, w_scale)
+    else:
+        out = (x.float() @ codes.float().T) * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 E4M3 W8A8: (a · wᵀ in fp32) · a_scale[:, None] · w_scale[None, :] + bias. Each product of two
+    e4m3 values is exact in fp32; the sum is the fp32 matmul's."""
+    out = (a.float() @ w.float().T) * a_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 # ------------------------------------- fused activation quantization (smoothing, Hadamard, LN, GELU)
 
 def _smooth_rotate(xf: torch.Tensor, smooth: torch.Tensor | None, rotate: bool) -> torch.Tensor:
@@ -114,6 +155,17 @@ def quantize_act(x: torch.Tensor, bits: int, smooth: torch.Tensor | None, rotate
                  scale_table: torch.Tensor | None, group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of (x / smooth) @ H_K, computed in fp32 (see quantize_ops.quantize_act)."""
     return _quantize_rows(_smooth_rotate(x.float(), smooth, rotate), bits, scale_table, group_idx)
+
+
+def quantize_act_fp8(x: torch.Tensor, smooth: torch.Tensor | None,
+                     rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 E4M3 codes of (x / smooth) @ H_K in fp32: scale = absmax(row) / 448,
+    codes = formats.quantize_fp8_e4m3(row, scale) (a zero row: scale 0, codes 0). A row holding NaN or
+    Inf gets a non-finite scale, so whatever consumes the codes with their scale yields non-finite
+    values for that row: a broken input is never hidden."""
+    xs = _smooth_rotate(x.float(), smooth, rotate)
+    scale = formats.absmax_scale(xs.abs().amax(dim=-1), "fp8_e4m3")
+    return formats.quantize_fp8_e4m3(xs, scale[:, None]), scale
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_batch: int,

@@ -23,3 +23,14 @@ def round_to_e4m3_grid(x):
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     q = rne(a * ((130 - e) << 23).to(tl.float32, bitcast=True)) * ((124 + e) << 23).to(tl.float32, bitcast=True)
     return tl.where(x < 0, -q, q)
+
+
+def require_fp8_tensor_cores(device, op: str) -> None:
+    """FP8 E4M3 kernels (conversions and MMA) need sm_89 or sm_90: a clear BackendError on older GPUs."""
+    import torch
+
+    from .._dispatch import BackendError
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise BackendError(f"dtq.{op}: FP8 E4M3 needs sm_89 or sm_90 (FP8 tensor cores), this GPU is "
+                           f"sm_{major}{minor}; use int8 activations there (LinearQuantSpec(weight='int8', act='int8'))")

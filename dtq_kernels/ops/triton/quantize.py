@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, rne
+from .common import INTERPRETING, require_fp8_tensor_cores, rne, round_to_e4m3_grid
 
 
 @triton.jit
@@ -83,6 +83,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 
 PRE_NONE, PRE_LN, PRE_GELU_ERF, PRE_GELU_TANH = 0, 1, 2, 3
 MODE_DYNAMIC, MODE_STATIC, MODE_TWO_REGION_SIGN, MODE_TWO_REGION_SPLIT = 0, 1, 2, 3
+MODE_FP8 = 4  # dynamic per-token FP8 E4M3 codes (scale = absmax / 448)
 MAX_ROW_TILE = 16384  # padded elements of one row held in registers
 # A rotated row tile also passes through shared memory (the FWHT's layout shuffles, the dot operands):
 # 8192 elements take 64 KB on every arch; 16384 would take 128 KB, over sm_89's 99 KB per block.
@@ -163,6 +164,15 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         tl.store(scale_ptr + rows, scale, mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
         q = rne(tl.math.div_rn(x, divisor[:, None, None]))
+    elif MODE == 4:  # dynamic per-token FP8 E4M3: reference.quantize_act_fp8's arithmetic
+        absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        # tl.max skips NaN: a row holding one gets a NaN scale, so its GEMM output is NaN, not plausible
+        has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=1) > 0
+        absmax = tl.where(has_nan, float("nan"), absmax)
+        scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), 448.0, tl.float32))
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        divisor = tl.where(scale == 0.0, 1.0, scale)
+        q = round_to_e4m3_grid(tl.math.div_rn(x, divisor[:, None, None]))  # on the grid: the cast is exact
     else:
         # time-group index read on the device, clamped so a bad one never reads past the table (the op
         # layer's device-side assert reports it)
@@ -180,8 +190,11 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
                 q = tl.where(x >= 0.0, q_pos, q_neg)
             else:  # split: low region [0, c_pos·qmax) unless it rounds past qmax
                 q = tl.where((x < c_pos * qmax) & (q_pos <= qmax), q_pos, q_neg)
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
-    tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
+    if MODE == 4:
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.float8e4nv), mask=mask)
+    else:
+        q = tl.minimum(tl.maximum(q, -qmax), qmax)
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,8 +228,8 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     if M * K >= 2 ** 31:
         raise ValueError(f"dtq fused activation quantization uses int32 offsets: {M}x{K} is too large, "
                          "split the rows")
-    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    scale = torch.empty((M if mode == MODE_DYNAMIC else 0,), dtype=torch.float32, device=x.device)
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn if mode == MODE_FP8 else torch.int8, device=x.device)
+    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_FP8) else 0,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale
     # the interpreter pays per program: big row blocks; a GPU wants ≈4–8K elements per program
@@ -258,6 +271,12 @@ def layernorm_modulate_quantize(x, shift, scale, tokens_per_batch, eps, bits, sm
     return _finish(_launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
                            group_idx=group_idx, shift=shift, mod=scale,
                            tokens_per_batch=tokens_per_batch, eps=eps), static_scale)
+
+
+@register_kernel("quantize_act_fp8", "triton")
+def quantize_act_fp8(x, smooth, rotate):
+    require_fp8_tensor_cores(x.device, "quantize_act_fp8")
+    return _launch(x, bits=8, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=MODE_FP8)
 
 
 _GELU_PRE = {"none": PRE_GELU_ERF, "tanh": PRE_GELU_TANH}
@@ -325,4 +344,11 @@ AOT_SPECS += [
     _act_spec("two_region_sign_4608_bf16", dtype="bf16", num_warps=8, P=8192, MODE=MODE_TWO_REGION_SIGN),
     # Flux's MLP hidden width 12288 = 12·1024: the widest rows, 16384-element tiles on 16 warps
     _act_spec("gelu_tanh_quant_12288_bf16", dtype="bf16", num_warps=16, PRE=PRE_GELU_TANH, P=16384),
+]
+# FP8 E4M3 activations (the codes fp8_gemm reads; sm_89/90 only: sm_80 has no FP8 conversions in Triton)
+AOT_SPECS += [
+    dict(spec, signature={**spec["signature"], "q_ptr": "*fp8e4nv"}, archs=(89, 90))
+    for spec in (_act_spec("act_quant_fp8_rot_4608_smooth_bf16", dtype="bf16", num_warps=8, HAS_SMOOTH=True,
+                           ROTATE=True, MFAC=36, MPAD=64, P=128, MODE=MODE_FP8, expect_extra=_TF32_MMA),
+                 _act_spec("act_quant_fp8_1152_fp16", num_warps=8, P=2048, BLOCK_M=4, MODE=MODE_FP8))
 ]
