@@ -34,6 +34,11 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   byte (W4A8: unpacked in registers; same int8 MMA work, half the weight bytes, so it can only gain
   where the weight read matters — small M), and dtq quantize_per_token + int8_gemm from
   bf16 activations (the dynamic W8A8 linear, comparable with torchao's);
+* dtq w4a4_gemm (W4A4: 4-bit codes two per byte for both operands, fp32 block scales along K, decoded to
+  int8 in registers for the int8 MMA): FP4 E2M1 with group 32 (HQ-DiT's format, MXFP4's block), INT4 with
+  group 128 (equal bits), and dtq quantize_act_4bit (E2M1, group 32, online Hadamard rotation fused) +
+  w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
+  decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -41,7 +46,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   int4, per channel and g128; split-K at M <= 16), fp8_gemm (E4M3 per-token x per-channel, the peer of
   _scaled_mm row-wise) and quantize_act_fp8 + fp8_gemm from bf16 activations; FP8 rows need sm_89+.
 A weight-bytes table per format is written with the results.
---sweep also times every candidate tile config of the dtq kernel per shape (to settle CONFIGS).
+--sweep also times every candidate tile config of the dtq kernels per shape (to settle CONFIGS, and
+gemm_w4a4's CONFIGS / GROUP16_CONFIGS at groups 16, 32, 128 with either decode).
 
 The INT8 floor, before any measurement (H100 SXM: INT8 1979 TOPS dense, HBM 3.35 TB/s, so the INT8 ridge
 is 591 ops/byte; BF16 989 TFLOP/s, ridge 295). Bytes = int8 a + int8 w + bf16 out (scales, bias ≈ 0):
@@ -70,6 +76,11 @@ kernel typically reaches 60-75% of the INT8 peak on Hopper, so 1.3-1.6x over cuB
 realistic target, and parity with torch._int_mm's kernel while also doing the epilogue. FP8 row-wise
 _scaled_mm has the same peak and is the peer to match. The two-region kernel issues two MMAs per
 K-tile, so its ceiling is half of int8_gemm's when compute-bound: about bf16 speed.
+W4A4 on sm_80/89/90 (no 4-bit MMA): the same int8 MMA work as int8_gemm with a quarter of the bf16
+operand bytes, but every K-tile also decodes (BLOCK_M + BLOCK_N)·BLOCK_K nibbles (~9 int32 ops each) and
+rescales the [BLOCK_M, BLOCK_N] partial sum in fp32 once per block (3 ops per element): by the count in
+ops/triton/gemm_w4a4.py's docstring these, not the MMA, bound it, more so at group 32 than at 128. The
+floor for it is therefore ALU-bound, not the int8 MMA peak; the first GPU run says by how much.
 None of these expectations is a measurement: the tables this script writes are.
 """
 from __future__ import annotations
@@ -100,7 +111,7 @@ import common  # noqa: E402
 import dtq_kernels.ops as ops  # noqa: E402
 from dtq_kernels import formats  # noqa: E402
 from dtq_kernels.ops import reference  # noqa: E402
-from dtq_kernels.ops.triton import gemm_int8  # noqa: E402
+from dtq_kernels.ops.triton import gemm_int8, gemm_w4a4  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -181,6 +192,32 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         need_fp8()
         x, _, b = mk_bf16(M, K, N)
         return x, formats.quantize_fp8_e4m3(torch.randn(N, K, device=device)), torch.rand(N, device=device) * 1e-3, b
+    def mk_w4a4(fmt, group):
+        def make(M, K, N):
+            if K % group:
+                raise common.Skip(f"K={K} is not a multiple of group {group}")
+            a = torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, device=device)
+            w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device)
+            a_s, w_s = torch.rand(M, K // group, device=device) * 0.1, torch.rand(N, K // group, device=device) * 1e-2
+            return a, a_s, w, w_s, torch.randn(N, device=device, dtype=BF16), group, fmt, fmt, BF16
+        return make
+
+    def w4a4_prmt(*args):  # the byte-permute decode (gemm_w4a4.PRMT_DECODE_DEFAULT decides the op's default)
+        if device.type != "cuda":
+            raise common.Skip("the prmt decode is inline PTX: CUDA only")
+        return gemm_w4a4.launch(*args, prmt=True)
+
+    def w4a4_linear(x, w, w_s, b):
+        a, a_s = ops.quantize_act_4bit(x, "fp4_e2m1", 32, None, True)
+        return ops.w4a4_gemm(a, a_s, w, w_s, b, 32, "fp4_e2m1", "fp4_e2m1", BF16)
+
+    def mk_w4a4_linear(M, K, N):
+        from dtq_kernels import hadamard
+        if not hadamard.supported(K):
+            raise common.Skip(f"no Hadamard rotation of K={K}")
+        x, _, b = mk_bf16(M, K, N)
+        return x, torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device), \
+            torch.rand(N, K // 32, device=device) * 1e-2, b
 
     def int_mm(a, a_s, w, w_s, b, dt):
         return torch._int_mm(a, w.t())
@@ -211,6 +248,10 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
          lambda M, K, N: mk_w4a16(M, K, N, 128)),
         ("dtq fp8_gemm (E4M3, row-wise scales)", _dtq("fp8_gemm", dtq_backend), mk_dtq_fp8),
         ("dtq quantize_act_fp8 + fp8_gemm", fp8_linear, mk_fp8_linear),
+        ("dtq w4a4_gemm fp4_e2m1 g32 (W4A4 FP4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("fp4_e2m1", 32)),
+        ("dtq w4a4_gemm int4 g128 (W4A4 INT4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("int4", 128)),
+        ("dtq w4a4_gemm fp4_e2m1 g32, prmt decode", w4a4_prmt, mk_w4a4("fp4_e2m1", 32)),
+        ("dtq quantize_act_4bit(rotate) + w4a4_gemm fp4_e2m1 g32", w4a4_linear, mk_w4a4_linear),
         ("torch F.linear bf16", F.linear, mk_bf16),
         ("torch._int_mm (int32 out)", int_mm, mk_int8),
         ("torch._int_mm + eager scaling", int_mm_scaled, mk_int8),
@@ -258,13 +299,25 @@ def check_correct(device, M, K, N) -> None:
     a_s, w_s = torch.rand(M, device=device) * 0.01, torch.rand(N, device=device) * 1e-3
     coef, gi = torch.rand(2, 2, device=device) * 0.01, torch.tensor([1], dtype=torch.int32, device=device)
     w4 = formats.pack_int4(torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=g)).to(device)
+    a4 = torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, generator=g).to(device)
+    w44 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g).to(device)
+    s4a, s4w = torch.rand(M, K // 32, device=device), torch.rand(N, K // 32, device=device) * 1e-2
     for op, args in (("int8_gemm", (a, a_s, w, w_s, None, torch.float32)),
                      ("int8_gemm_two_region", (a, coef, gi, w, w_s, None, torch.float32)),
-                     ("int8_gemm", (a, a_s, w4, w_s, None, torch.float32))):
-        out = _dtq(op, "triton")(*args)
-        ref = getattr(reference, op)(*args)
-        # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py)
-        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())):
+                     ("int8_gemm", (a, a_s, w4, w_s, None, torch.float32)),
+                     ("w4a4_gemm", (a4, s4a, w44, s4w, None, 32, "fp4_e2m1", "int4", torch.float32)),
+                     ("w4a4_gemm prmt", (a4, s4a, w44, s4w, None, 32, "fp4_e2m1", "int4", torch.float32))):
+        if op == "w4a4_gemm prmt":
+            if device.type != "cuda":
+                continue
+            out, ref = gemm_w4a4.launch(*args, prmt=True), reference.w4a4_gemm(*args)
+        else:
+            out, ref = _dtq(op, "triton")(*args), getattr(reference, op)(*args)
+        # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py);
+        # w4a4_gemm may contract once per block of 32, K/32 + 2 roundings of terms that partly cancel
+        # (tests/test_w4a4.py), so it gets 10x the room
+        room = 1e-4 if op.startswith("w4a4_gemm") else 1e-5
+        if not torch.allclose(out, ref, rtol=room, atol=room * float(ref.abs().max())):
             raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
                                  f"max |Δ| {float((out - ref).abs().max())}")
     # the new formats, each vs its reference: per-group W4A8 (exact integer groups, FMA contraction per
@@ -296,6 +349,8 @@ WEIGHT_FORMATS = {  # bytes per weight element, and per output channel of scales
     "int4 per channel, packed (W4A8 / W4A16)": lambda k, n: k * n // 2 + 4 * n,
     "int4 g128, packed (W4A8-g128 / W4A16-g128)": lambda k, n: k * n // 2 + 4 * n * (k // 128),
     "int4 g64, packed": lambda k, n: k * n // 2 + 4 * n * (k // 64),
+    "fp4 / int4 g32, packed (W4A4 g32, MXFP4-sized blocks)": lambda k, n: k * n // 2 + 4 * n * (k // 32),
+    "fp4 g16, packed (W4A4 g16, NVFP4-sized blocks, fp32 scales)": lambda k, n: k * n // 2 + 4 * n * (k // 16),
 }
 
 
@@ -379,6 +434,32 @@ def sweep(device, shapes, rep) -> list[dict[str, Any]]:
                 rows.append({"model": model, "M": M, "K": K, "N": N, "config": "x".join(map(str, cfg)),
                              "heuristic_pick": picked == cfg, **r})
                 print(f"sweep {model} {M}x{K}x{N} {name} {rows[-1]['config']}: {common.fmt(r['ms'])} ms", flush=True)
+        rows += _sweep_w4a4(device, major, model, M, K, N, rep)
+    return rows
+
+
+def _sweep_w4a4(device, major, model, M, K, N, rep) -> list[dict[str, Any]]:
+    """Every W4A4 candidate tile (group 16 has its own table) at groups 16, 32 and 128, E2M1 operands, with
+    either decode (the default arithmetic one and the byte-permute one)."""
+    rows = []
+    for group, prmt in ((g, p) for g in (16, 32, 128) for p in (False, True)):
+        table = gemm_w4a4.GROUP16_CONFIGS if group == 16 else gemm_w4a4.CONFIGS
+        for cfg in table[90 if major == 9 else 80]:
+            def fn(a, a_s, w, w_s, b, g, fa, fw, dt, cfg=cfg, prmt=prmt):
+                return gemm_w4a4.launch(a, a_s, w, w_s, b, g, fa, fw, dt, config=cfg, prmt=prmt)
+
+            def make(M, K, N, group=group):
+                return (torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, device=device),
+                        torch.rand(M, K // group, device=device),
+                        torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device),
+                        torch.rand(N, K // group, device=device), torch.randn(N, device=device, dtype=BF16), group,
+                        "fp4_e2m1", "fp4_e2m1", BF16)
+            chosen = gemm_w4a4.choose_config(device, M, N, group) == cfg._replace(block_k=gemm_w4a4.block_k(group))
+            r = measure(f"w4a4_gemm g{group}{' prmt' if prmt else ''}", fn, make, M, K, N, device, rep)
+            rows.append({"model": model, "M": M, "K": K, "N": N, "config": "x".join(map(str, cfg)),
+                         "heuristic_pick": chosen, **r})
+            print(f"sweep {model} {M}x{K}x{N} {r['provider']} {rows[-1]['config']}: {common.fmt(r['ms'])} ms",
+                  flush=True)
     return rows
 
 

@@ -1,12 +1,13 @@
 """Save and load quantized models: a directory with
 
     model.safetensors         every parameter and buffer of the quantized model (packed codes, scales, FP parts)
-    plan.json                 {"format_version", "model_class", "config", "plan": QuantPlan JSON}
+    plan.json                 {"format_version", "model_class", "config", "plan": QuantPlan JSON,
+                               "fused_linears": {fused layer: {member layer: out_features}} (nn/fused.py)}
     plan_tensors.safetensors  the plan's vectors (smoothing factors, calibrated weights)
 
-`load_quantized(fresh_fp_model, path)` checks everything (format version, model class, config, every
-tensor's name, shape and dtype, file integrity) before it changes the model, so a wrong architecture
-or a corrupt / truncated file raises a clear error and leaves the model untouched.
+`load_quantized(model_class_or_fresh_fp_model, path)` checks everything (format version, model class,
+config, every tensor's name, shape and dtype, file integrity) before it changes the model, so a wrong
+architecture or a corrupt / truncated file raises a clear error and leaves the model untouched.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .meta import empty_model, has_meta_tensors
+from .nn.fused import apply_fast_path, split_fused_state
 from .plan import QuantPlan
 from .quantize import build_empty, check_plan_fits, install
 
@@ -59,7 +61,8 @@ def save_plan(plan: QuantPlan, path: str | Path, model: torch.nn.Module) -> Path
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()},
               str(path / PLAN_TENSORS_FILE))
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
-            "config": model_config(model), "plan": json.loads(plan.to_json())}
+            "config": model_config(model), "plan": json.loads(plan.to_json()),
+            "fused_linears": dict(getattr(model, "dtq_fused", {}))}
     (path / PLAN_FILE).write_text(json.dumps(meta, indent=1))
     return path
 
@@ -106,7 +109,7 @@ def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
 
 
 def load_quantized(model: torch.nn.Module | type, path: str | Path,
-                   device: str | torch.device | None = None) -> torch.nn.Module:
+                   device: str | torch.device | None = None, fuse: bool = True) -> torch.nn.Module:
     """Load a quantized checkpoint: every tensor bit-identical to the saved model's, and so are its
     outputs (on CPU, tensors assigned from the file keep the file's 8-byte alignment, and BLAS may then
     round a floating-point layer's sum differently by an ulp; a copy with its own allocation does not).
@@ -118,6 +121,10 @@ def load_quantized(model: torch.nn.Module | type, path: str | Path,
       architecture and config, quantized in place (its parameters may also be on the meta device).
     device: where the tensors are loaded (e.g. "cuda": file to GPU tensor by tensor, without staging
       the whole checkpoint on the host); default CPU, or where a given model's tensors already are.
+    fuse: fused layers (q/k/v, nn/fused.py) are always read back into their members first, so a
+      checkpoint saved fused or unfused loads either way; the per-layer QuantLinears are installed and
+      filled, and only then, on real tensors, fuse=True applies the fast path (dtq.quantize's default);
+      fuse=False keeps the per-layer path.
     """
     path = Path(path)
     meta, plan = read_plan(path)
@@ -128,6 +135,14 @@ def load_quantized(model: torch.nn.Module | type, path: str | Path,
     check_model_matches(meta, model)
     state = _load_tensors(path / MODEL_FILE, device or "cpu")
     linears = check_plan_fits(model, plan)
+    fused = meta.get("fused_linears") or {}
+    try:
+        widths = {m: int(w) for group in fused.values() for m, w in group.items()}
+    except (AttributeError, TypeError, ValueError):
+        widths = {None: 0}  # not {fused: {member: width}}: reported below
+    if any(m not in linears or linears[m].out_features != w for m, w in widths.items()):
+        raise CheckpointError(f"{path / PLAN_FILE}: fused_linears does not match the plan's layers")
+    state = split_fused_state(state, fused)
     expected = _expected_state(model, plan, linears)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -139,14 +154,17 @@ def load_quantized(model: torch.nn.Module | type, path: str | Path,
         if tuple(state[k].shape) != shape or not same_dtype:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                                   f"the model expects {shape} {dtype}")
-    install(model, plan, build_empty)
+    install(model, plan, build_empty, fuse=False)
     assign = bool(has_meta_tensors(model))  # a skeleton: take the file's tensors as they are, no copies
     model.load_state_dict(state, strict=True, assign=assign)
+    del state  # the model holds what it needs; fusing below must not keep the unfused members alive too
     if device is not None:
         model.to(device)
     unfilled = has_meta_tensors(model)
     if unfilled:
         raise CheckpointError(f"{len(unfilled)} tensors of the model are in no checkpoint file, e.g. {unfilled[:3]}")
+    if fuse:
+        apply_fast_path(model)
     return model
 
 

@@ -180,17 +180,22 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     meta, plan = read_plan(path)
     shapes = _tensor_shapes(path / MODEL_FILE) if (path / MODEL_FILE).is_file() else None
+    # a layer fused with others (q/k/v, nn/fused.py) is saved as its share of the fused layer's rows
+    fused_in = {m: (f, w / sum(group.values())) for f, group in (meta.get("fused_linears") or {}).items()
+                for m, w in group.items()}
     rows = []
     for name, lp in plan.layers.items():
         row = {"name": name, "format": _format_label(lp), "kept_fp": False, "bytes": None, "fp16_bytes": None}
         if shapes is not None:
-            own = {k[len(name) + 1:]: v for k, v in shapes.items() if k.startswith(name + ".")}
+            saved_as, share = fused_in.get(name, (name, 1.0))
+            own = {k[len(saved_as) + 1:]: v for k, v in shapes.items() if k.startswith(saved_as + ".")}
             # packed codes, scales, zero points (bias, smoothing and activation tables are not weights)
-            row["bytes"] = sum(b for k, (_, b) in own.items() if k.rsplit(".", 1)[-1] in ("qweight", "wscale", "wzero"))
+            row["bytes"] = round(share * sum(b for k, (_, b) in own.items()
+                                             if k.rsplit(".", 1)[-1] in ("qweight", "wscale", "wzero")))
             qshape = next(shp for k, (shp, _) in own.items() if k.endswith("qweight"))
             first = lp.step_group_specs[0] if lp.step_group_specs else lp.spec
             k_in = qshape[1] * (2 if get_format(first.weight).bits == 4 else 1)
-            row["fp16_bytes"] = qshape[0] * k_in * 2
+            row["fp16_bytes"] = round(share * qshape[0]) * k_in * 2
         rows.append(row)
     for name in plan.kept_fp:
         row = {"name": name, "format": "fp (kept)", "kept_fp": True, "bytes": None, "fp16_bytes": None}

@@ -16,6 +16,14 @@ Two ways in:
   QuantLinears are installed there, and the packed codes, scales and kept-FP tensors are assigned
   straight from the file. The floating-point weights of quantized layers are never built.
 
+The fast path (nn/fused.py: q/k/v fused into one `to_qkv` layer, DiT / PixArt blocks rewritten) is
+applied after the tensors are in place, never on the meta skeleton: both ways in end with it unless
+`DtqConfig(fuse=False)`. The checkpoint itself is always per-layer: save_pretrained splits every fused
+layer back into its members (`split_fused_state`, the same split dtq.load_quantized reads fused
+checkpoints with), so the file names the same tensors as the model's unfused state dict and loads
+with fuse on or off; loading and fusing again gives back the saved model's tensors bit for bit.
+Scales, zero points and static tables are stored and kept in fp32 whatever torch_dtype says.
+
 Registration: diffusers has no public API for third-party backends; `register()` adds the two entries
 to `diffusers.quantizers.auto`'s mappings and fails loudly if they are gone. `dtq_kernels.diffusers_hook`
 runs it as soon as diffusers loads that module (see there).
@@ -34,6 +42,7 @@ from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
+from .nn.fused import apply_fast_path, split_fused_state
 from .nn.linear import QuantLinear
 from .plan import QuantPlan
 from .quantize import build_empty, install, quantize
@@ -69,10 +78,12 @@ class DtqConfig(QuantizationConfigMixin):
     plan: a QuantPlan (dtq.calibrate), the directory `dtq calibrate` wrote, or the plan's JSON dict (how
       a saved checkpoint's config.json carries it). Give exactly one of recipe and plan.
     quantize_attention: install the quantized attention processor where the plan has settings for it.
+    fuse: apply the fast path of nn/fused.py after loading (dtq.quantize's default); False keeps every
+      layer separate (the per-layer path).
     """
 
     def __init__(self, recipe: str | None = None, plan: QuantPlan | str | Path | dict | None = None,
-                 quantize_attention: bool = True, format_version: int = CONFIG_FORMAT_VERSION,
+                 quantize_attention: bool = True, fuse: bool = True, format_version: int = CONFIG_FORMAT_VERSION,
                  quant_method: str = DtqQuantMethod.DTQ.value, **unknown: Any):
         if unknown:
             raise ValueError(f"DtqConfig: unknown fields {sorted(unknown)} (a config written by a newer "
@@ -90,6 +101,7 @@ class DtqConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.recipe = recipe
         self.quantize_attention = bool(quantize_attention)
+        self.fuse = bool(fuse)
         self._plan = None if plan is None else self._read_plan(plan)
         if self._plan is not None:
             self.recipe = self._plan.recipe
@@ -126,7 +138,7 @@ class DtqConfig(QuantizationConfigMixin):
             plan.pop("tensor_names", None)
         return {"quant_method": DtqQuantMethod.DTQ.value, "format_version": self.format_version,
                 "recipe": self.recipe if plan is None else None, "plan": plan,
-                "quantize_attention": self.quantize_attention}
+                "quantize_attention": self.quantize_attention, "fuse": self.fuse}
 
     def __iter__(self):
         yield from self.to_dict().items()
@@ -159,6 +171,11 @@ class DtqQuantizer(DiffusersQuantizer):
 
     def __init__(self, quantization_config: DtqConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        self.fused_linears: dict[str, dict[str, int]] = {}  # the model's fusions (nn/fused.py), split on save
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Record the fusions of `model`, whose state dicts get_state_dict_and_metadata will receive."""
+        self.fused_linears = dict(getattr(model, "dtq_fused", None) or {})
 
     def validate_environment(self, *args, **kwargs):
         cfg = self.quantization_config
@@ -182,8 +199,8 @@ class DtqQuantizer(DiffusersQuantizer):
     # ------------------------------------------------------------------ pre-quantized checkpoints
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
-        if self.pre_quantized:
-            install(model, self.quantization_config.plan, build_empty,
+        if self.pre_quantized:  # per layer: the skeleton's tensors are meta; fusion follows the loading
+            install(model, self.quantization_config.plan, build_empty, fuse=False,
                     attention=self.quantization_config.quantize_attention)
         return model
 
@@ -219,12 +236,19 @@ class DtqQuantizer(DiffusersQuantizer):
                 raise ValueError(f"dtq: the checkpoint lacks {len(unfilled)} tensors of its quantized layers, e.g. "
                                  f"{unfilled[:3]}: truncated or not saved from this model")
             model.to(_device_of(model))  # the timestep tracker and attention tables follow the weights
-            return model
-        plan = cfg.plan if cfg.plan is not None else cfg.recipe
-        model.eval()  # what from_pretrained returns anyway; a data-free recipe's plan is built in inference mode
-        quantize(model, plan, attention=cfg.quantize_attention)
-        cfg.set_plan(model.dtq_plan)
+            if cfg.fuse:
+                apply_fast_path(model)
+        else:
+            plan = cfg.plan if cfg.plan is not None else cfg.recipe
+            model.eval()  # what from_pretrained returns anyway; a data-free recipe's plan is built in inference mode
+            quantize(model, plan, fuse=cfg.fuse, attention=cfg.quantize_attention)
+            cfg.set_plan(model.dtq_plan)
+        self.attach(model)
         return model
+
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization: bool = False):
+        """What save_pretrained writes: the per-layer state dict (fused layers split into their members)."""
+        return split_fused_state(state_dict, self.fused_linears), {}
 
     @property
     def is_serializable(self) -> bool:
@@ -239,7 +263,7 @@ class DtqQuantizer(DiffusersQuantizer):
         return True
 
 
-def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True) -> DtqConfig:
+def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True, fuse: bool = True) -> DtqConfig:
     """Make a model quantized with dtq.quantize / dtq.load_quantized look as if it came from
     from_pretrained with a DtqConfig, so that diffusers' save_pretrained writes a checkpoint that
     from_pretrained loads back quantized. Returns the config it attached."""
@@ -248,9 +272,10 @@ def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True) -> D
         raise ValueError("mark_quantized: the model was not quantized with dtq (no plan attached)")
     if not hasattr(model, "register_to_config"):
         raise TypeError(f"mark_quantized needs a diffusers model, got {type(model).__name__}")
-    cfg = DtqConfig(plan=plan, quantize_attention=quantize_attention)
+    cfg = DtqConfig(plan=plan, quantize_attention=quantize_attention, fuse=fuse)
     model.register_to_config(quantization_config=cfg)
     model.hf_quantizer = DtqQuantizer(cfg, pre_quantized=True)
+    model.hf_quantizer.attach(model)
     model.is_quantized = True
     model.quantization_method = DtqQuantMethod.DTQ
     return cfg

@@ -23,7 +23,7 @@ def test_calibrate_with_a_local_pipeline_then_quantize(pipe_dir, tmp_path):
     assert plan.recipe == "rtn-w8a8" and plan.meta["calibration"]["forwards"] > 0
     model = cli.run(["quantize", "--plan", str(tmp_path / "plan"), "--model", str(pipe_dir), "--out",
                      str(tmp_path / "ck"), "--device", "cpu"])
-    assert isinstance(model.transformer_blocks[0].attn1.to_q, QuantLinear)
+    assert isinstance(model.transformer_blocks[0].attn1.to_qkv, QuantLinear)
     loaded = own_memory(dtq.load_quantized(diffusers.DiTTransformer2DModel, tmp_path / "ck"))
     assert torch.equal(run_dit(loaded, **dit_inputs()), run_dit(own_memory(model), **dit_inputs()))
 

@@ -9,6 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import dtq_kernels as dtq  # noqa: E402
+from dtq_kernels.nn.fused import fast_block_class  # noqa: E402
 from dtq_kernels.nn.linear import QuantLinear  # noqa: E402
 from helpers_models import dit_inputs, own_memory, run_dit, tiny_dit, tiny_dit_pipeline, uniform_plan  # noqa: E402
 
@@ -75,11 +76,30 @@ def test_save_pretrained_round_trip_is_bit_identical(fp_dir, q_dir):
     cfg = json.loads((q_dir / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "dtq" and cfg["format_version"] == 1 and cfg["plan"]["recipe"] == "viditq-w8a8"
     again = DiT.from_pretrained(q_dir)  # no quantization_config argument: config.json carries it
-    assert isinstance(again.transformer_blocks[1].attn1.to_q, QuantLinear)
+    assert isinstance(again.transformer_blocks[1].attn1.to_qkv, QuantLinear)  # the fast path, as first's
+    assert type(again.transformer_blocks[1]) is type(first.transformer_blocks[1]) is fast_block_class()
     a, b = first.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     x = dit_inputs()
     assert torch.equal(run_dit(own_memory(first), **x), run_dit(own_memory(again), **x))
+
+
+def test_checkpoint_is_per_layer_and_fuse_false_keeps_it(fp_dir, q_dir, tmp_path):
+    """save_pretrained splits fused layers into their members; DtqConfig(fuse=False) keeps the per-layer
+    path through save and load, with the same outputs as the fused model on this backend (fp32)."""
+    from safetensors import safe_open
+    with safe_open(str(q_dir / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer_blocks.0.attn1.to_q.qweight" in keys and not any("to_qkv" in k for k in keys)
+    unfused = DiT.from_pretrained(fp_dir, quantization_config=dtq.DtqConfig("viditq-w8a8", fuse=False))
+    assert isinstance(unfused.transformer_blocks[0].attn1.to_q, QuantLinear) and not getattr(unfused, "dtq_fused", None)
+    unfused.save_pretrained(tmp_path / "u")
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["quantization_config"]["fuse"] is False
+    again = DiT.from_pretrained(tmp_path / "u")
+    assert isinstance(again.transformer_blocks[0].attn1.to_k, QuantLinear)
+    assert type(again.transformer_blocks[0]) is not fast_block_class()
+    x = dit_inputs()
+    assert torch.equal(run_dit(own_memory(again), **x), run_dit(own_memory(DiT.from_pretrained(q_dir)), **x))
 
 
 @pytest.mark.parametrize("kind", ["pixart", "sd3", "flux"])
@@ -105,7 +125,7 @@ def test_other_architectures_round_trip(accelerate, kind, tmp_path):
 
 def test_prequantized_load_keeps_scales_fp32_under_torch_dtype(q_dir):
     model = DiT.from_pretrained(q_dir, torch_dtype=torch.bfloat16)
-    q = model.transformer_blocks[0].attn1.to_q
+    q = model.transformer_blocks[0].attn1.to_qkv  # fused after the file's fp32 tensors were assigned
     assert q.qweight.dtype == torch.int8 and q.wscale.dtype == torch.float32 and q.bias.dtype == torch.float32
     assert model.pos_embed.proj.weight.dtype == torch.bfloat16  # kept-FP layers take the requested dtype
     x = {k: (v.bfloat16() if v.is_floating_point() and k == "hidden_states" else v) for k, v in dit_inputs().items()}
@@ -124,7 +144,7 @@ def test_static_plan_with_time_groups_round_trips(fp_dir, tmp_path):
     for t in (30, 900):
         x = dit_inputs(t=t)
         assert torch.equal(run_dit(model, **x), run_dit(again, **x))
-    assert torch.equal(again.transformer_blocks[0].attn1.to_k.act_table, torch.tensor([0.02, 0.03, 0.04, 0.05]))
+    assert torch.equal(again.transformer_blocks[0].attn1.to_qkv.act_table, torch.tensor([0.02, 0.03, 0.04, 0.05]))
 
 
 def test_pipeline_quantization_config(accelerate, tmp_path):
@@ -132,7 +152,7 @@ def test_pipeline_quantization_config(accelerate, tmp_path):
     tiny_dit_pipeline().save_pretrained(tmp_path / "pipe")
     pq = PipelineQuantizationConfig(quant_mapping={"transformer": dtq.DtqConfig("viditq-w8a8")})
     pipe = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", quantization_config=pq)
-    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_v, QuantLinear)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_qkv, QuantLinear)
     assert not any(isinstance(m, QuantLinear) for m in pipe.vae.modules())
     img = pipe(class_labels=[1], num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 16, 16, 3) and bool((img >= 0).all() and (img <= 1).all())

@@ -22,7 +22,6 @@ import dtq_kernels.ops as ops
 from dtq_kernels import formats
 from dtq_kernels.ops import reference
 from dtq_kernels.ops.triton import gemm_int8
-from dtq_kernels.ops.triton.common import INTERPRETING
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}

@@ -93,7 +93,51 @@ def test_bad_adapters_change_nothing():
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         apply_lora(q, good)
     with pytest.raises(KeyError, match="no LoRA adapter named 'x'"):
-        q.transformer_blocks[0].attn1.to_q.remove_lora("x")
+        q.transformer_blocks[0].attn1.to_qkv.remove_lora("x")
+
+
+def _qkv_adapters(blocks=2, r=3, seed=2):
+    """An adapter file naming to_q / to_k / to_v (ranks r, r+1, r+2; alphas 6, 4, none) and fc2."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for b in range(blocks):
+        for i, m in enumerate(("to_q", "to_k", "to_v")):
+            path = f"transformer_blocks.{b}.attn1.{m}"
+            sd[f"{path}.lora_A.weight"] = torch.randn(r + i, 64, generator=g) * 0.1
+            sd[f"{path}.lora_B.weight"] = torch.randn(64, r + i, generator=g) * 0.1
+            if i < 2:
+                sd[f"{path}.alpha"] = torch.tensor(6.0 - 2 * i)
+        sd[f"transformer_blocks.{b}.ff.net.2.lora_A.weight"] = torch.randn(r, 256, generator=g) * 0.1
+        sd[f"transformer_blocks.{b}.ff.net.2.lora_B.weight"] = torch.randn(64, r, generator=g) * 0.1
+    return sd
+
+
+def test_member_adapters_on_a_fused_qkv_match_the_per_layer_model():
+    """to_q / to_k / to_v adapters land on their rows of the fused to_qkv: the fused model with the adapter
+    gives the per-layer model's output with the same adapter (up to float rounding of the stacked branch),
+    the fast block path hands LoRA'd layers their float input, and removing the adapter restores it all."""
+    fused = dtq.quantize(tiny_dit(), "viditq-w8a8")
+    per_layer = dtq.quantize(tiny_dit(), "viditq-w8a8", fuse=False)
+    attn = fused.transformer_blocks[0].attn1
+    assert not hasattr(attn, "to_q") and isinstance(attn.to_qkv, QuantLinear)
+    x = dit_inputs()
+    base = run_dit(fused, **x)
+    sd = _qkv_adapters()
+    done = apply_lora(fused, sd, scale=0.5)
+    assert done["transformer_blocks.1.attn1.to_k"] == "branch" and set(attn.to_qkv.lora) == {"default"}
+    branch = attn.to_qkv.lora["default"]
+    assert branch.A.shape == (3 + 4 + 5, 64) and branch.B.shape == (192, 12)
+    assert not branch.B[:64, 3:].any() and not branch.B[64:128, :3].any() and not branch.B[128:, :7].any()
+    apply_lora(per_layer, sd, scale=0.5)
+    with_lora = run_dit(fused, **x)
+    assert rel(with_lora, base) > 0.01  # the adapter does change the output
+    torch.testing.assert_close(with_lora, run_dit(per_layer, **x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        apply_lora(fused, sd)
+    for m in fused.modules():
+        if isinstance(m, QuantLinear) and m.lora:
+            m.remove_lora()
+    assert torch.equal(run_dit(fused, **x), base)
 
 
 def test_compiles_with_a_branch():

@@ -24,7 +24,7 @@ def test_readme_quick_start_runs():
     assert len(code.strip().splitlines()) == 3
     env = {"pipe": tiny_dit_pipeline()}
     exec(compile(code, "README.md quick start", "exec"), env)
-    assert isinstance(env["pipe"].transformer.transformer_blocks[0].attn1.to_q, QuantLinear)
+    assert isinstance(env["pipe"].transformer.transformer_blocks[0].attn1.to_qkv, QuantLinear)
     assert len(env["images"]) == 2 and env["images"][0].size == (16, 16)
 
 

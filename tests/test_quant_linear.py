@@ -79,7 +79,7 @@ def test_error_falls_as_bits_rise():
 
 
 def test_spec_without_a_kernel_runs_the_logged_simulation_on_cpu(caplog):
-    spec = S(weight="fp4_e2m1", group_size=32, act="fp4_e2m1")
+    spec = S(weight="int8", group_size=32, act="fp4_e2m1")  # FP4 activations with 8-bit weights: no kernel
     qlinear._logged.clear()  # logged once per spec and path: forget earlier tests' layers
     with caplog.at_level("WARNING", logger="dtq_kernels.nn"):
         q = QuantLinear.from_linear(layer(), spec)
@@ -221,7 +221,8 @@ def test_static_layer_reads_the_group_on_device_without_sync_and_under_cuda_grap
 # ------------------------------------------------------------------------------ the path table
 
 def test_every_path_row_is_reachable_and_the_simulation_is_last():
-    specs = {"int8_gemm": S(weight="int6", act="int6", act_mode="static"),
+    specs = {"w4a4_gemm": S(weight="fp4_e2m1", act="int4", group_size=32),
+             "int8_gemm": S(weight="int6", act="int6", act_mode="static"),
              "int8_gemm_grouped": S(weight="int4", group_size=128),
              "int8_gemm_wzp": S(weight="int4", weight_symmetric=False),
              "int8_gemm_two_region": S(weight="int4", act_mode="two_region", two_region_mode="split"),
@@ -242,7 +243,7 @@ def test_simulation_is_refused_on_cuda_unless_opted_in(monkeypatch):
     cap = {"v": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
     cuda = torch.device("cuda")
-    fp4 = QuantLinear.from_linear(layer(), S(weight="fp4_e2m1", group_size=32, act="fp4_e2m1"))
+    fp4 = QuantLinear.from_linear(layer(), S(weight="int8", group_size=32, act="fp4_e2m1"))  # no kernel
     with pytest.raises(qlinear.SimulatedPathError, match="has no kernel.*allow_simulated=True.*DTQ_ALLOW_SIMULATED=1"):
         fp4._path_for(cuda)
     fp8 = QuantLinear.from_linear(layer(), S(weight="fp8_e4m3", act="fp8_e4m3"))

@@ -128,7 +128,9 @@ def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: f
     try:
         plan = dtq.calibrate(fp_model, recipe, run_fn=run_fn, num_inference_steps=steps, progress=progress)
         model = copy.deepcopy(fp_model)
-        dtq.quantize(model, plan)
+        # per layer: the SQNR table hooks every Linear's forward, which the fast block path bypasses
+        # (it hands codes to the GEMMs directly); on CPU both paths give the same numbers
+        dtq.quantize(model, plan, fuse=False)
     finally:
         logger.removeHandler(handler)
     return model.eval(), handler.messages
@@ -264,7 +266,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"--quantized wants NAME=DIR, got {spec!r}")
         dtq = _dtq_api()
         models[name] = copy.deepcopy(fp)
-        dtq.load_quantized(models[name], path)
+        dtq.load_quantized(models[name], path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
         descriptions[name] = f"checkpoint {path}"
 
     common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,

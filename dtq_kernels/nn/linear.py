@@ -8,6 +8,7 @@ as `path=`:
 
 | row                  | weights (symmetric unless said)  | activations           | granularity    | modes            |
 |----------------------|----------------------------------|-----------------------|----------------|------------------|
+| w4a4_gemm            | int4 / fp4_e2m1 / e1m2 / e3m0    | int4 / fp4_* per block| group 16..128  | dynamic          |
 | int8_gemm            | int8 / int6 / int4 (packed)      | int8 / int6 / int4    | per channel    | dynamic, static  |
 | int8_gemm_grouped    | int8 / int6 / int4 (packed)      | int8 / int6 / int4    | group 64 / 128 | dynamic, static  |
 | int8_gemm_wzp        | int8 / int6 / int4, asymmetric   | int8 / int6 / int4    | per channel    | dynamic, static  |
@@ -15,6 +16,12 @@ as `path=`:
 | w4a16_gemm           | int4 (packed)                    | none (fp16/bf16)      | channel, 64/128| -                |
 | fp8_gemm             | fp8_e4m3 (sm_89/sm_90 on CUDA)   | fp8_e4m3              | per channel    | dynamic          |
 | dequant-matmul       | anything else: SIMULATED         |                       |                |                  |
+
+w4a4_gemm (W4A4, FP4 as HQ-DiT or INT4 at equal bits; weight and activation formats chosen separately)
+comes first: a 4-bit-weight, 4-bit-activation spec with group_size quantizes its activations per block
+of group_size (spec.act_block_size) with `ops.quantize_act_4bit` (smoothing and rotation fused), and
+`ops.w4a4_gemm` decodes both operands to int8 in registers. Static int4 activations with per-group int4
+weights still take int8_gemm_grouped.
 
 The kernel rows are `torch.ops.dtq` ops: on CUDA tensors they run the fast kernels, on CPU tensors
 their exact references. The last row, "dequant-matmul", is a simulation: activations are quantized
@@ -90,17 +97,24 @@ class KernelPath:
 
 _GROUPS = tuple(ops.GEMM_GROUP_SIZES)
 PATHS: list[KernelPath] = [
-    KernelPath("int8_gemm", "_forward_int8_gemm", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static")),
-    KernelPath("int8_gemm_grouped", "_forward_int8_gemm", INT_FORMATS, INT_FORMATS, _GROUPS, ("dynamic", "static")),
-    KernelPath("int8_gemm_wzp", "_forward_wzp", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static"),
+    # before int8_gemm_grouped: int4 x int4 with groups and dynamic activations is W4A4 (per-block activations)
+    KernelPath("w4a4_gemm", "_forward_w4a4", formats.FOUR_BIT_FORMATS, formats.FOUR_BIT_FORMATS,
+               tuple(ops.w4a4_ops.W4A4_GROUP_SIZES), ("dynamic",)),
+    KernelPath("int8_gemm", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static")),
+    KernelPath("int8_gemm_grouped", "_forward_int_codes", INT_FORMATS, INT_FORMATS, _GROUPS, ("dynamic", "static")),
+    KernelPath("int8_gemm_wzp", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static"),
                weight_symmetric=False, layout="int8"),
-    KernelPath("int8_gemm_two_region", "_forward_two_region", INT_FORMATS, INT_FORMATS, (None,), ("two_region",),
+    KernelPath("int8_gemm_two_region", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("two_region",),
                layout="int8"),
     KernelPath("w4a16_gemm", "_forward_w4a16", ("int4",), (None,), (None, *_GROUPS)),
     KernelPath("fp8_gemm", "_forward_fp8", ("fp8_e4m3",), ("fp8_e4m3",), (None,), ("dynamic",), archs=(89, 90)),
     # the simulation: matches every spec, so it must stay last
     KernelPath("dequant-matmul", "_forward_simulated", weight_symmetric=None, simulated=True),
 ]
+
+
+# the paths whose activations are integer codes: a producer may quantize for them (forward_quantized)
+CODE_INPUT_PATHS = ("int8_gemm", "int8_gemm_grouped", "int8_gemm_wzp", "int8_gemm_two_region")
 
 
 def select_path(spec: LinearQuantSpec, arch: int | None = None) -> KernelPath:
@@ -114,7 +128,7 @@ def simulation_allowed(spec: LinearQuantSpec) -> bool:
 
 def _log_path_once(spec: LinearQuantSpec, path: KernelPath) -> None:
     key = (spec.name + spec.act_mode, path.name)
-    if key not in _logged:
+    if not torch.compiler.is_compiling() and key not in _logged:  # (logging would break a compiled graph)
         _logged.add(key)
         if path.simulated:
             log.warning("QuantLinear %s (%s): %s path (SIMULATED: no kernel for this spec; weights dequantized "
@@ -168,9 +182,10 @@ class QuantLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, spec: LinearQuantSpec, act_scales=None, *,
                     smooth: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                    weight_clip=None) -> "QuantLinear":
+                    weight_clip=None, weight_scale: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize `linear` (or a calibrated `weight` replacing its own) round-to-nearest with absmax
-        scales, clipped by `weight_clip` (a ratio, or one per output channel). Static modes need
+        scales, clipped by `weight_clip` (a ratio, or one per output channel), or with explicit
+        `weight_scale` (a calibrated grid, e.g. GPTQ's). Static modes need
         act_scales: [time_groups] (static) or [time_groups, 2] (two-region (c_pos, c_neg))."""
         q = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
         w = (linear.weight if weight is None else weight).detach().float().cpu()
@@ -192,7 +207,7 @@ class QuantLinear(torch.nn.Module):
             w = w @ hadamard_matrix(linear.in_features)
         qw = formats.quantize_weight(w, spec.weight, group_size=spec.group_size,
                                      clip_ratio=1.0 if weight_clip is None else torch.as_tensor(weight_clip).float(),
-                                     symmetric=spec.weight_symmetric)
+                                     symmetric=spec.weight_symmetric, scale=weight_scale)
         q.qweight.copy_(q._pack(qw.codes))
         q.wscale.copy_(qw.scale)
         if qw.zero_point is not None:
@@ -295,20 +310,31 @@ class QuantLinear(torch.nn.Module):
 
     # -------- one method per kernel path (PATHS[i].forward): flattened input [M, K] -> [M, N] in x.dtype
 
-    def _forward_int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_int_codes(self, x: torch.Tensor) -> torch.Tensor:
+        q, a_scale = self._quantize_input(x)
+        return self.forward_quantized(q, a_scale, x.dtype)
+
+    def takes_codes(self) -> bool:
+        """Whether this layer (on its current device) runs an integer-activation path: forward_quantized works."""
+        return self._run_path.name in CODE_INPUT_PATHS
+
+    def forward_quantized(self, q: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM of an integer-activation path (CODE_INPUT_PATHS) on activation codes a producer already
+        made with this layer's quantizer (q int8 [M, K], a_scale f32 [M] or [1]; ignored for two-region
+        codes, whose scales are the table) -> [M, N]. nn/fused.py uses it to hand LayerNorm-modulate or
+        GELU fused with the quantization straight to the GEMM."""
+        name = self._run_path.name
+        if name not in CODE_INPUT_PATHS:
+            raise RuntimeError(f"forward_quantized needs an integer-activation path {CODE_INPUT_PATHS}; "
+                               f"this layer runs {name}")
+        if name == "int8_gemm_two_region":
+            return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self.qweight, self.wscale,
+                                            self.bias, out_dtype)
+        if name == "int8_gemm_wzp":
+            return ops.int8_gemm_wzp(q, a_scale, self.qweight, self.wscale, self.wzero, self.bias, out_dtype)
         # 4-bit weights go to the GEMM still packed (uint8 [N, K/2]): the kernel unpacks in registers;
         # per-group scales [N, K/G] select the kernel's per-group rescale
-        q, a_scale = self._quantize_input(x)
-        return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, x.dtype)
-
-    def _forward_wzp(self, x: torch.Tensor) -> torch.Tensor:
-        q, a_scale = self._quantize_input(x)
-        return ops.int8_gemm_wzp(q, a_scale, self.qweight, self.wscale, self.wzero, self.bias, x.dtype)
-
-    def _forward_two_region(self, x: torch.Tensor) -> torch.Tensor:
-        q, _ = self._quantize_input(x)
-        return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self.qweight, self.wscale, self.bias,
-                                        x.dtype)
+        return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, out_dtype)
 
     def _forward_w4a16(self, x: torch.Tensor) -> torch.Tensor:
         # the activations are 16-bit by definition: fp32 inputs are rounded to bf16 (fp16 / bf16 pass as is)
@@ -318,6 +344,12 @@ class QuantLinear(torch.nn.Module):
     def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
         q, a_scale = ops.quantize_act_fp8(x, self.smooth, self.spec.rotate)
         return ops.fp8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, x.dtype)
+
+    def _forward_w4a4(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        a, a_scale = ops.quantize_act_4bit(x, s.act, s.group_size, self.smooth, s.rotate)
+        return ops.w4a4_gemm(a, a_scale, self.qweight, self.wscale, self.bias, s.group_size, s.act, s.weight,
+                             x.dtype)
 
     def _forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._dequantized_input(x), self.dequantized_weight().to(x.device),
@@ -337,11 +369,9 @@ class QuantLinear(torch.nn.Module):
         if s.act is None:
             return x.float()
         f = get_format(s.act)
-        if f.kind == "fp4":  # dynamic per token, one scale per block of group_size along K
-            xs = self._smoothed_rotated(x)
-            xb = xs.reshape(xs.shape[0], -1, s.group_size)
-            scale = formats.absmax_scale(xb.abs().amax(-1, keepdim=True), f)
-            return formats.dequantize_fp4(formats.quantize_fp4(xb, scale, f), scale, f).reshape(xs.shape)
+        if s.act_block_size:  # dynamic per token, one scale per block of group_size along K
+            codes, scale = formats.quantize_blockwise(self._smoothed_rotated(x), f, s.act_block_size)
+            return formats.dequantize_blockwise(codes, scale, f)
         if f.kind == "fp8":  # the math of ops.quantize_act_fp8, whose kernel needs FP8 hardware
             q, scale = reference.quantize_act_fp8(x, self.smooth, s.rotate)
             return q.float() * scale[:, None]

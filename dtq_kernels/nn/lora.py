@@ -10,6 +10,12 @@ Folding an adapter into the weights is not free on a quantized layer: W + scale�
 quantized again (a second rounding, and the static activation tables were calibrated without it).
 `fused_with_lora` does exactly that and returns a new QuantLinear; the side branch stays exact.
 
+On a model whose q/k/v were fused into one `to_qkv` layer (nn/fused.py, dtq.quantize's default), an
+adapter file still names to_q / to_k / to_v: `apply_lora` places each member's adapter on the member's
+output rows of the fused layer, as one branch per fused layer and adapter name: A = the members' A
+stacked [Σr, K], B block-diagonal [N, Σr] with each member's scale folded into its block. The output
+equals the per-layer adapters' up to float rounding; removing the adapter removes all of it.
+
 Adapters are runtime state: they are not part of the quantized checkpoint (save the adapter file
 separately, as diffusers does), and they move with the layer across devices.
 """
@@ -89,19 +95,53 @@ def parse_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tupl
     return out
 
 
+def _fused_members(model: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
+    """{member path: (fused layer path, first output row, width)} from model.dtq_fused (nn/fused.py)."""
+    out = {}
+    for fused, widths in (getattr(model, "dtq_fused", None) or {}).items():
+        row = 0
+        for member, width in widths.items():
+            out[member] = (fused, row, int(width))
+            row += int(width)
+    return out
+
+
+def _stack_member_adapters(fused: torch.nn.Module, parts: list[tuple[int, torch.Tensor, torch.Tensor, float]]):
+    """One branch (A, B, scale 1) on the fused layer equal to the members' adapters on their rows:
+    parts [(first row, A [r, K], B [width, r], scale)] -> A [Σr, K], B [N, Σr] block-diagonal."""
+    A = torch.cat([a.float() for _, a, _, _ in parts], 0)
+    B = torch.zeros(fused.out_features, A.shape[0])
+    col = 0
+    for row, a, b, s in parts:
+        B[row:row + b.shape[0], col:col + a.shape[0]] = s * b.float()
+        col += a.shape[0]
+    return A, B
+
+
 def apply_lora(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], scale: float = 1.0,
                name: str = "default") -> dict[str, str]:
     """Add a LoRA adapter (PEFT / diffusers / kohya state dict, e.g. safetensors.torch.load_file of an
     adapter file) to a model quantized with dtq: a side branch on every QuantLinear it names; layers
     kept in floating point (nn.Linear) get the low-rank update merged into their weight, which is exact
-    for them but cannot be removed again. Everything is checked before anything changes.
-    Returns {module path: "branch" | "merged"}."""
+    for them but cannot be removed again. Adapters for members of a fused layer (to_q / to_k / to_v of
+    a `to_qkv`) become one branch on the fused layer's rows (module docstring). Everything is checked
+    before anything changes. Returns {module path: "branch" | "merged"}."""
     from .linear import QuantLinear, StepGroupQuantLinear
     adapters = parse_lora_state_dict(state_dict)
     modules = dict(model.named_modules())
-    plan = {}
+    members = _fused_members(model)
+    plan, on_fused = {}, {}
     for path, (A, B, s) in adapters.items():
         mod = modules.get(path)
+        if mod is None and path in members:  # a member of a fused layer: its rows of that layer
+            fused_path, row, width = members[path]
+            fused = modules[fused_path]
+            check_lora(A, B, s * scale, fused.in_features, width)
+            if name in fused.lora:
+                raise ValueError(f"{fused_path} (fused {path}) already has a LoRA adapter named {name!r}: "
+                                 "remove_lora it first")
+            on_fused.setdefault(fused_path, []).append((path, row, A, B, s * scale))
+            continue
         if isinstance(mod, StepGroupQuantLinear):
             targets = list(mod.variants)
         elif isinstance(mod, (QuantLinear, torch.nn.Linear)):
@@ -115,6 +155,12 @@ def apply_lora(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], scal
                 raise ValueError(f"{path} already has a LoRA adapter named {name!r}: remove_lora it first")
         plan[path] = (targets, A, B, s * scale)
     done = {}
+    for fused_path, parts in on_fused.items():
+        fused = modules[fused_path]
+        A, B = _stack_member_adapters(fused, [(row, a, b, s) for _, row, a, b, s in parts])
+        fused.add_lora(A, B, 1.0, name=name)
+        done.update({path: "branch" for path, *_ in parts})
+        log.info("LoRA %s: %s on their rows of the fused %s", name, ", ".join(p for p, *_ in parts), fused_path)
     for path, (targets, A, B, s) in plan.items():
         for t in targets:
             if isinstance(t, QuantLinear):

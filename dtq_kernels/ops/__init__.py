@@ -30,3 +30,9 @@ from .gemm_ops import GEMM_GROUP_SIZES, fp8_gemm, w4a16_gemm  # noqa: E402
 from .quantize_ops import quantize_act_fp8  # noqa: E402
 
 __all__ += ["GEMM_GROUP_SIZES", "fp8_gemm", "w4a16_gemm", "quantize_act_fp8"]
+
+# W4A4: 4-bit (FP4 / INT4) weights and activations with block scales, and their activation quantizer
+from . import w4a4_ops  # noqa: E402,F401
+from .w4a4_ops import quantize_act_4bit, w4a4_gemm  # noqa: E402
+
+__all__ += ["quantize_act_4bit", "w4a4_gemm"]

@@ -53,6 +53,10 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     # (benchmarks/bench_attention.py compares it with SDPA flash/cuDNN bf16 and SageAttention).
     "quant_attention": {"any": "triton"},
     "quant_attention_static": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton W4A4 GEMM (4-bit codes decoded to int8 in registers, int8 MMA)
+    # and its fused 4-bit activation quantizer are the only fast kernels (benchmarks/bench_gemm.py).
+    "w4a4_gemm": {"any": "triton"},
+    "quantize_act_4bit": {"any": "triton"},
 }
 
 last_backend: dict[str, str] = {}

@@ -308,3 +308,39 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = acc_pos * coef[0] + acc_neg * coef[1]
     out = out * sv.permute(0, 2, 1)[..., None]  # [1, H, 1, 1]
     return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)
+
+
+# ----------------------------------------------------------- W4A4: 4-bit codes with block scales (w4a4_ops)
+
+def w4a4_int_operand(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The exact integers (value × factor, formats.code4_int_table) of packed 4-bit codes, as fp32."""
+    table, _ = formats.code4_int_table(fmt)
+    return table.to(packed.device)[formats.unpack_nibbles(packed).long()].float()
+
+
+def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, group_size: int, a_fmt: str, w_fmt: str,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ_b (a_b · w_bᵀ in integers) · (a_scale[:, b] · w_scale[:, b]), blocks b in order, in fp32; then
+    × 1/(factor_a · factor_w) (a power of two: exact) + bias; cast last (see w4a4_ops.w4a4_gemm).
+
+    Each block's integer product is exact in fp32 matmul: |decoded| <= 64, so |partial sums| <=
+    64 · 64 · group_size < 2^24 for group_size <= 4096."""
+    ai, wi = w4a4_int_operand(a, a_fmt), w4a4_int_operand(w, w_fmt)
+    out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    for b in range(a_scale.shape[1]):
+        k = slice(b * group_size, (b + 1) * group_size)
+        acc = ai[:, k] @ wi[:, k].T
+        out = out + acc * (a_scale[:, b, None].float() * w_scale[None, :, b].float())
+    factor = formats.code4_int_table(a_fmt)[1] * formats.code4_int_table(w_fmt)[1]
+    out = out * torch.tensor(1.0 / factor, dtype=torch.float32)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def quantize_act_4bit(x: torch.Tensor, fmt: str, group_size: int, smooth: torch.Tensor | None,
+                      rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """formats.quantize_blockwise of (x / smooth) @ H_K, codes packed two per byte (see w4a4_ops)."""
+    codes, scale = formats.quantize_blockwise(_smooth_rotate(x.float(), smooth, rotate), fmt, group_size)
+    return formats.pack_4bit(codes, fmt), scale

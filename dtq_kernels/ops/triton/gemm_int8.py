@@ -61,6 +61,19 @@ def unpack_int4(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share each column of w tiles
+    while it is in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
 def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, w_zero_ptr, group_ptr,
                      M, N, K, stride_am, stride_wn, stride_om, num_groups,
                      ASCALE: tl.constexpr, TWO_REGION: tl.constexpr, W_ZERO: tl.constexpr,
@@ -68,15 +81,7 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_KIND: tl.constexpr = 0, W_GROUPED: tl.constexpr = False,
                      SPLIT_K: tl.constexpr = 1, DOT_F32: tl.constexpr = False):
-    # Grouped program order: GROUP_M row-tiles share each column of w tiles while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT_K == 1:
         k_start = 0
         k_end = K
@@ -306,15 +311,24 @@ def choose_config(device: torch.device, M: int, N: int, two_region: bool, w_int4
     if INTERPRETING or device.type != "cuda":
         return INTERPRETER_CONFIG if group is None else INTERPRETER_CONFIG._replace(block_k=group)
     candidates = config_candidates(kind, torch.cuda.get_device_capability(device)[0], group)
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = device_sms(device)
     if kind == W4A16 and M <= 16:
         return _split_k(candidates[-1], M, N, K, sms)
     if kind == W4 and M <= 16:
         return _split_k(W4_SMALL_M_CONFIGS[group], M, N, K, sms)
+    return first_filling(candidates, M, N, sms)
+
+
+def first_filling(candidates, M: int, N: int, sms: int) -> GemmConfig:
+    """The first (largest) candidate whose tile grid gives every SM a program, else the last."""
     for c in candidates:
         if triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n) >= sms:
             return c
     return candidates[-1]
+
+
+def device_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # activation kinds (constexpr A_KIND) and the extra activation-scale source of W4A16

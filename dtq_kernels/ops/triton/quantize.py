@@ -1,6 +1,7 @@
 """Activation quantization kernels in Triton: quantize_per_token, and one fused kernel for
 quantize_act / layernorm_modulate_quantize / gelu_quantize / quantize_two_region."""
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -104,6 +105,34 @@ def _gelu(x, TANH: tl.constexpr):
 
 
 @triton.jit
+def hadamard_rows(x, hm_ptr, MFAC: tl.constexpr, MPAD: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """x [BLOCK_M, MPAD, P] (row tiles in the Kronecker layout above) -> H_MFACᵀ · X · H_P per row, the
+    unnormalized ±1 rotation."""
+    # X · H_P on the last axis, a radix-2 FWHT: stage j views the row as [P / 2^(j+1), 2, 2^j] and
+    # replaces the pair (u, v) on the middle axis by (u + v, u − v). The pair is combined with
+    # size-2 reductions and a select, never a permute (permuted register tiles spill).
+    y = tl.reshape(x, [BLOCK_M * MPAD, P])
+    for j in tl.static_range(LOG2P):
+        y4 = tl.reshape(y, [BLOCK_M * MPAD, P // (2 << j), 2, 1 << j])
+        pair = tl.arange(0, 2)[None, None, :, None]
+        total = tl.sum(y4, axis=2)
+        diff = tl.sum(tl.where(pair == 0, y4, -y4), axis=2)
+        y = tl.reshape(tl.where(pair == 0, total[:, :, None, :], diff[:, :, None, :]), [BLOCK_M * MPAD, P])
+    x = tl.reshape(y, [BLOCK_M, MPAD, P])
+    if MFAC > 1:
+        # H_MFACᵀ · X per row: the ±1 factor, transposed and zero-padded to MPAD on the host
+        a = tl.arange(0, MPAD)
+        hm = tl.load(hm_ptr + a[:, None] * MPAD + a[None, :])
+        if BLOCK_M == 1:  # the GPU launch: a 2-D dot (a batched one spills at MPAD = 64)
+            x2 = tl.dot(hm, tl.reshape(x, [MPAD, P]), input_precision="tf32x3")
+            x = tl.reshape(x2, [1, MPAD, P])
+        else:
+            x = tl.dot(tl.broadcast_to(hm[None, :, :], [BLOCK_M, MPAD, MPAD]), x, input_precision="tf32x3")
+    return x
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod_ptr, table_ptr, group_ptr,
                      M, K, stride_xm, stride_qm, tokens_per_batch, num_groups, eps, rot_norm,
                      PRE: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, MFAC: tl.constexpr,
@@ -136,26 +165,7 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         x = tl.math.div_rn(x, s[None, :, :])                            # IEEE division, as the reference
 
     if ROTATE:
-        # X · H_P on the last axis, a radix-2 FWHT: stage j views the row as [P / 2^(j+1), 2, 2^j] and
-        # replaces the pair (u, v) on the middle axis by (u + v, u − v). The pair is combined with
-        # size-2 reductions and a select, never a permute (permuted register tiles spill).
-        y = tl.reshape(x, [BLOCK_M * MPAD, P])
-        for j in tl.static_range(LOG2P):
-            y4 = tl.reshape(y, [BLOCK_M * MPAD, P // (2 << j), 2, 1 << j])
-            pair = tl.arange(0, 2)[None, None, :, None]
-            total = tl.sum(y4, axis=2)
-            diff = tl.sum(tl.where(pair == 0, y4, -y4), axis=2)
-            y = tl.reshape(tl.where(pair == 0, total[:, :, None, :], diff[:, :, None, :]), [BLOCK_M * MPAD, P])
-        x = tl.reshape(y, [BLOCK_M, MPAD, P])
-        if MFAC > 1:
-            # H_MFACᵀ · X per row: the ±1 factor, transposed and zero-padded to MPAD on the host
-            hm = tl.load(hm_ptr + a[:, None] * MPAD + a[None, :])
-            if BLOCK_M == 1:  # the GPU launch: a 2-D dot (a batched one spills at MPAD = 64)
-                x2 = tl.dot(hm, tl.reshape(x, [MPAD, P]), input_precision="tf32x3")
-                x = tl.reshape(x2, [1, MPAD, P])
-            else:
-                x = tl.dot(tl.broadcast_to(hm[None, :, :], [BLOCK_M, MPAD, MPAD]), x, input_precision="tf32x3")
-        x = x * rot_norm                                                # 1/√K in fp32
+        x = hadamard_rows(x, hm_ptr, MFAC, MPAD, P, LOG2P, BLOCK_M) * rot_norm  # 1/√K in fp32
 
     qmax = QMAX
     if MODE == 0:  # dynamic per token: quantize_per_token's arithmetic
@@ -217,8 +227,18 @@ def _tile(K: int, rotate: bool) -> tuple[int, int, int]:
     return 1, 1, triton.next_power_of_2(K)
 
 
-def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table=None, group_idx=None,
-            shift=None, mod=None, tokens_per_batch=1, eps=0.0):
+class RowPlan(NamedTuple):
+    """How a fused row kernel tiles [M, K]: the row tile [MPAD, P] (MFAC Kronecker factor), rows per
+    program, warps, and the padded H_MFACᵀ (None without the dot)."""
+    mfac: int
+    mpad: int
+    p: int
+    block_m: int
+    num_warps: int
+    hm: torch.Tensor | None
+
+
+def plan_rows(x: torch.Tensor, rotate: bool) -> RowPlan:
     M, K = x.shape
     mfac, mpad, p = _tile(K, rotate)
     row_tile = mpad * p
@@ -228,16 +248,24 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     if M * K >= 2 ** 31:
         raise ValueError(f"dtq fused activation quantization uses int32 offsets: {M}x{K} is too large, "
                          "split the rows")
+    # the interpreter pays per program: big row blocks; a GPU wants ≈4–8K elements per program
+    # (one row per program when the H_m dot runs: its 2-D form is the one that does not spill)
+    block_m = 1 if (mfac > 1 and not INTERPRETING) else 64 if INTERPRETING else max(1, 8192 // row_tile)
+    block_m = min(block_m, triton.next_power_of_2(max(M, 1)))
+    num_warps = 4 if block_m * row_tile <= 4096 else 8 if block_m * row_tile <= 8192 else 16
+    hm = _hm_transposed(mfac, mpad, x.device) if rotate and mfac > 1 else None
+    return RowPlan(mfac, mpad, p, block_m, num_warps, hm)
+
+
+def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table=None, group_idx=None,
+            shift=None, mod=None, tokens_per_batch=1, eps=0.0):
+    M, K = x.shape
+    mfac, mpad, p, block_m, num_warps, hm = plan_rows(x, rotate)
     q = torch.empty((M, K), dtype=torch.float8_e4m3fn if mode == MODE_FP8 else torch.int8, device=x.device)
     scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_FP8) else 0,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale
-    # the interpreter pays per program: big row blocks; a GPU wants ≈4–8K elements per program
-    # (one row per program when the H_m dot runs: its 2-D form is the one that does not spill)
-    block_m = 1 if (mfac > 1 and not INTERPRETING) else 64 if INTERPRETING else max(1, 8192 // row_tile)
-    block_m = min(block_m, triton.next_power_of_2(M))
-    num_warps = 4 if block_m * row_tile <= 4096 else 8 if block_m * row_tile <= 8192 else 16
-    hm = _hm_transposed(mfac, mpad, x.device) if rotate and mfac > 1 else x
+    hm = x if hm is None else hm
     act_quant_kernel[(triton.cdiv(M, block_m),)](
         x, q, scale, x if smooth is None else smooth, hm, x if shift is None else shift, x if mod is None else mod,
         x if table is None else table, x if group_idx is None else group_idx,
