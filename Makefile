@@ -14,9 +14,14 @@ BUILT := $(VENV)/.package-built
 DATA := $(VENV)/.data-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
+# requirements-dev.txt's nvidia-cutlass line (C++ headers only) is installed on its own with --no-deps.
+NO_DEPS_DEV := nvidia-cutlass
+
 $(DEPS): requirements-dev.txt requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	grep -v '^$(NO_DEPS_DEV)==' requirements-dev.txt > $(VENV)/requirements-stack.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements-stack.txt
+	$(PY) -m pip install -q --no-deps $$(grep '^$(NO_DEPS_DEV)==' requirements-dev.txt)
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	touch $@
 
@@ -26,7 +31,7 @@ $(DATA):
 	mkdir -p $(VENV) && touch $@
 
 # The package is installed editable; _C is rebuilt whenever its sources or the build files change.
-$(BUILT): $(DEPS) $(DATA) setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*)
+$(BUILT): $(DEPS) $(DATA) setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/* csrc/*/*)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@$(PY) -c 'from dtq_kernels import _C; print("dtq_kernels._C built for", _C.built_archs())' \
 	  || echo 'WARNING: dtq_kernels._C was not built (no nvcc?): the CUDA kernels are unavailable, Triton and reference remain'

@@ -7,6 +7,8 @@ without it. If nvcc is there and the build fails, the install fails: a broken ke
     pip install --no-build-isolation --no-deps -e .     # editable: _C*.so lands in dtq_kernels/
 
 Build tree: build/cmake-py3XY/. Parallel jobs: $CMAKE_BUILD_PARALLEL_LEVEL, default 2 (CI has 2 cores).
+CUTLASS headers: from the nvidia-cutlass wheel in this environment (requirements-dev.txt), or the
+directory in $DTQ_CUTLASS_INCLUDE_DIR (the one holding cutlass/ and cute/).
 """
 import os
 import shutil
@@ -77,6 +79,8 @@ class CMakeBuild(build_ext):
                      "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}"]
         if ninja:
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        if os.environ.get("DTQ_CUTLASS_INCLUDE_DIR"):  # else CMake asks this interpreter for nvidia-cutlass's
+            configure.append(f"-DDTQ_CUTLASS_INCLUDE_DIR={os.environ['DTQ_CUTLASS_INCLUDE_DIR']}")
         # A cached configure made with another nvcc, interpreter or generator is discarded whole: CMake's
         # own reaction to a changed compiler (wipe the cache, re-run) drops the other -D settings.
         key = build_dir / "dtq_configure.txt"

@@ -39,6 +39,9 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   group 128 (equal bits), and dtq quantize_act_4bit (E2M1, group 32, online Hadamard rotation fused) +
   w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
   decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
+* int8_gemm, int8_gemm_static and fp8_gemm on the CUDA backend ("[cuda]" rows; CUTLASS: sm_90a TMA +
+  wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), skipped with the reason where the
+  extension is not built or not usable;
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -110,7 +113,7 @@ import torch.nn.functional as F  # noqa: E402
 import common  # noqa: E402
 import dtq_kernels.ops as ops  # noqa: E402
 from dtq_kernels import formats  # noqa: E402
-from dtq_kernels.ops import reference  # noqa: E402
+from dtq_kernels.ops import cuda, reference  # noqa: E402
 from dtq_kernels.ops.triton import gemm_int8, gemm_w4a4  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -236,9 +239,18 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
     def fp8_rowwise(a, w, sa, sb, b):
         return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=BF16, use_fast_accum=True)
 
+    def needs_cuda_backend(make):
+        def mk(M, K, N):
+            if device.type != "cuda" or not cuda.available():
+                raise common.Skip(f"the CUDA backend cannot run here: {cuda.unavailable_reason() or 'no GPU'}")
+            return make(M, K, N)
+        return mk
+
     out = [
         ("dtq int8_gemm", _dtq("int8_gemm", dtq_backend), mk_int8),
+        ("dtq int8_gemm [cuda]", _dtq("int8_gemm", "cuda"), needs_cuda_backend(mk_int8)),
         ("dtq int8_gemm_static", _dtq("int8_gemm_static", dtq_backend), mk_static),
+        ("dtq int8_gemm_static [cuda]", _dtq("int8_gemm_static", "cuda"), needs_cuda_backend(mk_static)),
         ("dtq int8_gemm_two_region", _dtq("int8_gemm_two_region", dtq_backend), mk_two),
         ("dtq int8_gemm, packed int4 weights (W4A8)", _dtq("int8_gemm", dtq_backend), mk_w4),
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
@@ -247,6 +259,7 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq w4a16_gemm, g128 int4 (W4A16-g128)", _dtq("w4a16_gemm", dtq_backend),
          lambda M, K, N: mk_w4a16(M, K, N, 128)),
         ("dtq fp8_gemm (E4M3, row-wise scales)", _dtq("fp8_gemm", dtq_backend), mk_dtq_fp8),
+        ("dtq fp8_gemm (E4M3, row-wise scales) [cuda]", _dtq("fp8_gemm", "cuda"), needs_cuda_backend(mk_dtq_fp8)),
         ("dtq quantize_act_fp8 + fp8_gemm", fp8_linear, mk_fp8_linear),
         ("dtq w4a4_gemm fp4_e2m1 g32 (W4A4 FP4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("fp4_e2m1", 32)),
         ("dtq w4a4_gemm int4 g128 (W4A4 INT4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("int4", 128)),
@@ -310,16 +323,22 @@ def check_correct(device, M, K, N) -> None:
         if op == "w4a4_gemm prmt":
             if device.type != "cuda":
                 continue
-            out, ref = gemm_w4a4.launch(*args, prmt=True), reference.w4a4_gemm(*args)
+            runs = {"triton prmt": lambda: gemm_w4a4.launch(*args, prmt=True)}
+            ref = reference.w4a4_gemm(*args)
         else:
-            out, ref = _dtq(op, "triton")(*args), getattr(reference, op)(*args)
+            ref = getattr(reference, op)(*args)
+            runs = {"triton": lambda: _dtq(op, "triton")(*args)}
+            if device.type == "cuda" and cuda.available() and op == "int8_gemm" and args[2].dtype == torch.int8:
+                runs["cuda"] = lambda: _dtq(op, "cuda")(*args)
         # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py);
         # w4a4_gemm may contract once per block of 32, K/32 + 2 roundings of terms that partly cancel
         # (tests/test_w4a4.py), so it gets 10x the room
         room = 1e-4 if op.startswith("w4a4_gemm") else 1e-5
-        if not torch.allclose(out, ref, rtol=room, atol=room * float(ref.abs().max())):
-            raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
-                                 f"max |Δ| {float((out - ref).abs().max())}")
+        for backend, run in runs.items():
+            out = run()
+            if not torch.allclose(out, ref, rtol=room, atol=room * float(ref.abs().max())):
+                raise AssertionError(f"dtq {op} ({backend}) disagrees with the reference on {M}x{K}x{N}: "
+                                     f"max |Δ| {float((out - ref).abs().max())}")
     # the new formats, each vs its reference: per-group W4A8 (exact integer groups, FMA contraction per
     # group), W4A16 (fp32 sums in another order: ≤ 2(K+4)·2^-24 of the magnitude) and FP8 (Hopper's FP8
     # MMA adds within a K-tile at ≈14 bits: 2^-13 of the magnitude); tests/test_gemm_lowbit.py
@@ -335,11 +354,14 @@ def check_correct(device, M, K, N) -> None:
         mag = (a8.float().abs() @ w8.float().abs().T) * a_s[:, None] * w_s
         checks.append(("fp8_gemm", (a8, a_s, w8, w_s, None, torch.float32), mag, 2.0 ** -13))
     for op, args, mag, rel_bound in checks:
-        out, ref = _dtq(op, "triton")(*args), getattr(reference, op)(*args)
-        excess = float(((out - ref).abs() - rel_bound * mag).max())
-        if excess > 0:
-            raise AssertionError(f"dtq {op} disagrees with the reference on {M}x{K}x{N}: "
-                                 f"max |Δ| {float((out - ref).abs().max())}, {excess} over the bound")
+        ref = getattr(reference, op)(*args)
+        backends = ["triton"] + (["cuda"] if op == "fp8_gemm" and device.type == "cuda" and cuda.available() else [])
+        for backend in backends:
+            out = _dtq(op, backend)(*args)
+            excess = float(((out - ref).abs() - rel_bound * mag).max())
+            if excess > 0:
+                raise AssertionError(f"dtq {op} ({backend}) disagrees with the reference on {M}x{K}x{N}: "
+                                     f"max |Δ| {float((out - ref).abs().max())}, {excess} over the bound")
 
 
 WEIGHT_FORMATS = {  # bytes per weight element, and per output channel of scales, as QuantLinear stores them

@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh            # results under $OUT when set, else benchmarks/results/
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja and nvcc but no network and no diffusers:
-# carry wheels in .whl/ (see the device README) and they are installed to /tmp/site first.
+# carry wheels in .whl/ (see the device README) and they are installed to /tmp/site first. The CUDA build
+# needs the CUTLASS headers: carry the nvidia-cutlass wheel pinned in requirements-dev.txt there too
+# (pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl), or set DTQ_CUTLASS_INCLUDE_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,12 +31,23 @@ log "environment"
 
 log "build (pip install -e .)"
 start=$(date +%s)
+# every core: the CUTLASS kernel families compile in parallel (setup.py defaults to 2 jobs for CI)
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee -a "$RESULTS/gpu_check.log"
 log "build took $(( $(date +%s) - start )) s"
 
 log "GPU tests"
 timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$RESULTS/gpu_tests.log" | tail -30
 status_tests=${PIPESTATUS[0]}
+
+log "compute-sanitizer memcheck of the CUDA (_C) kernels"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/memcheck_cuda.py 2>&1 \
+    | tee "$RESULTS/memcheck_cuda.log" | tail -20
+  status_memcheck=${PIPESTATUS[0]}
+else
+  log "compute-sanitizer not found"; status_memcheck=1
+fi
 
 status_bench=0
 for bench in benchmarks/bench_*.py; do
@@ -45,6 +58,6 @@ for bench in benchmarks/bench_*.py; do
   [ "$rc" -eq 0 ] || { log "$name failed (rc $rc)"; status_bench=1; }
 done
 
-log "results in $RESULTS (tests rc $status_tests, benchmarks rc $status_bench)"
+log "results in $RESULTS (tests rc $status_tests, memcheck rc $status_memcheck, benchmarks rc $status_bench)"
 ls -la "$RESULTS"
-[ "$status_tests" -eq 0 ] && [ "$status_bench" -eq 0 ]
+[ "$status_tests" -eq 0 ] && [ "$status_memcheck" -eq 0 ] && [ "$status_bench" -eq 0 ]

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "scaled_gemm.h"
 
 namespace py = pybind11;
 
@@ -63,6 +64,65 @@ void quantize_per_token(uintptr_t x, uintptr_t q, uintptr_t scale, int64_t M, in
         "quantize_per_token");
 }
 
+// The compute capability of the current device, as 10 * major + minor (two attribute reads: no sync).
+int current_compute_capability() {
+  int device = 0, major = 0, minor = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  return 10 * major + minor;
+}
+
+// The scaled GEMM of scaled_gemm.h on the current device, with the kernel built for its architecture:
+// sm_90 -> CUTLASS 3.x (sm_90a SASS); int8: sm_80..sm_89 -> CUTLASS 2.x (sm_80 / sm_89 SASS); fp8: sm_89 ->
+// CUTLASS 2.x (sm_89 SASS).
+void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a_scale_per_token,
+                 uintptr_t group_idx, int groups, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uintptr_t out,
+                 int64_t M, int64_t N, int64_t K, int out_dtype, uintptr_t stream) {
+  require_cuda();
+  if (kind != "int8" && kind != "fp8")
+    throw std::invalid_argument("scaled_gemm: unknown kind '" + kind + "' (expected 'int8' or 'fp8')");
+  if (out_dtype < dtq::kFloat32 || out_dtype > dtq::kBFloat16) throw std::invalid_argument("unsupported out_dtype code");
+  if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 16)
+    throw std::invalid_argument("scaled_gemm: bad shape (need M >= 0, N and K positive multiples of 16)");
+  if (groups < 1) throw std::invalid_argument("scaled_gemm: groups must be >= 1");
+  if (M == 0) return;  // nothing to compute (an empty tensor may have a null data pointer)
+  if (!a || !a_scale || !w || !w_scale || !out) throw std::invalid_argument("scaled_gemm: null operand pointer");
+  dtq::ScaledGemmParams p;
+  p.a = reinterpret_cast<const void*>(a);
+  p.w = reinterpret_cast<const void*>(w);
+  p.a_scale = reinterpret_cast<const float*>(a_scale);
+  p.a_scale_per_token = a_scale_per_token;
+  p.group_idx = reinterpret_cast<const int32_t*>(group_idx);
+  p.groups = groups;
+  p.w_scale = reinterpret_cast<const float*>(w_scale);
+  p.bias = reinterpret_cast<const float*>(bias);
+  p.out = reinterpret_cast<void*>(out);
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.out_dtype = out_dtype;
+  const int cc = current_compute_capability();
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    if (kind == "int8") {
+      if (cc == 90) error = dtq::int8_gemm_sm90(p, s);
+      else if (cc >= 80 && cc < 90) error = dtq::int8_gemm_sm80(p, s);
+      else error = "no INT8 kernel for this GPU";
+    } else {
+      if (cc == 90) error = dtq::fp8_gemm_sm90(p, s);
+      else if (cc == 89) error = dtq::fp8_gemm_sm89(p, s);
+      else error = "no FP8 kernel for this GPU (FP8 tensor cores: sm_89, sm_90)";
+    }
+  }
+  if (error)
+    throw std::runtime_error("dtq_kernels._C.scaled_gemm(" + kind + ") on sm_" + std::to_string(cc) + ": " + error +
+                             " (built for " DTQ_BUILT_ARCHS ")");
+  check(cudaGetLastError(), "scaled_gemm launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -71,4 +131,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_archs", &built_archs, "the SASS (sm_XX) and PTX (compute_XX) targets compiled in");
   m.def("quantize_per_token", &quantize_per_token, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("M"),
         py::arg("K"), py::arg("dtype"), py::arg("bits"), py::arg("stream"));
+  m.def("compute_capability", &current_compute_capability, "10 * major + minor of the current CUDA device");
+  m.def("scaled_gemm", &scaled_gemm,
+        "out = ((a . w^T) * act_scale * w_scale) + bias with CUTLASS (csrc/scaled_gemm.h); kind 'int8' or 'fp8'",
+        py::arg("kind"), py::arg("a"), py::arg("a_scale"), py::arg("a_scale_per_token"), py::arg("group_idx"),
+        py::arg("groups"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("out_dtype"), py::arg("stream"));
 }

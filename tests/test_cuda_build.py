@@ -1,4 +1,5 @@
 """The CUDA extension: built for sm_80/89/90a (+ compute_90 PTX), importable without a GPU, correct on one."""
+import functools
 import os
 import re
 import shutil
@@ -36,10 +37,32 @@ def _so() -> Path:
     return Path(_C.__file__)
 
 
-def _cuobjdump(*args: str) -> str:
+def _tool() -> str:
     import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return subprocess.run([str(tool), *args, str(_so())], capture_output=True, text=True, check=True).stdout
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _cuobjdump(*args: str) -> str:
+    return subprocess.run([_tool(), *args, str(_so())], capture_output=True, text=True, check=True).stdout
+
+
+@functools.lru_cache(maxsize=1)
+def _all_sass() -> dict[str, str]:
+    """arch -> `cuobjdump -sass -arch arch` of the extension. Disassembling the CUTLASS kernels takes seconds per
+    arch, so the three run at once, once per test session."""
+    archs = ("sm_80", "sm_89", "sm_90a")
+    procs = {a: subprocess.Popen([_tool(), "-sass", "-arch", a, str(_so())], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True) for a in archs}
+    out = {a: p.communicate()[0] for a, p in procs.items()}
+    for a, p in procs.items():
+        assert p.returncode == 0, f"cuobjdump -sass -arch {a} failed ({p.returncode})"
+    return out
+
+
+def _functions(sass: str) -> dict[str, str]:
+    """Mangled kernel name -> its SASS, from one `cuobjdump -sass` listing."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
 
 
 @needs_build
@@ -48,7 +71,7 @@ def test_extension_holds_sass_for_every_arch_and_ptx():
     for arch in ("sm_80", "sm_89", "sm_90"):  # -lelf names the sm_90a cubin sm_90; its header says sm_90a
         assert f"{arch}.cubin" in elves, elves
     for arch in ("sm_80", "sm_89", "sm_90a"):
-        sass = _cuobjdump("-sass", "-arch", arch)
+        sass = _all_sass()[arch]
         assert re.search(rf"^arch = {arch}$", sass, re.M), f"no {arch} cubin:\n{sass[:500]}"
         for dtype in ("If", "I6__half", "I13__nv_bfloat16"):  # every input dtype, vector and scalar variants
             assert len(re.findall(rf"Function : \S*quantize_per_token_kernel{dtype}Lb[01]E", sass)) == 2, \
@@ -59,6 +82,48 @@ def test_extension_holds_sass_for_every_arch_and_ptx():
     assert re.search(r"^arch = sm_90$", ptx, re.M) and re.search(r"^\.target sm_90$", ptx, re.M), \
         "no compute_90 PTX for newer GPUs to JIT"
     assert "quantize.sm_90.ptx" in _cuobjdump("-lptx")
+
+
+# The CUTLASS scaled GEMMs (csrc/sm80, csrc/sm89, csrc/sm90): per arch, the kernels that carry our epilogue's
+# activation-scale node (its mangled name), how many (one per output dtype: fp32, fp16, bf16) and the
+# tensor-core instruction their main loop must use: IMMA (int8 mma.sync), QMMA (Ada FP8 mma.sync),
+# IGMMA / QGMMA (Hopper warpgroup MMA on int8 / FP8).
+GEMM_SASS = {
+    "sm_80": [("int8", "15VisitorActScale", r"\bIMMA\.16832\.S8\.S8")],
+    "sm_89": [("int8", "15VisitorActScale", r"\bIMMA\.16832\.S8\.S8"),
+              ("fp8", "15VisitorActScale", r"\bQMMA\.16832\.F32\.E4M3\.E4M3")],
+    "sm_90a": [("int8", "12Sm90ActScale", r"\bIGMMA\.64x128x32\.S8\.S8"),
+               ("fp8", "12Sm90ActScale", r"\bQGMMA\.64x128x32\.F32\.E4M3\.E4M3")],
+}
+OPERAND_MANGLING = {"int8": "Ea", "fp8": "float_e4m3_t"}  # how each operand type shows in the kernel's name
+
+
+@needs_build
+@pytest.mark.parametrize("arch", sorted(GEMM_SASS))
+def test_cutlass_gemms_use_the_tensor_core_instruction_of_their_arch(arch):
+    kernels = _functions(_all_sass()[arch])
+    for kind, node, mma in GEMM_SASS[arch]:
+        mine = {name: sass for name, sass in kernels.items() if node in name}
+        if kind == "fp8":
+            mine = {name: sass for name, sass in mine.items() if OPERAND_MANGLING["fp8"] in name}
+        else:
+            mine = {name: sass for name, sass in mine.items() if OPERAND_MANGLING["fp8"] not in name}
+        assert len(mine) == 3, (arch, kind, sorted(mine))
+        for name, sass in mine.items():
+            assert re.search(mma, sass), (arch, kind, name[:120], mma)
+    if arch != "sm_89":  # FP8 mma.sync is an Ada instruction: no FP8 kernel in the sm_80 cubin
+        assert not any(OPERAND_MANGLING["fp8"] in name and "15VisitorActScale" in name for name in kernels)
+
+
+@needs_build
+def test_cutlass_gemms_do_not_spill():
+    """ptxas's resource report per kernel: a stack frame or local memory in a GEMM means registers spilled."""
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                       _cuobjdump("-res-usage"))
+    gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage if "ActScale" in name]
+    assert len(gemms) == 15, len(gemms)  # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes
+    spilled = [(name[:100], reg, stack, local) for name, reg, stack, local in gemms if stack or local]
+    assert not spilled, spilled
 
 
 @needs_build
@@ -76,6 +141,8 @@ def test_extension_imports_without_gpu_and_reports_why():
     # the raw entry point refuses before touching the (null) pointers, with the same reason
     with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
         _C.quantize_per_token(0, 0, 0, 1, 8, 0, 8, 0)
+    with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
+        _C.scaled_gemm("int8", 0, 0, True, 0, 1, 0, 0, 0, 0, 16, 16, 16, 0, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

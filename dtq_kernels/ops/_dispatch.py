@@ -38,14 +38,19 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "layernorm_modulate_quantize": {"any": "triton"},
     "gelu_quantize": {"any": "triton"},
     "quantize_two_region": {"any": "triton"},
-    # Not measured yet on a GPU: the Triton INT8 GEMM family is the only fast kernel for these ops
-    # (benchmarks/bench_gemm.py compares it with cuBLAS bf16, torch._int_mm and FP8 _scaled_mm).
+    # Not measured yet on a GPU: int8_gemm and int8_gemm_static also have CUTLASS kernels ("cuda": sm_80,
+    # sm_89, sm_90a), but no committed measurement shows them faster, so Triton stays the default
+    # (benchmarks/bench_gemm.py times both beside cuBLAS bf16, torch._int_mm and FP8 _scaled_mm);
+    # DTQ_BACKEND=cuda selects them.
     "int8_gemm": {"any": "triton"},
     "int8_gemm_static": {"any": "triton"},
+    # The Triton GEMM family's other ops have no CUDA kernel.
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
-    # Not measured yet on a GPU: the Triton kernels (gemm_int8.py) are the only fast ones. fp8_gemm and
-    # quantize_act_fp8 feed FP8 tensor cores: the kernel refuses sm_80 with a BackendError.
+    # Not measured yet on a GPU: the Triton kernels (gemm_int8.py) are the only fast ones, except fp8_gemm,
+    # which also has CUTLASS kernels ("cuda": sm_89, sm_90a; DTQ_BACKEND=cuda selects them) not yet shown
+    # faster. fp8_gemm and quantize_act_fp8 feed FP8 tensor cores: the kernel refuses sm_80 with a
+    # BackendError.
     "w4a16_gemm": {"any": "triton"},
     "fp8_gemm": {"any": "triton"},
     "quantize_act_fp8": {"any": "triton"},

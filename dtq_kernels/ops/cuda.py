@@ -2,8 +2,10 @@
 
 Importing this module never fails: without the built extension, or without a usable GPU,
 `available()` is False and `unavailable_reason()` says why; the kernels then raise that reason.
-Shape/dtype validation is the op layer's job; these wrappers only check what the raw-pointer
-interface itself needs (a contiguous CUDA tensor of a supported dtype).
+The op layer (gemm_ops.py, quantize_ops.py) validates what every backend needs; these wrappers then
+check what the raw-pointer interface and the CUTLASS kernels need on top of it (dtype, contiguity,
+16-byte alignment, K and N multiples of 16, one CUDA device) before any pointer reaches C++.
+`validate_scaled_gemm` runs without a GPU, so those errors are tested on CPU.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ._dispatch import register_kernel
+from ._checks import check
+from ._dispatch import BackendError, register_kernel
 
 try:
     from .. import _C
@@ -64,3 +67,113 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
         _C.quantize_per_token(x.data_ptr(), q.data_ptr(), scale.data_ptr(), M, K, _DTYPE_CODES[x.dtype], bits,
                               torch.cuda.current_stream(x.device).cuda_stream)
     return q, scale
+
+
+# ------------------------------------------------------------------------- CUTLASS scaled GEMMs
+
+GEMM_ALIGN_BYTES = 16  # TMA (sm_90a) and cp.async (sm_80/89) move 16-byte chunks of every row
+GEMM_DIM_MULTIPLE = 16  # K: 16 int8 codes per 16-byte chunk; N: 16-byte output rows for TMA stores, any dtype
+
+
+def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, group_idx: torch.Tensor | None = None,
+                         codes: torch.dtype = torch.int8) -> torch.Tensor | None:
+    """What the CUTLASS kernels need beyond the op's own checks (gemm_ops.py); `codes` is the operand dtype
+    (int8 or float8_e4m3fn). Returns bias as contiguous fp32 (the kernels read fp32; the reference adds
+    bias.float() too), or None. Raises TypeError/ValueError naming the argument. Runs on any device: the
+    device check comes last, so it is testable on CPU."""
+    check(a.dtype == codes, op, f"cuda backend: a must be {codes}, got {a.dtype}", TypeError)
+    check(w.dtype == codes, op, f"cuda backend: w must be {codes} [N, K]" + (
+        "; packed int4 weights (uint8 [N, K/2]) have no CUDA kernel in this op, use the triton backend"
+        if w.dtype == torch.uint8 else f", got {w.dtype}"), TypeError)
+    check(w_scale.dim() == 1 and a_scale.dim() == 1, op, "cuda backend: a_scale and w_scale must be 1-D "
+          f"(got {tuple(a_scale.shape)} and {tuple(w_scale.shape)}): per-group weight scales have no CUDA "
+          "kernel, use the triton backend")
+    check(a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], op,
+          f"cuda backend: a [M, K] and w [N, K] must share K, got {tuple(a.shape)} and {tuple(w.shape)}")
+    M, K = a.shape
+    N = w.shape[0]
+    check(K > 0 and K % GEMM_DIM_MULTIPLE == 0, op,
+          f"cuda backend: K={K} must be a positive multiple of {GEMM_DIM_MULTIPLE} (rows of 16-byte chunks)")
+    check(N % GEMM_DIM_MULTIPLE == 0 and N > 0, op,
+          f"cuda backend: N={N} must be a positive multiple of {GEMM_DIM_MULTIPLE}")
+    check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
+    check(a_scale.dtype == torch.float32 and w_scale.dtype == torch.float32, op,
+          "cuda backend: a_scale and w_scale must be float32", TypeError)
+    check(w_scale.shape[0] == N and (bias is None or tuple(bias.shape) == (N,)), op,
+          f"cuda backend: w_scale and bias must have N={N} entries")
+    if group_idx is None:
+        check(a_scale.shape[0] in (M, 1), op, f"cuda backend: a_scale must have M={M} entries or 1, "
+              f"got {a_scale.shape[0]}")
+    else:
+        check(group_idx.dtype == torch.int32 and group_idx.numel() == 1, op,
+              "cuda backend: group_idx must be one int32", TypeError)
+        check(a_scale.shape[0] >= 1, op, "cuda backend: the scale table is empty")
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    named = {"a": a, "a_scale": a_scale, "w": w, "w_scale": w_scale, "bias": bias, "group_idx": group_idx}
+    for name, t in named.items():
+        if t is not None:
+            check(t.is_contiguous(), op, f"cuda backend: {name} must be contiguous")
+    for name in ("a", "w", "w_scale", "bias"):
+        t = named[name]
+        if t is not None:
+            check(t.data_ptr() % GEMM_ALIGN_BYTES == 0, op, f"cuda backend: {name} must start on a "
+                  f"{GEMM_ALIGN_BYTES}-byte boundary (got address {t.data_ptr():#x}; .clone() realigns it)")
+    for name, t in named.items():
+        if t is not None:
+            check(t.device.type == "cuda", op, f"cuda backend: {name} must be a CUDA tensor, got {t.device}")
+    check(len({t.device for t in named.values() if t is not None}) == 1, op,
+          "cuda backend: all tensors must be on one CUDA device")
+    return bias
+
+
+_KIND_CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def _scaled_gemm(kind: str, op: str, a, a_scale, a_scale_per_token: bool, group_idx, groups: int, w, w_scale, bias,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    bias = validate_scaled_gemm(op, a, a_scale, w, w_scale, bias, group_idx, _KIND_CODES[kind])
+    check(out_dtype in _DTYPE_CODES, op, f"cuda backend: out_dtype {out_dtype} is not one of "
+          f"{list(_DTYPE_CODES)}", TypeError)
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"dtq cuda backend: {reason}")
+    M, N = a.shape[0], w.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    with torch.cuda.device(a.device):
+        _C.scaled_gemm(kind, a.data_ptr(), a_scale.data_ptr(), a_scale_per_token,
+                       0 if group_idx is None else group_idx.data_ptr(), groups, w.data_ptr(), w_scale.data_ptr(),
+                       0 if bias is None else bias.data_ptr(), out.data_ptr(), M, N, a.shape[1],
+                       _DTYPE_CODES[out_dtype], torch.cuda.current_stream(a.device).cuda_stream)
+    return out
+
+
+@register_kernel("int8_gemm", "cuda")
+def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """CUTLASS W8A8: sm_90a TMA + wgmma (3.x), sm_80/sm_89 IMMA (2.x); scales and bias fused in the epilogue."""
+    per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
+    return _scaled_gemm("int8", "int8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
+
+
+@register_kernel("int8_gemm_static", "cuda")
+def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
+                     w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """int8_gemm with the per-tensor scale scale_table[group_idx[0]], which the epilogue reads on the device
+    (index clamped to the table): no host sync, so it can be captured in a CUDA graph and replayed."""
+    return _scaled_gemm("int8", "int8_gemm_static", a, scale_table, False, group_idx, scale_table.shape[0], w,
+                        w_scale, bias, out_dtype)
+
+
+@register_kernel("fp8_gemm", "cuda")
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """CUTLASS FP8 E4M3 W8A8 (fp32 accumulation): sm_90a TMA + wgmma (3.x), sm_89 mma.sync (2.x); the same
+    fused epilogue as int8_gemm. Older GPUs get a BackendError (FP8 tensor cores start at sm_89)."""
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 9):
+        cap = torch.cuda.get_device_capability(a.device)
+        raise BackendError(f"dtq.fp8_gemm: the cuda kernel needs FP8 tensor cores (sm_89/sm_90), "
+                           f"got sm_{cap[0]}{cap[1]}")
+    per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
+    return _scaled_gemm("fp8", "fp8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)

@@ -1,0 +1,210 @@
+"""The CUTLASS backend ("cuda") of dtq::int8_gemm and dtq::int8_gemm_static.
+
+Without a GPU: the argument validation the CUTLASS kernels need (checked on CPU tensors: it runs before
+any device check) and the dispatch defaults. On a GPU (@pytest.mark.gpu): every kernel against the
+reference on DiT-XL/2, PixArt and Flux layer shapes, ragged M, every output dtype, with and without bias,
+per-token and per-tensor activation scales, and the static kernel under CUDA-graph replay. Tolerance:
+tests/test_gemm_int8.py's assert_matches (exact int32 accumulation; the fp32 epilogue in the reference's
+order, up to FMA contraction; one rounding to the output dtype).
+"""
+import pytest
+import torch
+
+import dtq_kernels.ops as ops
+from dtq_kernels.ops import cuda, reference
+from dtq_kernels.ops._dispatch import CUDA_DEFAULTS
+from test_gemm_int8 import OUT_DTYPES, ULP, assert_matches, make_args, run
+
+
+def _int8_args(m=32, k=64, n=48, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return [t.to(device) for t in (a, torch.rand(m), w, torch.rand(n), torch.randn(n))]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# ------------------------------------------------------------------------- validation, on CPU
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("k_not_16", ValueError, r"K=40 must be a positive multiple of 16"),
+    ("n_not_16", ValueError, r"N=40 must be a positive multiple of 16"),
+    ("packed_int4", TypeError, r"packed int4 weights .* use the triton backend"),
+    ("a_dtype", TypeError, r"a must be torch.int8, got torch.int16"),
+    ("grouped_w_scale", ValueError, r"per-group weight scales have no CUDA kernel"),
+    ("scale_dtype", TypeError, r"a_scale and w_scale must be float32"),
+    ("misaligned_a", ValueError, r"a must start on a 16-byte boundary"),
+    ("misaligned_w_scale", ValueError, r"w_scale must start on a 16-byte boundary"),
+    ("strided_a_scale", ValueError, r"a_scale must be contiguous"),
+    ("a_scale_len", ValueError, r"a_scale must have M=32 entries or 1, got 5"),
+    ("w_scale_len", ValueError, r"w_scale and bias must have N=48 entries"),
+    ("cpu", ValueError, r"a must be a CUDA tensor, got cpu"),
+])
+def test_validation_names_the_argument(case, exc, match):
+    a, a_s, w, w_s, b = _int8_args()
+    if case == "k_not_16":
+        a, w = a[:, :40].contiguous(), w[:, :40].contiguous()
+    elif case == "n_not_16":
+        w, w_s, b = w[:40].contiguous(), w_s[:40].contiguous(), b[:40].contiguous()
+    elif case == "packed_int4":
+        w = w[:, :32].contiguous().view(torch.uint8)
+    elif case == "a_dtype":
+        a = a.to(torch.int16)
+    elif case == "grouped_w_scale":
+        w_s = torch.rand(w.shape[0], 1)
+    elif case == "scale_dtype":
+        a_s = a_s.double()
+    elif case == "misaligned_a":
+        a = _misaligned(a)
+    elif case == "misaligned_w_scale":
+        w_s = _misaligned(w_s)
+    elif case == "strided_a_scale":
+        a_s = torch.rand(2 * a.shape[0])[::2]
+    elif case == "a_scale_len":
+        a_s = torch.rand(5)
+    elif case == "w_scale_len":
+        w_s = torch.rand(47)
+    with pytest.raises(exc, match=match):
+        cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b)
+
+
+def test_valid_cpu_arguments_fail_only_on_the_device():
+    a, a_s, w, w_s, b = _int8_args()
+    with pytest.raises(ValueError, match="CUDA tensor"):  # everything else is valid: only the device fails
+        cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b.to(torch.bfloat16))
+
+
+def test_fp8_validation_wants_e4m3_codes():
+    a, a_s, w, w_s, b = _int8_args()
+    with pytest.raises(TypeError, match="a must be torch.float8_e4m3fn, got torch.int8"):
+        cuda.validate_scaled_gemm("fp8_gemm", a, a_s, w, w_s, b, codes=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cuda.validate_scaled_gemm("fp8_gemm", a.to(torch.float8_e4m3fn), a_s, w.to(torch.float8_e4m3fn), w_s, b,
+                                  codes=torch.float8_e4m3fn)
+
+
+def test_kernel_validates_before_it_needs_a_gpu():
+    a, a_s, w, w_s, b = _int8_args(k=40)
+    with pytest.raises(ValueError, match="K=40"):
+        cuda.int8_gemm(a[:, :40], a_s, w[:, :40], w_s, b, torch.bfloat16)
+
+
+def test_triton_stays_the_default_until_measured():
+    for op in ("int8_gemm", "int8_gemm_static", "fp8_gemm"):
+        assert "cuda" in ops.kernels_for(op)
+        assert CUDA_DEFAULTS[op] == {"any": "triton"}
+
+
+# ------------------------------------------------------------------------------- on a GPU
+
+SHAPES = [(1, 1152, 1152), (77, 1152, 4608), (300, 4608, 1152), (1029, 1152, 6912),  # DiT-XL/2 / PixArt
+          (4096, 1152, 4608), (333, 3072, 3072), (4103, 3072, 12288), (260, 12288, 3072)]  # Flux
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["int8_gemm", "int8_gemm_static"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gpu_cuda_matches_reference(op, m, k, n):
+    for i, dtype in enumerate(OUT_DTYPES):
+        for bias in (True, False):
+            args, mag = make_args(op, m, k, n, dtype, bias=bias, seed=i, device="cuda")
+            assert_matches(run(op, args, "cuda"), run(op, args, "reference"), mag)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 100, 4096])
+def test_gpu_cuda_per_tensor_scale_and_half_bias(m):
+    args, mag = make_args("int8_gemm", m, 1152, 1152, torch.float16, per_tensor=True, device="cuda")
+    a, a_s, w, w_s, b, dt = args
+    args = (a, a_s, w, w_s, b.half(), dt)
+    assert_matches(run("int8_gemm", args, "cuda"), run("int8_gemm", args, "reference"), mag)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_empty_m():
+    args, _ = make_args("int8_gemm", 0, 64, 32, torch.bfloat16, device="cuda")
+    assert run("int8_gemm", args, "cuda").shape == (0, 32)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_static_clamps_the_index_in_the_kernel():
+    """Called below the op layer (which queues a device assert), an index past the table reads its last entry."""
+    args, mag = make_args("int8_gemm_static", 64, 1152, 1152, torch.float32, device="cuda")
+    a, table, gi, w, w_s, b, dt = args
+    gi.fill_(7)
+    out = cuda.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+    assert_matches(out, reference.int8_gemm(a, table[2:3], w, w_s, b, dt), mag)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_gpu_cuda_static_under_cuda_graph_follows_the_group_index(dtype):
+    args, _ = make_args("int8_gemm_static", 1029, 1152, 4608, dtype, device="cuda")
+    a, table, gi, w, w_s, b, dt = args
+    run("int8_gemm_static", args, "cuda")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with ops.use_backend("cuda"), torch.cuda.graph(graph):
+        out = torch.ops.dtq.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+    for g in (0, 2, 1):
+        gi.fill_(g)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+        assert_matches(out, ref, reference.int_matmul(a.abs(), w.abs()).float() * table[g] * w_s + b.abs())
+
+
+@pytest.mark.gpu
+def test_gpu_dtq_backend_env_forces_cuda(monkeypatch):
+    args, mag = make_args("int8_gemm", 64, 1152, 1152, torch.bfloat16, device="cuda")
+    monkeypatch.setenv("DTQ_BACKEND", "cuda")
+    out = ops.int8_gemm(*args)
+    assert ops.last_backend["int8_gemm"] == "cuda"
+    assert_matches(out, reference.int8_gemm(*args), mag)
+
+
+# FP8 E4M3: dtq::fp8_gemm (schema and reference live with the op in gemm_ops.py / reference.py).
+needs_fp8_op = pytest.mark.skipif(not hasattr(reference, "fp8_gemm"), reason="dtq::fp8_gemm is not defined here")
+
+
+def _fp8_args(m, k, n, dtype, bias, seed, per_tensor=False):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(m, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    a_s = torch.rand(1 if per_tensor else m, generator=g) * 1e-2
+    w_s, b = torch.rand(n, generator=g) * 1e-3, (torch.randn(n, generator=g) if bias else None)
+    abs_sum = a.float().abs() @ w.float().abs().T  # exact products; fp32 sum of |a·w|
+    mag = abs_sum * a_s[:, None] * w_s
+    args = tuple(None if t is None else t.cuda() for t in (a, a_s, w, w_s, b)) + (dtype,)
+    return args, mag.cuda(), k
+
+
+def assert_fp8_matches(out, ref, mag, k):
+    """Both sides sum K exact products: the reference in fp32 (within (K-1)·2^-24·Σ|a·w| of the exact sum), the
+    kernel in fp32 too, except that Hopper's FP8 MMA adds the products of each short K chunk at about 14 bits
+    before the mainloop promotes them into fp32 (2^-13 of the magnitude; tests/test_gemm_lowbit.py uses the
+    same bound). So |Δ| ≤ max(2K·2^-24, 2^-13) of the magnitude, plus the epilogue's roundings and the
+    output's rounding."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = (max(2 * k * 2.0 ** -24, 2.0 ** -13) + 4 * 2.0 ** -24) * mag + ULP[out.dtype] * ref.float().abs()
+    err = (out.float() - ref.float()).abs()
+    assert bool((err <= tol).all()), f"max excess {float((err - tol).max())}"
+
+
+@pytest.mark.gpu
+@needs_fp8_op
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gpu_cuda_fp8_matches_reference(m, k, n):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need sm_89 or newer")
+    for i, dtype in enumerate(OUT_DTYPES):
+        for bias in (True, False):
+            args, mag, k_ = _fp8_args(m, k, n, dtype, bias, seed=i, per_tensor=(i == 1))
+            out = run("fp8_gemm", args, "cuda")
+            ref = reference.fp8_gemm(*args)
+            assert_fp8_matches(out, ref, mag + (0 if args[4] is None else args[4].abs()), k_)
