@@ -6,18 +6,21 @@
     dtq.save_quantized(pipe.transformer, "out/")
 
 Importing the package loads the runtime only (formats, ops, nn, plan, quantize, checkpoint);
-`calibrate` and `recipes` load the calibration tools on first use.
+`calibrate`, `recipes` and `quantize_pipeline` load the calibration tools on first use, `DtqConfig`
+the diffusers backend.
 """
-from . import ops  # noqa: F401  (registers torch.ops.dtq.*)
+from . import diffusers_hook, ops  # noqa: F401  (ops registers torch.ops.dtq.*)
 from .checkpoint import load_quantized, save_quantized
 from .nn.linear import QuantLinear
 from .nn.spec import LinearQuantSpec
 from .plan import LayerPlan, QuantPlan
 from .quantize import quantize
 
+diffusers_hook.install()  # quant_method "dtq" in diffusers' from_pretrained, once diffusers loads
+
 __version__ = "0.1.0"
 __all__ = ["calibrate", "quantize", "save_quantized", "load_quantized", "QuantLinear", "LinearQuantSpec",
-           "recipes", "QuantPlan", "LayerPlan", "ops"]
+           "recipes", "QuantPlan", "LayerPlan", "ops", "DtqConfig", "quantize_pipeline"]
 
 _CALIBRATION_TOOLS = ("calibrate", "recipes")
 
@@ -27,4 +30,10 @@ def __getattr__(name: str):
     if name in _CALIBRATION_TOOLS:
         from . import calib
         return getattr(calib, name)
+    if name == "quantize_pipeline":  # calibrates when the recipe needs data: a tool
+        from .pipeline import quantize_pipeline
+        return quantize_pipeline
+    if name == "DtqConfig":  # the diffusers backend's config: imports diffusers
+        from .diffusers_quantizer import DtqConfig
+        return DtqConfig
     raise AttributeError(f"module 'dtq_kernels' has no attribute {name!r}")

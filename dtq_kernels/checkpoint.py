@@ -5,9 +5,9 @@
                                "fused_linears": {fused layer: {member layer: out_features}} (nn/fused.py)}
     plan_tensors.safetensors  the plan's vectors (smoothing factors, calibrated weights)
 
-`load_quantized(fresh_fp_model, path)` checks everything (format version, model class, config, every
-tensor's name, shape and dtype, file integrity) before it changes the model, so a wrong architecture
-or a corrupt / truncated file raises a clear error and leaves the model untouched.
+`load_quantized(model_class_or_fresh_fp_model, path)` checks everything (format version, model class,
+config, every tensor's name, shape and dtype, file integrity) before it changes the model, so a wrong
+architecture or a corrupt / truncated file raises a clear error and leaves the model untouched.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .meta import empty_model, has_meta_tensors
 from .nn.fused import apply_fast_path, split_fused_state
 from .plan import QuantPlan
 from .quantize import build_empty, check_plan_fits, install
@@ -87,11 +88,11 @@ def read_plan(path: str | Path) -> tuple[dict, QuantPlan]:
     return meta, plan
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"missing checkpoint file {file}")
     try:
-        return load_file(str(file))
+        return load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
 
@@ -107,17 +108,32 @@ def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path, fuse: bool = True) -> torch.nn.Module:
-    """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
-    with the saved codes and scales; outputs are bit-identical to the saved model's.
+def load_quantized(model: torch.nn.Module | type, path: str | Path,
+                   device: str | torch.device | None = None, fuse: bool = True) -> torch.nn.Module:
+    """Load a quantized checkpoint: every tensor bit-identical to the saved model's, and so are its
+    outputs (on CPU, tensors assigned from the file keep the file's 8-byte alignment, and BLAS may then
+    round a floating-point layer's sum differently by an ulp; a copy with its own allocation does not).
 
-    Fused layers (q/k/v, nn/fused.py) are read back into their members first, so a checkpoint saved
-    fused or unfused loads either way: fuse=True applies the fast path after loading (dtq.quantize's
-    default), fuse=False keeps the per-layer path."""
+    model: the model's class (a diffusers model class): the model is built from the saved config with
+      its parameters on the meta device, the quantized layers are installed there, and every tensor is
+      assigned straight from the file, so no floating-point weight of a quantized layer is ever built
+      (peak memory about the checkpoint's size). Or a fresh floating-point instance of the same
+      architecture and config, quantized in place (its parameters may also be on the meta device).
+    device: where the tensors are loaded (e.g. "cuda": file to GPU tensor by tensor, without staging
+      the whole checkpoint on the host); default CPU, or where a given model's tensors already are.
+    fuse: fused layers (q/k/v, nn/fused.py) are always read back into their members first, so a
+      checkpoint saved fused or unfused loads either way; the per-layer QuantLinears are installed and
+      filled, and only then, on real tensors, fuse=True applies the fast path (dtq.quantize's default);
+      fuse=False keeps the per-layer path.
+    """
     path = Path(path)
     meta, plan = read_plan(path)
+    if isinstance(model, type):
+        if meta.get("model_class") != model.__name__:
+            raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, not a {model.__name__}")
+        model = empty_model(model, meta.get("config", {}))
     check_model_matches(meta, model)
-    state = _load_tensors(path / MODEL_FILE)
+    state = _load_tensors(path / MODEL_FILE, device or "cpu")
     linears = check_plan_fits(model, plan)
     fused = meta.get("fused_linears") or {}
     try:
@@ -132,12 +148,21 @@ def load_quantized(model: torch.nn.Module, path: str | Path, fuse: bool = True) 
     if missing or unexpected:
         raise CheckpointError(f"checkpoint tensors do not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    skeleton = {k for k, v in model.state_dict().items() if v.is_meta}  # kept-FP tensors take the file's dtype
     for k, (shape, dtype) in expected.items():
-        if tuple(state[k].shape) != shape or state[k].dtype != dtype:
+        same_dtype = state[k].dtype == dtype or (k in skeleton and state[k].is_floating_point() and dtype.is_floating_point)
+        if tuple(state[k].shape) != shape or not same_dtype:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                                   f"the model expects {shape} {dtype}")
     install(model, plan, build_empty, fuse=False)
-    model.load_state_dict(state, strict=True)
+    assign = bool(has_meta_tensors(model))  # a skeleton: take the file's tensors as they are, no copies
+    model.load_state_dict(state, strict=True, assign=assign)
+    del state  # the model holds what it needs; fusing below must not keep the unfused members alive too
+    if device is not None:
+        model.to(device)
+    unfilled = has_meta_tensors(model)
+    if unfilled:
+        raise CheckpointError(f"{len(unfilled)} tensors of the model are in no checkpoint file, e.g. {unfilled[:3]}")
     if fuse:
         apply_fast_path(model)
     return model

@@ -4,6 +4,7 @@
     dtq quantize --recipe R --model M --out DIR              calibrate if R needs data, quantize, save a checkpoint
     dtq quantize --plan PLAN_DIR --model M --out DIR         apply a plan saved by `dtq calibrate`
     dtq calibrate --recipe R --model M --out PLAN_DIR        calibrate and save the plan only [--plots DIR]
+    dtq calibrate --recipe R --model DIR --prompt P ...      the same for a local diffusers pipeline directory
     dtq info PATH [--plots DIR] [--json]                     per-layer formats and bytes of a checkpoint or plan
     dtq sample CKPT --out grid.png                           sample a grid from a quantized reference-DiT checkpoint
     dtq eval ...                                             quality evaluation (dtq_kernels.eval)
@@ -11,7 +12,9 @@
 Models (--model): `reference` is the trained Fashion-MNIST DiT shipped with the package; the `*-random`
 models have random weights and only exercise the machinery (smoke tests, timing, sizes). Calibration
 drives a model with its own sampler (reference-shaped models) or with random inputs over the timestep
-range (random DiT-XL/2).
+range (random DiT-XL/2). --model may also name a local diffusers directory: a pipeline (DiT, PixArt,
+SD3, Flux: the pipeline samples the calibration data with --class-labels or --prompt) or a transformer
+alone (data-free recipes only).
 """
 from __future__ import annotations
 
@@ -271,10 +274,53 @@ def _plots(path, out_dir) -> None:
 
 # ---------------------------------------------------------------------------------------------- quantize
 
+def load_local_model(path: Path):
+    """(transformer, pipeline or None) from a local diffusers directory: a pipeline (model_index.json;
+    its .transformer is quantized and the pipeline itself samples the calibration data) or a
+    transformer (config.json of a DiT / PixArt / SD3 / Flux transformer class)."""
+    import diffusers
+    from .models import get_adapter
+    if (path / "model_index.json").is_file():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is None:
+            raise CliError(f"the pipeline in {path} ({type(pipe).__name__}) has no transformer to quantize")
+    elif (path / "config.json").is_file():
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+        cls = getattr(diffusers, str(name), None)
+        if cls is None:
+            raise CliError(f"{path / 'config.json'} names {name!r}, which is not a diffusers model class")
+        pipe, transformer = None, cls.from_pretrained(path)
+    else:
+        raise CliError(f"{path} is not a diffusers directory (no model_index.json or config.json)")
+    try:
+        get_adapter(transformer)
+    except TypeError as e:
+        raise CliError(str(e)) from None
+    return transformer.eval(), pipe
+
+
 def _build_model(args) -> torch.nn.Module:
-    if args.model not in MODELS:
-        raise CliError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    return MODELS[args.model].build(args.seed).to(args.device)
+    args.pipeline = None
+    if args.model in MODELS:
+        return MODELS[args.model].build(args.seed).to(args.device)
+    if Path(args.model).is_dir():
+        model, args.pipeline = load_local_model(Path(args.model))
+        if args.pipeline is not None:
+            args.pipeline.to(args.device)
+        return model.to(args.device)
+    raise CliError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)} or give a diffusers directory")
+
+
+def _pipeline_kwargs(args, pipe) -> dict:
+    """The conditioning the calibration runs of a local pipeline use: --class-labels or --prompt."""
+    kwargs = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if args.class_labels:
+        return {**kwargs, "class_labels": [int(c) for c in args.class_labels.split(",")]}
+    if args.prompt:
+        return {**kwargs, "prompt": list(args.prompt)}
+    raise CliError(f"calibrating with the {type(pipe).__name__} in {args.model} needs its conditioning: "
+                   "--class-labels 1,2,... (class-conditional DiT) or --prompt TEXT (repeatable)")
 
 
 def _make_plan(args, model):
@@ -283,6 +329,16 @@ def _make_plan(args, model):
         raise CliError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes())}")
     rec = get_recipe(args.recipe)
     run_fn = None
+    if rec.needs_stats and args.model not in MODELS:
+        if args.pipeline is None:
+            raise CliError(f"recipe {args.recipe!r} calibrates on samples, and {args.model} holds a transformer "
+                           "alone: give the pipeline's directory (with model_index.json) so dtq can run it, or a "
+                           "data-free recipe (viditq-w8a8)")
+        print(f"calibrating {args.recipe} with the pipeline in {args.model}: {args.num_samples} samples x "
+              f"{args.steps} steps", file=sys.stderr)
+        return calibrate(args.pipeline, args.recipe, num_samples=args.num_samples, num_inference_steps=args.steps,
+                         pipe_kwargs=_pipeline_kwargs(args, args.pipeline), progress=True,
+                         time_groups=args.time_groups)
     if rec.needs_stats:
         choice = MODELS[args.model]
         print(f"calibrating {args.recipe} on {args.model}: {args.num_samples} samples x {args.steps} steps",
@@ -369,7 +425,13 @@ def cmd_recipes(args) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="reference", help=f"one of: {', '.join(MODELS)} (default reference)")
+    p.add_argument("--model", default="reference",
+                   help=f"one of: {', '.join(MODELS)} (default reference), or a local diffusers directory: a "
+                        "pipeline (its transformer is quantized; calibration runs the pipeline) or a transformer "
+                        "(DiT, PixArt, SD3, Flux; data-free recipes only)")
+    p.add_argument("--class-labels", help="calibration conditioning of a local DiT pipeline, e.g. 1,2,3,4")
+    p.add_argument("--prompt", action="append", help="calibration prompt of a local text-to-image pipeline "
+                   "(repeatable: one sample per prompt and run)")
     p.add_argument("--seed", type=int, default=0, help="seed of random-weight models")
     p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default 32)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps during calibration (default 25)")

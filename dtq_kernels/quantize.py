@@ -88,8 +88,15 @@ def _apply_reparam(model: torch.nn.Module, plan: QuantPlan) -> dict[str, torch.T
 
 
 def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: bool = False,
-            fuse: bool = True) -> torch.nn.Module:
+            fuse: bool = True, attention: bool = True) -> torch.nn.Module:
+    """Replace the plan's Linear layers by what `build` makes of them, attach the timestep tracker and
+    quantized attention (attention=True), then the fast path of nn/fused.py (fuse=True). Fusion reads
+    the layers' tensors, so a meta-device skeleton (checkpoint loading) is installed with fuse=False,
+    filled, and fused afterwards (checkpoint.load_quantized, the diffusers backend)."""
     linears = check_plan_fits(model, plan)
+    if fuse and any(lin.weight.is_meta for lin in linears.values()):
+        raise ValueError("install: fuse=True needs the layers' tensors, and this model's are on the meta device; "
+                         "install with fuse=False, load the tensors, then nn.fused.apply_fast_path(model)")
     adapter = get_adapter(model)
     built = {}
     items = linears.items()
@@ -113,7 +120,7 @@ def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: 
         if tracker is not None:
             module.bind_timestep_tracker(tracker)
         model.set_submodule(name, module)
-    if plan.attention:
+    if plan.attention and attention:
         try:
             from .nn.attention import set_quant_attention
         except ImportError:
@@ -129,16 +136,18 @@ def install(model: torch.nn.Module, plan: QuantPlan, build: Callable, progress: 
 
 
 def quantize(model: torch.nn.Module, plan: QuantPlan | str, progress: bool = False,
-             fuse: bool = True) -> torch.nn.Module:
+             fuse: bool = True, attention: bool = True) -> torch.nn.Module:
     """Quantize `model` in place per `plan` (a QuantPlan from dtq.calibrate, or the name of a recipe that
     needs no calibration data, e.g. "viditq-w8a8"); returns the model.
 
     fuse=True (default): the fast path of nn/fused.py: q/k/v fused into one layer where their
     quantizers agree, and supported blocks (DiT, PixArt) quantize each shared input once, with the
     LayerNorm-modulate and GELU fused into the quantization. fuse=False: every layer quantizes its
-    own input (the per-layer path; the same numbers on the reference backend)."""
+    own input (the per-layer path; the same numbers on the reference backend).
+    attention=False leaves attention in floating point even where the plan has quantized-attention
+    settings."""
     if isinstance(plan, str):
         plan = _plan_from_recipe(model, plan)
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan must be a QuantPlan or a recipe name, got {type(plan).__name__}")
-    return install(model, plan, _build_calibrated, progress, fuse)
+    return install(model, plan, _build_calibrated, progress, fuse=fuse, attention=attention)

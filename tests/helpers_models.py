@@ -6,8 +6,10 @@ from dtq_kernels import plan as plan_lib
 
 
 def tiny_dit(seed=0, layers=2):
+    """seed None: draw from the current RNG state."""
     from diffusers import DiTTransformer2DModel
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=layers,
                                  sample_size=8).eval().requires_grad_(False)
 
@@ -77,3 +79,33 @@ def flux_inputs(sigma=0.5, batch=2, seed=0):
 
 
 __all__ += ["tiny_sd3", "sd3_inputs", "tiny_flux", "flux_inputs"]
+
+
+def tiny_dit_pipeline(seed=0):
+    """A DiTPipeline around tiny_dit() with a two-level VAE (8x8 latents <-> 16x16 images)."""
+    import diffusers
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=32)
+    return diffusers.DiTPipeline(transformer=tiny_dit(seed=None), vae=vae, scheduler=diffusers.DDIMScheduler(),
+                                 id2label={1: "goldfish", 2: "shark"})
+
+
+__all__ += ["tiny_dit_pipeline"]
+
+
+def own_memory(model):
+    """Give every parameter and buffer its own fresh allocation. Tensors loaded from a safetensors file
+    can sit at any 8-byte offset of its mapping, and CPU BLAS may sum in another order for an unaligned
+    operand (an ulp of difference): comparing the outputs of two loads is exact only on equal footing."""
+    with torch.no_grad():
+        for mod in model.modules():
+            for store in (mod._parameters, mod._buffers):
+                for k, t in store.items():
+                    if t is not None:
+                        t.data = t.data.clone()
+    return model
+
+
+__all__ += ["own_memory"]

@@ -10,6 +10,7 @@ from dtq_kernels.calib.stats import StatsConfig, attention_probs, self_attention
 from dtq_kernels.formats import get_format
 from dtq_kernels.models import get_adapter
 from dtq_kernels.plan import QuantPlan
+from helpers_models import tiny_dit_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,14 +25,7 @@ CALIB = dict(num_samples=2, num_inference_steps=4, pipe_kwargs={"class_labels": 
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=32)
-    tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8,
-                                         num_layers=2, sample_size=8).eval()  # train mode drops labels at random
-    return diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=diffusers.DDIMScheduler(),
-                                 id2label={1: "goldfish", 2: "shark"})
+    return tiny_dit_pipeline()  # eval mode: train mode drops labels at random
 
 
 def _small(name):

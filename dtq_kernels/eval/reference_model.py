@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from ..models.reference_dit import load_fashion_mnist, load_reference_dit, sample
+from ..models.reference_dit.images import save_grid
 from ..models.reference_dit.model import WEIGHTS_DIR
 from . import classifier as clf
 from .inception import InceptionFeatures
 from .metrics import fid_from_features
-from .report import save_grid
 
 
 def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int = 25,
@@ -34,7 +34,7 @@ def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int 
                   guidance_scale=guidance, progress=True)
     t_sample = time.time() - t0
     torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
-    save_grid(imgs, str(out / "grid.png"), rows=per_class)
+    save_grid(imgs, out / "grid.png")
     res = {"n_samples": len(imgs), "ddim_steps": steps, "guidance": guidance, "sample_seconds": round(t_sample, 1)}
     c = clf.load_classifier()
     res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)

@@ -24,8 +24,8 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
       layernorm_modulate_quantize -> fc1 GEMM -> gelu_quantize -> fc2 GEMM -> gate + residual
   Each producer quantizes with its consumer's quantizer (bits, smoothing, rotation, static table and
   time group; a sign-mode two-region fc2 gets quantize_two_region(gelu=True)); a consumer without a
-  fused quantizer (dequant-matmul formats, a two-region qkv/fc1) gets the float tensor and quantizes
-  itself, as before. On the reference backend the result is bit-identical to the per-layer path in
+  fused quantizer (dequant-matmul formats, a two-region qkv/fc1) or with a LoRA branch (nn/lora.py:
+  the branch reads the float input) gets the float tensor and quantizes itself, as before. On the reference backend the result is bit-identical to the per-layer path in
   fp32 (the same ops in the same order). Training mode, chunked feed-forward or extra
   cross_attention_kwargs run diffusers' own forward. Other blocks (SD3 / Flux joint and single
   blocks, any other shape) keep the per-layer path, logged once per block type.
@@ -73,12 +73,18 @@ def fuse_linears(layers: list[QuantLinear]) -> QuantLinear:
     reason = fusion_obstacle(layers)
     if reason is not None:
         raise ValueError(f"cannot fuse these layers: {reason}")
+    if any(t.is_meta for m in layers for t in m.buffers()):
+        raise ValueError("cannot fuse layers whose tensors are on the meta device (not loaded yet): install the "
+                         "plan with fuse=False, load the tensors, then apply_fast_path(model)")
+    if any(len(m.lora) for m in layers):
+        raise ValueError("cannot fuse layers that carry LoRA adapters: fuse first, then apply_lora (which "
+                         "places each member's adapter on its rows of the fused layer)")
     first = layers[0]
     fused = QuantLinear(first.in_features, sum(m.out_features for m in layers), first.spec,
                         bias=first.bias is not None).to(first.qweight.device)
     for name in ("qweight", "wscale", "wzero", "bias"):
         if getattr(fused, name) is not None:
-            getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in layers], 0))
+            torch.cat([getattr(m, name) for m in layers], 0, out=getattr(fused, name))  # no temporary copy
     if fused.smooth is not None:
         fused.smooth.copy_(first.smooth)
     if fused.act_table is not None:
@@ -188,8 +194,8 @@ def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 def _fusable(layer: torch.nn.Module, *, gelu: bool = False) -> bool:
     """Whether a producer can hand `layer` its activation codes: an integer-activation kernel path with a
     quantizer the fused LN / GELU ops implement (dynamic or static; two-region only after GELU, in sign mode)."""
-    if type(layer) is not QuantLinear or not layer.takes_codes():
-        return False
+    if type(layer) is not QuantLinear or not layer.takes_codes() or len(layer.lora):
+        return False  # a LoRA branch reads the layer's float input: the layer quantizes it itself
     mode = layer.spec.act_mode
     return mode in ("dynamic", "static") or (gelu and mode == "two_region" and layer.spec.two_region_mode == "sign")
 

@@ -175,6 +175,7 @@ class QuantLinear(torch.nn.Module):
         self._tracker = None  # a TimestepTracker, held without registering it as a submodule
         self._run_path = self.kernel_path  # the row for the device the weights are on (see _apply)
         _log_path_once(spec, self.kernel_path)
+        self.lora = torch.nn.ModuleDict()  # LoRA side branches (nn/lora.py); not part of the checkpoint
 
     # ---------------------------------------------------------------- construction
 
@@ -412,7 +413,48 @@ class QuantLinear(torch.nn.Module):
         # device or logs, so torch.compile(fullgraph=True) traces straight through
         path = self._run_path if x2.device == self.qweight.device else self._path_for(x2.device)
         y = getattr(self, path.forward)(x2)
+        for branch in self.lora.values():
+            y = y + branch(x2)
         return y.reshape(*lead, self.out_features)
+
+    # ---------------------------------------------------------------- LoRA
+
+    def add_lora(self, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, name: str = "default") -> None:
+        """Add scale·(x·Aᵀ)·Bᵀ (A [r, K], B [N, r]) as a floating-point side branch on the packed GEMM;
+        the quantized weights are untouched (docs: nn/lora.py)."""
+        from .lora import LoraBranch, check_lora
+        check_lora(A, B, scale, self.in_features, self.out_features)
+        if name in self.lora:
+            raise ValueError(f"a LoRA adapter named {name!r} is already attached: remove_lora({name!r}) first")
+        self.lora[name] = LoraBranch(A, B, scale).to(self.qweight.device)
+
+    def remove_lora(self, name: str = "default") -> None:
+        if name not in self.lora:
+            raise KeyError(f"no LoRA adapter named {name!r} (attached: {list(self.lora)})")
+        del self.lora[name]
+
+    def fused_with_lora(self, name: str = "default") -> "QuantLinear":
+        """A new QuantLinear whose weights are this layer's dequantized weights plus the adapter's
+        update, quantized again (round-to-nearest, same spec, scales and smoothing). Costs a second
+        rounding of every weight; the side branch (add_lora) is exact."""
+        if name not in self.lora:
+            raise KeyError(f"no LoRA adapter named {name!r} (attached: {list(self.lora)})")
+        if self.spec.rotate or self.wzero is not None:
+            raise ValueError("fusing a LoRA into rotated or asymmetric weights is not supported: keep it as a branch")
+        w = self.dequantized_weight()  # in the smoothed basis: W·diag(smooth)
+        smooth = self.smooth.float() if self.smooth is not None else torch.ones(self.in_features)
+        w = w / smooth.to(w.device) + self.lora[name].delta_weight().to(w.device)
+        base = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            base.weight.copy_(w)
+            if self.bias is not None:
+                base.bias.copy_(self.bias)
+        fused = QuantLinear.from_linear(base, self.spec, self.act_table, smooth=self.smooth)
+        fused._tracker = self._tracker
+        for other, branch in self.lora.items():
+            if other != name:
+                fused.lora[other] = branch
+        return fused.to(self.qweight.device)
 
 
 class StepGroupQuantLinear(torch.nn.Module):
