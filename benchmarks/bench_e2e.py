@@ -41,8 +41,7 @@ Models (random weights: speed does not depend on them; diffusers modules as ship
 at batch 1 and 2 (classifier-free guidance doubles the batch).
 Contenders: bf16 eager and + torch.compile; torchao int8 dynamic and float8 row-wise, + compile (skipped
 with the reason when torchao is not importable); dtq W8A8 (dynamic per token), W8A8 static (10 time
-groups), W4A8 (packed int4 weights) and FP4 W4A4 (dequant-matmul path today: the `paths` column says
-so), each with and without quantized attention (dynamic; Flux through QuantFluxAttnProcessor), each compiled (fullgraph) and CUDA-graphed
+groups), W4A8 (packed int4 weights) and FP4 W4A4 (w4a4_gemm: the `paths` column shows which path each layer took), each with and without quantized attention (dynamic; Flux through QuantFluxAttnProcessor), each compiled (fullgraph) and CUDA-graphed
 (mode="reduce-overhead"); and dtq W8A8 on the per-layer path (fuse=False) to show what the fast path buys.
 Per row: median forward latency, speedup vs bf16 + compile, peak memory of the forward (weights +
 activations), weight bytes, which backend ran each dtq op and which QuantLinear path each layer took,

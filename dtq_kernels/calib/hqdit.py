@@ -18,8 +18,8 @@ the unit a fused QKV GEMM runs; every other layer alone):
    step 3, H = Hᵀ·(Σ xᵀx)·H from every calibration row. The plan stores the rounded weight (rotated back)
    and its scales ("<layer>.weight", "<layer>.wscale"), so QuantLinear keeps exactly GPTQ's codes.
 
-Runs on QuantLinear's simulated "dequant-matmul" path until the FP4 W4A4 kernels land; the plan's
-specs are the standard FP4 LinearQuantSpecs, so checkpoints pick up the kernels without change.
+The plan's specs are the standard FP4 LinearQuantSpecs (weights and activations FP4, group 32,
+dynamic, rotated), which QuantLinear runs on its `w4a4_gemm` kernel path.
 """
 from __future__ import annotations
 
@@ -114,5 +114,4 @@ def build_hqdit(recipe, stats, layers: dict, plan: QuantPlan, model: torch.nn.Mo
                              "act_format_mse": a_errs, "weight_format_mse": w_errs,
                              "rtn_mse": err_rtn, "gptq_mse": err_q if recipe.gptq else None}
     plan.meta["hqdit"] = {"group_size": gs, "groups": report,
-                          "note": "layer output MSE on the calibration rows; FP4 runs QuantLinear's simulated "
-                                  "dequant-matmul path until the W4A4 FP4 kernels land"}
+                          "note": "layer output MSE on the calibration rows"}

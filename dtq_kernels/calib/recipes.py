@@ -88,7 +88,7 @@ _RECIPES = {r.name: r for r in [
     Recipe("dilatequant-w6a6", "DilateQuant W6A6: as dilatequant-w4a8 with 6-bit weights and activations",
            "dilatequant", "int6", "int6", "static", rows_per_group=64, search_rounds=1, tpq=True),
     Recipe("hqdit-w4a4-fp4", "HQ-DiT FP4 W4A4: per-layer E2M1/E1M2/E3M0 choice for weights and activations, "
-           "Hadamard rotation, GPTQ onto the FP4 grid, blocks of 32 (FP4 simulated until the W4A4 kernel lands)",
+           "Hadamard rotation, GPTQ onto the FP4 grid, blocks of 32 (runs on the W4A4 kernel)",
            "hqdit", "fp4_e2m1", "fp4_e2m1", "dynamic", rows_per_group=256, group_size=32),
 ]}
 
