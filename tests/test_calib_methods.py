@@ -158,7 +158,14 @@ def test_recipes_listing_and_unknown_name():
               "ptq4dit-w8a8", "ptq4dit-w4a8", "smoothquant-w8a8", "dilatequant-w4a8", "dilatequant-w6a6",
               "hqdit-w4a4-fp4"]:
         assert n in names and names[n] and "\n" not in names[n]  # one line each
-    assert "simulated" in names["hqdit-w4a4-fp4"]  # no FP4 W4A4 kernel yet: the description says so
+    # HQ-DiT's layers (any FP4 format pair it may choose, group 32, dynamic, rotated) run on the W4A4 kernel
+    from dtq_kernels.nn import LinearQuantSpec
+    from dtq_kernels.nn.linear import select_path
+    for w in ("fp4_e2m1", "fp4_e1m2", "fp4_e3m0"):
+        for a in ("fp4_e2m1", "fp4_e1m2", "fp4_e3m0"):
+            spec = LinearQuantSpec(weight=w, group_size=32, act=a, act_mode="dynamic", rotate=True)
+            assert select_path(spec).name == "w4a4_gemm", (w, a)
+    assert "simulated" not in names["hqdit-w4a4-fp4"]
     assert get_recipe("tqdit-w8a8").time_groups == 10
     with pytest.raises(ValueError, match="available recipes: rtn-w8a8, .*tqdit-w6a6"):
         get_recipe("tqdit-w3a3")
