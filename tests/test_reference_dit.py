@@ -33,7 +33,7 @@ def test_config_matches_reference_config(model):
     want = ref.reference_config()
     for k, v in want.items():
         assert model.config[k] == v, k
-    assert want["patch_size"] == 2 and want["num_layers"] >= 6
+    assert want["patch_size"] == 4 and want["num_layers"] >= 6
     width = want["num_attention_heads"] * want["attention_head_dim"]
     assert 256 <= width <= 384 and width % 16 == 0
     from dtq_kernels.models.reference_dit.model import WEIGHTS_DIR

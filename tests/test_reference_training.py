@@ -39,7 +39,7 @@ def test_learning_rate_warmup_then_cosine_to_ten_percent():
     assert math.isclose(learning_rate(args, 10), 1e-3)
     assert math.isclose(learning_rate(args, 60), 1e-3 * (0.1 + 0.9 * 0.5))
     assert math.isclose(learning_rate(args, 110), 1e-4) and math.isclose(learning_rate(args, 10_000), 1e-4)
-    constant = parse_args(["--lr", "1e-3", "--warmup", "10"])
+    constant = parse_args(["--lr", "1e-3", "--warmup", "10", "--lr-decay-steps", "0"])
     assert learning_rate(constant, 5_000) == 1e-3
 
 
@@ -59,3 +59,14 @@ def test_training_stops_and_resumes_with_its_optimizer_state(tmp_path):
     assert second["size"]["num_layers"] == 1
     step_counts = {int(s["step"]) for s in second["opt"]["state"].values()}
     assert step_counts == {5}, "AdamW continued from its saved moments instead of restarting"
+
+    # the compact copy (what the repository keeps between sessions) resumes the same way
+    main(["--state", str(tmp_path / "state.pt"), "--compact-state", str(tmp_path / "compact.pt")])
+    small = torch.load(tmp_path / "compact.pt")
+    assert (tmp_path / "compact.pt").stat().st_size < (tmp_path / "state.pt").stat().st_size
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in small["opt"]["state"].values())
+    assert all(torch.equal(a, b) for a, b in zip(small["model"].values(), second["model"].values()))
+    compact = [a if a != str(tmp_path / "state.pt") else str(tmp_path / "compact.pt") for a in common]
+    main(compact + ["--max-steps", "6", "--resume"])
+    third = torch.load(tmp_path / "compact.pt")
+    assert third["step"] == 6 and all(s["exp_avg"].dtype == torch.float32 for s in third["opt"]["state"].values())

@@ -27,19 +27,18 @@ import torch
 
 from . import activation_stats, harness, hooks, report
 
-# CPU counts chosen from costs measured on one thread of this project's (shared, 2-core) CPU machine
-# with the reference DiT (patch 2, 256 tokens; 25 DDIM steps, CFG): sampling ~2.5 s/image in fp32 and
-# ~4 s/image quantized (the dtq ops' reference backend), Inception-v3 ~0.22 s/image. Calibration
-# (32 samples of the model's own sampling included): rtn ~2 min, viditq-w4a8 ~2 min, viditq-w4a8-mp
-# ~5 min, each tqdit W6A6/W8A8 variant ~2-5 min (its scale grid search). At 100 samples per model the
-# sampling stage of FP + 9 rows takes ~60 minutes on one thread; the first run computes the 1000-image
-# FID reference once (~4 min, then cached). FID at N=100 is strongly biased upward: compare it only
-# between rows of one run. A GPU run uses GPU_SAMPLES and all 10,000 test images.
+# CPU counts chosen from costs measured on this project's (shared, 2-core) CPU machine with the reference
+# DiT (patch 4, 64 tokens; 25 DDIM steps, CFG), 2 threads: sampling ~0.42 s/image in fp32 and ~0.71 s/image
+# quantized (ViDiT-Q W8A8 on the dtq ops' reference backend); Inception-v3 ~0.15 s/image. Calibration on
+# one thread: about 1 min (rtn, smoothquant) to 4-5 min (ptq4dit, dilatequant, hqdit, tqdit's grid search).
+# At 100 samples per model a row costs about a minute of sampling; N = 1000 about 12 minutes per quantized
+# row. FID at N=100 is strongly biased upward: compare it only between rows of one run. A GPU run uses
+# GPU_SAMPLES and all 10,000 test images.
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
-CPU_COST_NOTE = ("one CPU thread (shared machine): sampling ~2.5 s/image fp32, ~4 s/image quantized "
-                 "(reference ops), Inception ~0.22 s/image; calibration ~2 min (rtn) to ~5 min (tqdit, viditq-mp)")
+CPU_COST_NOTE = ("two CPU threads (shared machine): sampling ~0.42 s/image fp32, ~0.71 s/image quantized "
+                 "(reference ops), Inception ~0.15 s/image; calibration ~1 min (rtn) to ~5 min (tqdit, hqdit)")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds

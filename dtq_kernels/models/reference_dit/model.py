@@ -15,8 +15,8 @@ NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding keeps index num_classes fo
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def reference_config(patch_size: int = 2, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
-    """The shipped model's DiTTransformer2DModel kwargs: 32×32×1 pixels, patch 2 (256 tokens), 6 blocks of
+def reference_config(patch_size: int = 4, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
+    """The shipped model's DiTTransformer2DModel kwargs: 32×32×1 pixels, patch 4 (64 tokens), 6 blocks of
     width 256 (4 heads × 64), adaLN-zero conditioned on 10 classes (+ the null class at index 10),
     out_channels=1: plain epsilon prediction (no learned sigma, so DDIM uses the output as-is)."""
     return dict(in_channels=1, out_channels=1, sample_size=32, patch_size=patch_size, num_layers=num_layers,

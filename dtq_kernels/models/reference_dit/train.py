@@ -33,20 +33,20 @@ def ddpm_alphas_cumprod() -> torch.Tensor:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--min-snr", type=float, default=0.0,
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--min-snr", type=float, default=5.0,
                    help="min-SNR-gamma loss weighting (Hang et al. 2023): weight min(SNR, gamma)/SNR on the "
                         "epsilon loss; 0 = plain MSE. Spends less effort on nearly clean timesteps")
-    p.add_argument("--lr-decay-steps", type=int, default=0,
+    p.add_argument("--lr-decay-steps", type=int, default=6500,
                    help="cosine decay of the learning rate to 10%% over this many steps after warm-up (0 = none)")
-    p.add_argument("--dit-init", action="store_true",
+    p.add_argument("--dit-init", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT paper initialisation for a fresh model: xavier linears, zero adaLN modulation "
                         "and zero output layer (adaLN-zero: every block starts as the identity)")
     p.add_argument("--max-steps", type=int, default=1_000_000)
@@ -62,6 +62,10 @@ def parse_args(argv=None):
                    help="warm start: model and EMA from these exported weights (e.g. the shipped ones, when the "
                         "resume state is gone); optimizer, step count and warm-up start afresh")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compact-state", type=Path, default=None, metavar="DST",
+                   help="no training: write a compact copy of --state to DST (model fp32, AdamW moments bf16, EMA "
+                        "fp16: about 60%% of the bytes), small enough to keep in the repository so a later session "
+                        "on another machine resumes with its optimizer state (--resume --state DST)")
     return p.parse_args(argv)
 
 
@@ -81,6 +85,9 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compact_state is not None:
+        compact_state(args.state, args.compact_state)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -184,6 +191,22 @@ def dit_initialize(model) -> None:
     for lin in (model.proj_out_1, model.proj_out_2):
         torch.nn.init.zeros_(lin.weight)
         torch.nn.init.zeros_(lin.bias)
+
+
+def compact_state(src: Path, dst: Path) -> None:
+    """A resumable copy of a training state with the master weights kept in fp32 (small AdamW updates must not
+    be rounded away) but the AdamW moments in bf16 and the EMA in fp16: resuming casts them back to fp32
+    (torch's Optimizer.load_state_dict and Module.load_state_dict both cast to the parameters' dtype)."""
+    st = torch.load(src, map_location="cpu")
+    st["opt"] = copy.deepcopy(st["opt"])
+    for slot in st["opt"]["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            slot[k] = slot[k].to(torch.bfloat16)
+    st["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in st["ema"].items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    torch.save(st, tmp)
+    tmp.replace(dst)
 
 
 def save_state(args, model, ema, opt, step, elapsed, losses) -> None:
