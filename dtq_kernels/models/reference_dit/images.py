@@ -58,7 +58,7 @@ def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, class
     draw = ImageDraw.Draw(canvas)
     cell = strip_w / len(picks)
     for k, cname in enumerate(class_names):
-        short = cname.split("/")[0][:9]
+        short = cname.split("/")[0]
         x_mid = label_w + (k * per_class + per_class / 2) * cell
         draw.text((x_mid - draw.textlength(short) / 2, 3), short, fill=0)
     for r, (name, strip) in enumerate(strips.items()):
