@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .. import reference
 from .._dispatch import BackendError, register_kernel
-from .common import INTERPRETING, round_to_e4m3_grid, rne
+from .common import INTERPRETING, nonfinite, round_to_e4m3_grid, rne
 from .gemm_int8 import round_to_bf16
 
 # P_MODE values
@@ -67,7 +67,8 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
                       H, S, D, stride_b, stride_s, stride_h, mult, qmax, num_groups,
                       STATIC: tl.constexpr, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr,
                       CW: tl.constexpr):
-    """Codes [B·H, S, CW] (channels past D zero) and per-token scales; DP >= CW is the register tile."""
+    """Codes [B·H, S, CW] (channels past D zero) and per-token scales; DP >= CW is the register tile.
+    A row holding NaN/±Inf gets codes 0 and scale NaN (formats.mark_nonfinite_rows)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -86,10 +87,11 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax)  # formats.absmax_scale, bit for bit
     safe = tl.where(scale == 0, 1.0, scale)
     q = tl.clamp(rne(tl.math.div_rn(x, safe[:, None])), -qmax, qmax)  # formats.quantize_int
-    q = tl.where((scale == 0)[:, None], 0.0, q)
+    bad = tl.max(nonfinite(x), axis=1) != 0
+    q = tl.where((scale == 0)[:, None] | bad[:, None], 0.0, q)
     tl.store(codes_ptr + bh * S * CW + rs[:, None] * CW + rd[None, :], q.to(tl.int8),
              mask=(rs < S)[:, None] & (rd < CW)[None, :])
-    tl.store(scale_ptr + bh * S + rs, scale * mult, mask=rs < S)
+    tl.store(scale_ptr + bh * S + rs, tl.where(bad, float("nan"), scale * mult), mask=rs < S)
 
 
 @triton.jit
@@ -112,8 +114,8 @@ def quant_v_kernel(v_ptr, vt_ptr, vscale_ptr, H, S, SP, D, stride_b, stride_s, s
         y = _to_e4m3(y, SOFT_FP8_ROUND)
     elif PV_KIND == 1:
         y = y.to(tl.float16)
-    else:  # static integer codes, exact in fp16
-        y = tl.clamp(rne(y), -qmax, qmax).to(tl.float16)
+    else:  # static integer codes, exact in fp16; a non-finite V element stays NaN (fp16 holds it)
+        y = tl.where(nonfinite(x) != 0, float("nan"), tl.clamp(rne(y), -qmax, qmax)).to(tl.float16)
     tl.store(vt_ptr + bh * CW * SP + rd[:, None] * SP + rs[None, :], tl.trans(y),
              mask=(rd < CW)[:, None] & (rs < SP)[None, :])
 
@@ -270,12 +272,16 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             acc_a = acc_a * c_pos + neg_a * c_neg
             if SPLIT:
                 acc_b = acc_b * c_pos + neg_b * c_neg
-    # times the per-channel V scale, then stored
+    # times the per-channel V scale, then stored; a NaN row sum (a non-finite q row, or a non-finite
+    # unmasked key: their scales are NaN) makes the row NaN, whatever the P quantizer made of it
+    nan_row = (l_i != l_i)[:, None]
     vsa = tl.load(vs_ptr + bh * CW + tl.arange(0, DA))
-    _store(out_ptr, acc_a * vsa[None, :], b, h, rm, SQ, D, stride_ob, stride_os, stride_oh, 0, DA)
+    _store(out_ptr, tl.where(nan_row, float("nan"), acc_a * vsa[None, :]), b, h, rm, SQ, D, stride_ob, stride_os,
+           stride_oh, 0, DA)
     if SPLIT:
         vsb = tl.load(vs_ptr + bh * CW + DA + tl.arange(0, DB))
-        _store(out_ptr, acc_b * vsb[None, :], b, h, rm, SQ, D, stride_ob, stride_os, stride_oh, DA, DB)
+        _store(out_ptr, tl.where(nan_row, float("nan"), acc_b * vsb[None, :]), b, h, rm, SQ, D, stride_ob,
+               stride_os, stride_oh, DA, DB)
 
 
 # --------------------------------------------------------------------------------------- launch

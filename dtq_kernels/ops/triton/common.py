@@ -23,3 +23,9 @@ def round_to_e4m3_grid(x):
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     q = rne(a * ((130 - e) << 23).to(tl.float32, bitcast=True)) * ((124 + e) << 23).to(tl.float32, bitcast=True)
     return tl.where(x < 0, -q, q)
+
+
+@triton.jit
+def nonfinite(x):
+    """int32 1 where x is NaN or ±Inf, else 0 (NaN fails every ordered comparison)."""
+    return tl.where(tl.abs(x) < float("inf"), 0, 1)

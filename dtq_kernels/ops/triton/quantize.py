@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, rne
+from .common import INTERPRETING, nonfinite, rne
 
 
 @triton.jit
@@ -17,24 +17,26 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_q
     """BLOCK_M rows per program; pass 1 finds each row's absmax, pass 2 writes the codes.
 
     Bit-exact with the reference: fp32 absmax, correctly rounded divisions (div_rn), round half to
-    even, and a zero row gives scale 0 and codes 0.
+    even, a zero row gives scale 0 and codes 0, and a row holding NaN/±Inf scale NaN and codes 0.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
         absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        bad = tl.maximum(bad, tl.max(nonfinite(x.to(tl.float32)), axis=1))
     scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(scale_ptr + rows, tl.where(bad != 0, float("nan"), scale), mask=row_ok)
     divisor = tl.where(scale == 0.0, 1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
         q = rne(tl.math.div_rn(x.to(tl.float32), divisor[:, None]))
-        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        q = tl.where((bad != 0)[:, None], 0.0, tl.minimum(tl.maximum(q, -QMAX), QMAX))
         tl.store(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
 
 
@@ -157,18 +159,22 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         x = x * rot_norm                                                # 1/√K in fp32
 
     qmax = QMAX
+    # rows holding NaN/±Inf (any non-finite x, shift or scale makes the transformed row non-finite):
+    # scale NaN and codes 0, or two-region codes -128 (formats.NONFINITE_CODE) over the row
+    bad = tl.max(tl.max(nonfinite(x), axis=2), axis=1) != 0
     if MODE == 0:  # dynamic per token: quantize_per_token's arithmetic
         absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
         scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
         q = rne(tl.math.div_rn(x, divisor[:, None, None]))
     else:
         # time-group index read on the device, clamped so a bad one never reads past the table (the op
         # layer's device-side assert reports it)
         g = tl.minimum(tl.maximum(tl.load(group_ptr), 0), num_groups - 1)
-        if MODE == 1:  # static per tensor: formats.quantize_int (zero scale -> zero codes)
+        if MODE == 1:  # static per tensor: formats.quantize_int (zero scale -> zero codes), scale per row
             s_t = tl.load(table_ptr + g)
+            tl.store(scale_ptr + rows, tl.where(bad, float("nan"), s_t), mask=rows < M)
             q = rne(tl.math.div_rn(x, tl.where(s_t == 0.0, 1.0, s_t) + tl.zeros_like(x)))
             q = tl.where(s_t == 0.0, 0.0, q)
         else:  # two-region: formats.quantize_two_region
@@ -181,6 +187,7 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
             else:  # split: low region [0, c_pos·qmax) unless it rounds past qmax
                 q = tl.where((x < c_pos * qmax) & (q_pos <= qmax), q_pos, q_neg)
     q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    q = tl.where(bad[:, None, None], -128.0 if MODE >= 2 else 0.0, q)
     tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
 
 
@@ -216,7 +223,7 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
         raise ValueError(f"dtq fused activation quantization uses int32 offsets: {M}x{K} is too large, "
                          "split the rows")
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    scale = torch.empty((M if mode == MODE_DYNAMIC else 0,), dtype=torch.float32, device=x.device)
+    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_STATIC) else 0,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale
     # the interpreter pays per program: big row blocks; a GPU wants ≈4–8K elements per program
@@ -236,28 +243,20 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     return q, scale
 
 
-def _mode_and_scale(scale_table, group_idx):
-    return (MODE_DYNAMIC, None) if scale_table is None else (MODE_STATIC, scale_table.index_select(0, group_idx))
-
-
-def _finish(launched, static_scale):
-    q, scale = launched
-    return q, (scale if static_scale is None else static_scale.float())
+def _mode(scale_table):
+    return MODE_DYNAMIC if scale_table is None else MODE_STATIC
 
 
 @register_kernel("quantize_act", "triton")
 def quantize_act(x, bits, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(x, bits=bits, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
-                           group_idx=group_idx), static_scale)
+    return _launch(x, bits=bits, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=_mode(scale_table),
+                   table=scale_table, group_idx=group_idx)
 
 
 @register_kernel("layernorm_modulate_quantize", "triton")
 def layernorm_modulate_quantize(x, shift, scale, tokens_per_batch, eps, bits, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
-                           group_idx=group_idx, shift=shift, mod=scale,
-                           tokens_per_batch=tokens_per_batch, eps=eps), static_scale)
+    return _launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=_mode(scale_table), table=scale_table,
+                   group_idx=group_idx, shift=shift, mod=scale, tokens_per_batch=tokens_per_batch, eps=eps)
 
 
 _GELU_PRE = {"none": PRE_GELU_ERF, "tanh": PRE_GELU_TANH}
@@ -265,9 +264,8 @@ _GELU_PRE = {"none": PRE_GELU_ERF, "tanh": PRE_GELU_TANH}
 
 @register_kernel("gelu_quantize", "triton")
 def gelu_quantize(h, bits, approximate, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(h, bits=bits, pre=_GELU_PRE[approximate], smooth=smooth, rotate=rotate, mode=mode,
-                           table=scale_table, group_idx=group_idx), static_scale)
+    return _launch(h, bits=bits, pre=_GELU_PRE[approximate], smooth=smooth, rotate=rotate, mode=_mode(scale_table),
+                   table=scale_table, group_idx=group_idx)
 
 
 @register_kernel("quantize_two_region", "triton")
