@@ -62,14 +62,12 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------------------ writer
 
-def _serialize(name: str, content, manifest: str) -> bytes:
+def _serialize(name: str, content) -> bytes:
     if isinstance(content, (bytes, bytearray, memoryview)):
         return bytes(content)
     if name.endswith(".safetensors"):
         tensors = {k: v.detach().cpu().contiguous() for k, v in content.items()}
         return save_safetensors_bytes(tensors, metadata={"format": "dtq_kernels"})
-    if name == manifest:
-        raise AssertionError("the manifest is serialized last")
     raise TypeError(f"checkpoint file {name}: content must be bytes or a dict of tensors (.safetensors), "
                     f"got {type(content).__name__}")
 
@@ -96,7 +94,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _canonical(manifest: dict) -> bytes:
-    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+    """The manifest's bytes; json.loads keeps key order, so a loaded manifest dumps back to the same bytes."""
+    return json.dumps(manifest, indent=1).encode()
 
 
 def _siblings(target: Path, tag: str) -> list[Path]:
@@ -191,7 +190,8 @@ def write_checkpoint_dir(files: Mapping[str, FileContent], target: str | Path, *
     Refuses (CheckpointError): a `target` that is a file; a non-empty directory without `manifest`
     (someone else's files); a checkpoint whose manifest records another `kind` (a plan-only save never
     replaces a full checkpoint, nor the reverse); an existing checkpoint unless overwrite=True.
-    Files get mode 0o666 and directories 0o777, minus the process umask.
+    Files get mode 0o666 and directories 0o777, minus the process umask. One writer per target at a
+    time: two processes saving to the same directory at once are not coordinated.
     """
     target = Path(target)
     if manifest not in files or not isinstance(files[manifest], dict):
@@ -209,7 +209,7 @@ def write_checkpoint_dir(files: Mapping[str, FileContent], target: str | Path, *
                 continue
             if Path(name).name != name or name.startswith("."):
                 raise ValueError(f"checkpoint file names must be plain names, got {name!r}")
-            data = _serialize(name, content, manifest)
+            data = _serialize(name, content)
             _write_file(tmp / name, data)
             records[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         meta = {**files[manifest], "kind": kind, "files": records}
