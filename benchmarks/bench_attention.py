@@ -21,7 +21,7 @@ the first 1024 query rows. TFLOP/s counts 4·B·H·Sq·Sk·D (QKᵀ and P·V).
 or run out of shared memory are reported, not fatal.
 
 Targets (issue 4, H100): >= 1.5x SDPA bf16 at sequence >= 4096, and at least SageAttention's speed at
-equal or better accuracy. Reference points (DESIGN.md §8, head dim 128, bf16): FlashAttention-2 ~370,
+equal or better accuracy. Published reference points (head dim 128, bf16): FlashAttention-2 ~370,
 cuDNN ~600, FA3 ~640 TFLOP/s; FA3 FP8 ~1170. Head dim 72 runs as 64 + 32 channels in the dtq kernel
 (25% of its MMA work is padding), so expect its TFLOP/s (counted on 72) below those at 64 and 128.
 No number in this file's output is claimed until it ran on a GPU.

@@ -9,7 +9,7 @@ compared with x.clone() measured in the same run (read + write of the bf16 x). T
 copy bandwidth at the large shapes.
 
 The floor, before any measurement: bf16 input, so 2 B read + 1 B written = 3 B per element. At the
-≈3.0 TB/s device copy the project measured on its H100s (DESIGN.md §8):
+≈3.0 TB/s device copy measured on H100 SXM machines (a bf16 copy kernel; not a result of this repository):
 
 | model | M | K | elements | bytes moved | floor µs |
 |---|---|---|---|---|---|

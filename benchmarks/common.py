@@ -1,6 +1,6 @@
 """Shared benchmark helpers: timing, L2-cold inputs, environment header, results as markdown + JSON.
 
-Method (DESIGN.md §6): median of many runs timed with CUDA events (triton.testing.do_bench, which
+Method (docs/gpu.md): median of many runs timed with CUDA events (triton.testing.do_bench, which
 also clears L2 before every run), warm-up first, random data, every comparison in the same process.
 `Rotating` additionally cycles through enough copies of the inputs that consecutive calls never find
 their operands in L2 (do_bench's cache clear is a memset of its own buffer; rotating makes the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine (DESIGN.md §6): build _C, run the GPU tests, run every benchmark,
+# The one command for a GPU machine (docs/gpu.md): build _C, run the GPU tests, run every benchmark,
 # and write a results folder (markdown + JSON, GPU name, versions, date). Fits in 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # results under $OUT when set, else benchmarks/results/

@@ -1,4 +1,4 @@
-// Per-token symmetric activation quantization (DESIGN.md §2), bit-exact with the torch reference
+// Per-token symmetric activation quantization (docs/formats.md), bit-exact with the torch reference
 // (dtq_kernels/ops/reference.py): per row, absmax in fp32; scale = absmax / qmax with a correctly rounded
 // division; codes = clamp(rint(x / scale), -qmax, qmax) (correctly rounded division, round half to even);
 // scale 0 (a zero row) -> codes 0. NaN inputs are not part of the contract (fmaxf drops them).

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from .plan import QuantPlan
-from .quantize import _build_empty, check_plan_fits, install
+from .quantize import build_empty, check_plan_fits, install
 
 CHECKPOINT_FORMAT_VERSION = 2
 MODEL_FILE, PLAN_FILE, PLAN_TENSORS_FILE = "model.safetensors", "plan.json", "plan_tensors.safetensors"
@@ -279,7 +279,9 @@ def verify_checkpoint_dir(path: str | Path, *, manifest: str = PLAN_FILE, verify
 
 # ------------------------------------------------------------------------------------------ dtq layout
 
-def _config_of(model: torch.nn.Module) -> dict:
+def model_config(model: torch.nn.Module) -> dict:
+    """The model's (diffusers) config as plain JSON data, private "_" keys left out: what a checkpoint
+    records so that it is only ever loaded into the architecture it was saved from."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
@@ -288,7 +290,7 @@ def _config_of(model: torch.nn.Module) -> dict:
 
 def _plan_files(plan: QuantPlan, model: torch.nn.Module) -> dict:
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
-            "config": _config_of(model), "plan": json.loads(plan.to_json())}
+            "config": model_config(model), "plan": json.loads(plan.to_json())}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()}
     return {PLAN_TENSORS_FILE: tensors, PLAN_FILE: meta}
 
@@ -372,6 +374,17 @@ def read_plan(path: str | Path, *, verify: str = "sha256") -> tuple[dict, QuantP
     return meta, plan
 
 
+def check_model_matches(meta: dict, model: torch.nn.Module) -> None:
+    """Raise CheckpointError unless the checkpoint metadata `meta` (read_plan) was saved from a model of
+    `model`'s class and config."""
+    if meta.get("model_class") != type(model).__name__:
+        raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, the model is a {type(model).__name__}")
+    saved, mine = meta.get("config", {}), model_config(model)
+    if saved != mine:
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
+
+
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"missing checkpoint file {file}")
@@ -391,12 +404,7 @@ def load_quantized(model: torch.nn.Module, path: str | Path, *, verify: str = "s
     if meta.get("kind") != KIND_MODEL:
         raise CheckpointError(f"{path} holds a plan without weights (saved by `dtq calibrate`): apply it "
                               "with dtq.quantize / `dtq quantize --plan`")
-    if meta.get("model_class") != type(model).__name__:
-        raise CheckpointError(f"checkpoint holds a {meta.get('model_class')}, the model is a {type(model).__name__}")
-    if meta.get("config", {}) != _config_of(model):
-        saved, mine = meta.get("config", {}), _config_of(model)
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        raise CheckpointError(f"checkpoint config differs from the model's in {diff[:8]}")
+    check_model_matches(meta, model)
     state = _load_tensors(path / MODEL_FILE)
     linears = check_plan_fits(model, plan)
     expected = _expected_state(model, plan, linears)
@@ -411,7 +419,7 @@ def load_quantized(model: torch.nn.Module, path: str | Path, *, verify: str = "s
         if tuple(state[k].shape) != shape or not dtype_ok:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {stored}, "
                                   f"the model expects {shape} {dtype}")
-    install(model, plan, _build_empty)
+    install(model, plan, build_empty)
     model.load_state_dict(state, strict=True)  # copies cast FP tensors stored narrower back to the model's dtype
     return model
 
@@ -422,7 +430,7 @@ def _expected_state(model, plan: QuantPlan, linears: dict) -> dict[str, tuple[tu
     expected = {k: (tuple(v.shape), v.dtype, False) for k, v in model.state_dict().items()
                 if not any(k.startswith(name + ".") for name in linears)}
     for name, lin in linears.items():
-        skeleton = _build_empty(torch.nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
+        skeleton = build_empty(torch.nn.Linear(lin.in_features, lin.out_features, lin.bias is not None,
                                                 device="meta"), name, plan.layers[name], plan)
         for k, v in skeleton.state_dict().items():
             expected[f"{name}.{k}"] = (tuple(v.shape), v.dtype, True)

@@ -27,6 +27,7 @@ import torch
 
 from .cli_args import (existing_dir, finite_float, image_file, nonnegative_int, output_dir, positive_int,
                        torch_device)
+from .models.reference_dit.images import save_grid
 
 CALIB_SEED = 10_000  # calibration noise seeds: disjoint from the sampling seeds (--seed)
 
@@ -325,7 +326,7 @@ def _check_model_and_recipe(args) -> None:
 
 def cmd_quantize(args):
     import dtq_kernels as dtq
-    from .checkpoint import KIND_MODEL, _config_of, check_target, read_plan
+    from .checkpoint import KIND_MODEL, CheckpointError, check_model_matches, check_target, read_plan
     if (args.recipe is None) == (args.plan is None):
         raise CliError("give exactly one of --recipe and --plan")
     _check_model_and_recipe(args)
@@ -335,9 +336,11 @@ def cmd_quantize(args):
         meta, plan = read_plan(args.plan)
     model = _build_model(args)
     if plan is not None:
-        if meta.get("model_class") != type(model).__name__ or meta.get("config") != _config_of(model):
-            raise CliError(f"plan {args.plan} was calibrated for another model ({meta.get('model_class')} with "
-                           f"another config) than --model {args.model}: its scales would not fit")
+        try:
+            check_model_matches(meta, model)
+        except CheckpointError as e:
+            raise CliError(f"plan {args.plan} was calibrated for another model than --model {args.model} ({e}): "
+                           "its scales would not fit") from None
     else:
         plan = _make_plan(args, model)
     dtq.quantize(model, plan, progress=True)
@@ -385,22 +388,6 @@ def cmd_sample(args) -> Path:
     save_grid(images, out)
     print(f"wrote {out} ({args.num} samples, {args.steps} DDIM steps, labels i mod {ref.NUM_CLASSES})")
     return out
-
-
-def save_grid(images: torch.Tensor, path: Path, cols: int = 10, zoom: int = 3) -> None:
-    """Images [N, C, H, W] in [-1, 1] as one PNG, `cols` per row (one column per class)."""
-    from PIL import Image
-    n, c, h, w = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    x = images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    canvas = torch.full((c, rows * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        y0, x0 = 2 + (i // cols) * (h + 2), 2 + (i % cols) * (w + 2)
-        canvas[:, y0:y0 + h, x0:x0 + w] = x[i]
-    arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr)
-    img.resize((img.width * zoom, img.height * zoom), Image.NEAREST).save(path)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

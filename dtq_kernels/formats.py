@@ -389,7 +389,7 @@ def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- two-region (MRQ) codes
 #
-# One signed int8 code serves both two-region quantizers of TQ-DiT (ALGORITHMS.md §2.5-2.6). A code q
+# One signed int8 code serves both two-region quantizers of TQ-DiT (docs/formats.md, docs/methods.md). A code q
 # decodes as  value = q · c_pos  if q >= 0,  q · c_neg  if q < 0,  so a GEMM consumes it exactly as two
 # integer accumulations (positive and negative parts of the codes) scaled by c_pos and c_neg.
 # * mode "sign" (post-GELU): c_pos = Δ₊ > 0 for x >= 0, c_neg = Δ₋ > 0 for x < 0.

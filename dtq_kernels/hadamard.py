@@ -1,4 +1,4 @@
-"""Orthonormal Hadamard matrices for online activation rotation (ALGORITHMS.md §3.3, §5.2).
+"""Orthonormal Hadamard matrices for online activation rotation (HQ-DiT's identity transform, ViDiT-Q's channel balancing; docs/formats.md).
 
 A rotation X·H with H orthonormal leaves a linear layer unchanged when the weights are rotated too,
 XWᵀ = (XH)(WH)ᵀ, and spreads an outlier channel's energy over all channels, so per-token absmax

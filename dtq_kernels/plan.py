@@ -53,7 +53,7 @@ class LayerPlan:
 @dataclass
 class QuantPlan:
     """recipe: its name in dtq.recipes(); model_type: the adapter that applies ("dit", "pixart", ...);
-    time_groups / num_train_timesteps: the TGQ grouping g = min(floor(t·G/T), G−1) (DESIGN.md §3);
+    time_groups / num_train_timesteps: the TGQ grouping g = min(floor(t·G/T), G−1) (docs/architecture.md);
     layers: module path -> LayerPlan (a Linear absent from it stays floating point);
     attention: module path -> attention quantization settings (dict), if the recipe quantizes it;
     kept_fp: Linear layers deliberately kept in floating point (for `dtq info`).

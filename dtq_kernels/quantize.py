@@ -34,10 +34,12 @@ def _build_calibrated(lin: torch.nn.Linear, name: str, lp: LayerPlan, plan: Quan
     return StepGroupQuantLinear(variants, [distinct.index(s) for s in lp.step_group_specs])
 
 
-def _build_empty(lin: torch.nn.Linear, name: str, lp: LayerPlan, plan: QuantPlan) -> torch.nn.Module:
-    """A layer with the right buffers but no content: filled by load_state_dict (checkpoint loading)."""
+def build_empty(lin: torch.nn.Linear, name: str, lp: LayerPlan, plan: QuantPlan) -> torch.nn.Module:
+    """A layer with the right buffers but no content, on `lin`'s device (the meta device included: then
+    nothing is allocated), for checkpoint loading to fill."""
     def make(spec):
-        return QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None).to(lin.weight.device)
+        with torch.device(lin.weight.device):
+            return QuantLinear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None)
     if not lp.step_group_specs:
         return make(lp.spec)
     distinct = list(dict.fromkeys(lp.step_group_specs))

@@ -1,7 +1,7 @@
 """Test setup: Triton runs in interpreter mode on CPU tensors; `gpu` tests skip without CUDA."""
 import os
 
-# Must be set before triton is imported anywhere (DESIGN.md §5).
+# Must be set before triton is imported anywhere (docs/gpu.md, "Testing without a GPU").
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

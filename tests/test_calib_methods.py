@@ -10,7 +10,8 @@ from dtq_kernels.calib.search import (LAMBDAS, delta0, fake_quant_int, fake_quan
                                       search_weight_clip, weight_clip_candidates)
 from dtq_kernels.calib.smooth import quantized_rel_error, smoothing_vector
 from dtq_kernels.calib.stats import LayerStats, StatsConfig
-from dtq_kernels.calib.tgq import fill_unvisited, group_of
+from dtq_kernels.calib.tgq import fill_unvisited
+from dtq_kernels.nn.timestep import group_of
 from dtq_kernels.formats import int_qmax
 
 

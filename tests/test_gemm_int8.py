@@ -234,7 +234,7 @@ def test_real_activations_have_outliers_and_match(minilm_ffn_output):
 
 
 def test_two_region_on_real_post_gelu(minilm_ffn_output):
-    # TQ-DiT's post-GELU quantizer: Δ₊ from the max, Δ₋ = GELU's minimum / 2^(b−1) (ALGORITHMS.md §2.6)
+    # TQ-DiT's post-GELU quantizer: Δ₊ from the max, Δ₋ = GELU's minimum / 2^(b−1) (docs/methods.md)
     x, wf, bias = minilm_ffn_output
     c_pos, c_neg = float(x.max()) / 127, 0.16997 / 128
     a = formats.quantize_two_region(x, torch.tensor(c_pos), torch.tensor(c_neg), 8, "sign")

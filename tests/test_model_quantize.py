@@ -105,7 +105,7 @@ def test_two_region_post_gelu_layers_read_their_time_group():
     ref = run_dit(fp, **dit_inputs(t=200))
     for h in hooks:
         h.remove()
-    # c_pos: the measured positive range / 127; c_neg: GELU's minimum (-0.17) / 128 (ALGORITHMS.md §2.6)
+    # c_pos: the measured positive range / 127; c_neg: GELU's minimum (-0.17) / 128 (docs/methods.md)
     good = {n: [float(x.max()) / 127, 0.17 / 128] for n, x in inputs.items()}
     spec2 = S(act_mode="two_region", two_region_mode="sign", time_groups=2)
 

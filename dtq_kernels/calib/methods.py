@@ -1,4 +1,4 @@
-"""Turn statistics into plan entries, one builder per method family (ALGORITHMS.md §2, §5, RTN)."""
+"""Turn statistics into plan entries, one builder per method family (docs/methods.md)."""
 from __future__ import annotations
 
 from dataclasses import replace

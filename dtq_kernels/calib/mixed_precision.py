@@ -1,4 +1,4 @@
-"""ViDiT-Q metric-decoupled mixed precision (ALGORITHMS.md §5.3), with relative output MSE as the metric.
+"""ViDiT-Q metric-decoupled mixed precision (docs/methods.md), with relative output MSE as the metric.
 
 Sensitivity of a layer in a step group: quantize that layer alone to the low weight format (after its
 smoothing, exactly as it would run), run the transformer on the inputs captured in that group, and

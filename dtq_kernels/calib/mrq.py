@@ -1,4 +1,4 @@
-"""TQ-DiT multi-region quantization (ALGORITHMS.md §2.5-2.6), on formats.quantize_two_region codes.
+"""TQ-DiT multi-region quantization (docs/methods.md), on formats.quantize_two_region codes.
 
 * post-GELU (fc2 inputs), mode "sign": negative region fixed at Δ₋ = 0.16997 / 2^(b−1) (GELU's minimum
   spread over the negative codes), positive region Δ₊ searched on the λ grid around

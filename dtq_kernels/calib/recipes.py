@@ -1,4 +1,4 @@
-"""Named calibration recipes: which method, which formats, which constants (ALGORITHMS.md)."""
+"""Named calibration recipes: which method, which formats, which constants (docs/methods.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class Recipe:
     """A calibration recipe. Customize one with dataclasses.replace(get_recipe(name), ...).
 
-    method: "rtn" (round-to-nearest baselines), "viditq" (§5), "tqdit" (§2).
+    method: "rtn" (round-to-nearest baselines), "viditq", "tqdit" (docs/methods.md).
     weight / act: formats of LinearQuantSpec; act_mode "static" or "dynamic".
     time_groups: G of the statistics and of static activation tables (TGQ); for ViDiT-Q it is the
       number of time ranges the smoothing statistics (and mixed precision step groups) are split into.

@@ -1,4 +1,4 @@
-"""TQ-DiT scale grid search (ALGORITHMS.md §2.3): Δ = Δ₀·λ, Δ₀ = max|·|/(2^(b−1)−0.5),
+"""TQ-DiT scale grid search (docs/methods.md): Δ = Δ₀·λ, Δ₀ = max|·|/(2^(b−1)−0.5),
 λ ∈ {0.01 + i·1.19/100 : i = 0..100}, alternating weight and activation search for `rounds` rounds,
 minimizing the layer's output MSE mean((X̂Ŵᵀ − XWᵀ)²) on the calibration rows.
 

@@ -1,4 +1,4 @@
-"""Static SmoothQuant-style channel balancing, as ViDiT-Q's released code (ALGORITHMS.md §5.2):
+"""Static SmoothQuant-style channel balancing, as ViDiT-Q's released code (docs/methods.md):
 s_j = max|X_j|^α / max|W_j|^(1−α); the input is divided by s (fused into the activation quantizer) and
 the weight multiplied by s (offline), so X·Wᵀ = (X/s)·(W·s)ᵀ. max|X_j| is the EMA (momentum 0.95) of the
 per-call channel max.

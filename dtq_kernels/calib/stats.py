@@ -1,7 +1,7 @@
 """Calibration statistics: forward hooks that summarize what each quantizable layer sees, per timestep
 and per time group, in bounded memory (never raw full tensors).
 
-Per linear layer (LayerStats), indexed by time group g (tgq.group_of):
+Per linear layer (LayerStats), indexed by time group g (nn.timestep.group_of):
   chan_absmax [G, K]  running max |x| per input channel (SmoothQuant / salience plots / TGQ ranges)
   chan_ema    [G, K]  EMA (momentum 0.95) of each call's per-channel max (ViDiT-Q "momentum_act_max")
   tmin / tmax [G]     per-tensor min / max
@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from .tgq import group_of
+from ..nn.timestep import group_of
 
 MAX_ROWS_PER_GROUP = 256   # the bound on reservoir rows per (layer, group)
 ATTN_ROWS = 32             # query rows per post-softmax snapshot

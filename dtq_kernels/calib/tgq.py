@@ -1,20 +1,9 @@
-"""Time grouping (TQ-DiT TGQ, ALGORITHMS.md §2.1): which group a diffusion timestep falls in, and how
-per-group tables are completed when calibration never visited a group.
-
-Group of a timestep t in [0, T]: g = min(floor(t·G/T), G−1) (DESIGN.md §3). With G = 10 and T = 1000 the
-groups are [0,100), [100,200), ..., [900,1000].
+"""Time grouping for calibration (TQ-DiT TGQ, docs/methods.md): how per-group tables are completed when
+calibration never visited a group. Which group a timestep falls in is the runtime's `nn.timestep.group_of`.
 """
 from __future__ import annotations
 
 import torch
-
-
-def group_of(t: torch.Tensor, time_groups: int, num_train_timesteps: int) -> torch.Tensor:
-    """Group index (int64, same shape as t) of diffusion timesteps t (any real dtype)."""
-    if time_groups < 1:
-        raise ValueError(f"time_groups must be >= 1, got {time_groups}")
-    g = torch.floor(t.double() * time_groups / num_train_timesteps).long()
-    return g.clamp(0, time_groups - 1)
 
 
 def fill_unvisited(values: torch.Tensor, visited: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: float):
+def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: float, progress: bool = False):
     """Calibrate recipe `name` (or an ABLATIONS variant) on the model's own samples; quantize a copy.
     Returns (model, warnings dtq_kernels logged meanwhile, e.g. a plan part this build cannot run)."""
     from dtq_kernels.calib import get_recipe
@@ -152,7 +152,7 @@ def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: f
     logger = logging.getLogger("dtq_kernels")
     logger.addHandler(handler)
     try:
-        plan = dtq.calibrate(fp_model, recipe, run_fn=run_fn, num_inference_steps=steps, progress=False)
+        plan = dtq.calibrate(fp_model, recipe, run_fn=run_fn, num_inference_steps=steps, progress=progress)
         model = copy.deepcopy(fp_model)
         dtq.quantize(model, plan)
     finally:
@@ -179,13 +179,61 @@ def merge_previous(path: str, evaluation, descriptions: dict) -> None:
         descriptions.setdefault(m, d)
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = ["model", "fid", "cls_fd", "class_acc", "psnr_vs_ref", "ssim_vs_ref", "sqnr_median_db", "weight_bytes"]
-    print("  ".join(f"{c:>14}" for c in cols))
+# (row key, header, unit line, legend, format): the columns a newcomer can read; a column every row
+# lacks (e.g. FID when it was not computed) is left out rather than printed as None.
+TABLE_COLUMNS = [
+    ("fid", "FID", "", "Frechet Inception distance to the Fashion-MNIST test images (lower is better; "
+     "compare only rows of one run: it depends on the sample count)", "{:.1f}"),
+    ("class_acc", "class acc", "%", "share of samples the shipped classifier (92.1% on real test images) "
+     "assigns to the requested class", "{:.0%}"),
+    ("cls_fd", "cls FD", "", "Frechet distance of the classifier's features to the test set (lower is better)",
+     "{:.2f}"),
+    ("psnr_vs_ref", "PSNR vs FP", "dB", "pixel agreement with the floating-point model's sample from the same "
+     "noise (higher is closer; FP itself is infinite)", "{:.1f}"),
+    ("ssim_vs_ref", "SSIM vs FP", "", "structural similarity to the FP sample from the same noise (1 = identical)",
+     "{:.3f}"),
+    ("sqnr_median_db", "SQNR", "dB", "median signal-to-quantization-noise ratio of the quantized layers' "
+     "outputs vs FP, over the sampling steps (higher is better)", "{:.1f}"),
+]
+
+
+def print_table(rows: list[dict], fp16_bytes: int | None = None, legend: bool = True) -> None:
+    """The comparison table for people: one row per model, units in a second header line, weight bytes as
+    MB and as a multiple of the FP16 model (fp16_bytes), then a legend of what each column means."""
+    cols = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    width = max(12, max(len(str(r["model"])) for r in rows) + 2)
+    head = [f"{'model':<{width}}"] + [f"{c[1]:>11}" for c in cols] + [f"{'weights':>9}"]
+    units = [" " * width] + [f"{c[2]:>11}" for c in cols] + [f"{'MB':>9}"]
+    if fp16_bytes:
+        head.append(f"{'vs FP16':>8}")
+        units.append(f"{'':>8}")
+    print("  ".join(head))
+    print("  ".join(units))
+
+    def cell(row, key, fmt):
+        v = row.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return fmt.format(v)
     for r in rows:
-        vals = [r.get(c) for c in cols]
-        print("  ".join(f"{v:>14.4g}" if isinstance(v, float) and math.isfinite(v) else f"{str(v):>14}"
-                        for v in vals))
+        line = [f"{r['model']:<{width}}"] + [f"{cell(r, key, fmt):>11}" for key, _, _, _, fmt in cols]
+        line.append(f"{r['weight_bytes'] / 1e6:>9.2f}")
+        if fp16_bytes:
+            line.append(f"{r['weight_bytes'] / fp16_bytes:>7.2f}x")
+        print("  ".join(line))
+    if legend:
+        print()
+        for key, header, unit, text, _ in cols:
+            print(f"  {header}{f' ({unit})' if unit else ''}: {text}")
+        print("  weights: bytes of every stored tensor (codes, scales, layers kept in floating point)"
+              + (", and that size as a multiple of the model in FP16" if fp16_bytes else ""))
+
+
+def fp16_bytes_of(model: torch.nn.Module) -> int:
+    """What the model's parameters take in FP16: the size a quantized checkpoint is compared with."""
+    return 2 * sum(p.numel() for p in model.parameters())
 
 
 def cli_eval(args: argparse.Namespace) -> list[dict]:
@@ -260,7 +308,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(time.time() - t_start)}
         report.write(args.out_dir, ev, descriptions=descriptions, noise_rows=noise, act_stats=stats, meta=meta)
         print(f"wrote {args.out_dir}/quality.md ({time.time() - t_start:.0f} s)", flush=True)
-    print_table(ev.rows)
+    print_table(ev.rows, fp16_bytes_of(fp))
     return ev.rows
 
 

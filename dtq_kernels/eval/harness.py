@@ -71,14 +71,28 @@ def weight_bytes(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def generate(model: nn.Module, n: int, seed: int, steps: int, guidance: float, batch_size: int,
-             sample_fn: SampleFn) -> torch.Tensor:
+             sample_fn: SampleFn, progress: str | None = None) -> torch.Tensor:
     """n images [n, 1, 32, 32] in [-1, 1] for balanced_labels(n); batch b draws its noise from a CPU
-    generator seeded seed + b."""
+    generator seeded seed + b. `progress`: a label for a progress bar over the sampler's model calls
+    (counted with a forward hook, so any sampler function gets one)."""
     labels = balanced_labels(n)
     out = []
-    for b, i in enumerate(range(0, n, batch_size)):
-        g = torch.Generator().manual_seed(seed + b)
-        out.append(sample_fn(model, labels[i:i + batch_size], steps, g, guidance).float().cpu())
+    bar = handle = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps * -(-n // batch_size), desc=progress, unit="step", leave=True)
+        def count_call(*_):  # returns None: a forward hook's return value would replace the output
+            bar.update(1)
+        handle = model.register_forward_hook(count_call)
+    try:
+        for b, i in enumerate(range(0, n, batch_size)):
+            g = torch.Generator().manual_seed(seed + b)
+            out.append(sample_fn(model, labels[i:i + batch_size], steps, g, guidance).float().cpu())
+    finally:
+        if bar is not None:
+            handle.remove()
+            bar.close()
     images = torch.cat(out)
     if images.shape[0] != n or not torch.isfinite(images).all():
         raise RuntimeError(f"sampler returned {tuple(images.shape)} images (finite: "
@@ -143,7 +157,8 @@ class Evaluation:
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
              reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
              fid: bool = True, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
-             device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Evaluation:
+             device: str | torch.device = "cpu", log: Callable[[str], None] = print,
+             progress: bool = False) -> Evaluation:
     """Compare `models` (name -> transformer) on identical noise/labels; `reference` (default: the
     first entry) is the FP model PSNR/SSIM/SQNR are measured against. fid_ref_n / cls_ref_n: test
     images (class-balanced subset) for the FID / classifier-feature reference statistics (default:
@@ -175,7 +190,8 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     images, rows = {}, []
     for name in order:
         t0 = time.time()
-        images[name] = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn)
+        images[name] = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn,
+                                progress=f"sampling {name}" if progress else None)
         t_sample = time.time() - t0
         q8 = fmnist.quantize_8bit(images[name])
         preds, feats = predict(classifier, q8)

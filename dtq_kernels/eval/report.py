@@ -44,19 +44,10 @@ def _fmt(v, digits=3):
 
 def save_grid(images: torch.Tensor, path: str, rows: int = GRID_ROWS) -> None:
     """First rows×10 images (labels i mod 10: one column per class) as a grayscale PNG."""
-    from PIL import Image
+    from dtq_kernels.models.reference_dit.images import save_grid as write_grid
 
     n = min(images.shape[0] // 10, rows) * 10 or images.shape[0]
-    x = images[:n, 0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    cols = min(10, n)
-    r = math.ceil(n / cols)
-    h, w = x.shape[-2:]
-    canvas = torch.full((r * (h + 2) + 2, cols * (w + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        y0, x0 = 2 + (i // cols) * (h + 2), 2 + (i % cols) * (w + 2)
-        canvas[y0:y0 + h, x0:x0 + w] = x[i]
-    Image.fromarray(canvas.numpy(), mode="L").resize((canvas.shape[1] * 3, canvas.shape[0] * 3),
-                                                      Image.NEAREST).save(path)
+    write_grid(images[:n], path)
 
 
 def _metric(row: dict) -> tuple[str, float]:

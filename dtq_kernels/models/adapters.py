@@ -1,6 +1,6 @@
 """Model adapters: what dtq needs to know about each diffusers transformer.
 
-Which Linear layers are quantized and which stay floating point (ALGORITHMS.md "Kept FP": adaLN,
+Which Linear layers are quantized and which stay floating point (docs/methods.md, "Kept in floating point": adaLN,
 timestep/label/caption embedders, patch embedding, final layer), the role of each quantized layer (the
 calibration methods treat qkv, attention out-proj, fc1 and the post-GELU fc2 differently), where the
 timestep comes from in forward(), and how it maps onto the 0..T training timesteps.

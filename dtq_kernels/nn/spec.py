@@ -1,4 +1,4 @@
-"""LinearQuantSpec: how one linear layer is quantized (DESIGN.md §2)."""
+"""LinearQuantSpec: how one linear layer is quantized (docs/formats.md)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -17,7 +17,7 @@ class LinearQuantSpec:
     act=None means weight-only (e.g. W4A16). act_mode:
       "dynamic"    per-token scales computed in the kernel each call;
       "static"     one per-tensor scale per time group (a table [time_groups]);
-      "two_region" MRQ codes (ALGORITHMS.md §2): a table [time_groups, 2] of (c_pos, c_neg), with
+      "two_region" MRQ codes (docs/formats.md, docs/methods.md): a table [time_groups, 2] of (c_pos, c_neg), with
                    two_region_mode "sign" (post-GELU inputs) or "split" (post-softmax inputs).
     smooth / rotate: a per-channel smoothing vector divides the input (folded into W), and an online
     Hadamard rotation of the input (W rotated offline) — both fused into the activation quantizer.

@@ -1,4 +1,4 @@
-"""Timestep -> time-group plumbing for statically quantized models (DESIGN.md §3).
+"""Timestep -> time-group plumbing for statically quantized models (docs/architecture.md, "Timestep groups").
 
 `attach_timestep_tracker(model, time_groups, num_train_timesteps)` registers a `TimestepTracker`
 submodule and a forward pre-hook on the transformer. On every forward the hook reads the timestep
@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ..calib.tgq import group_of
+
+def group_of(t: torch.Tensor, time_groups: int, num_train_timesteps: int) -> torch.Tensor:
+    """Group index (int64, same shape as t) of diffusion timesteps t (any real dtype) on the 0..T scale:
+    g = min(floor(t·G/T), G−1); with G = 10 and T = 1000 the groups are [0,100), [100,200), ..., [900,1000]."""
+    if time_groups < 1:
+        raise ValueError(f"time_groups must be >= 1, got {time_groups}")
+    g = torch.floor(t.double() * time_groups / num_train_timesteps).long()
+    return g.clamp(0, time_groups - 1)
 
 
 class MissingTimestepError(RuntimeError):
@@ -79,6 +86,8 @@ def attach_timestep_tracker(model: torch.nn.Module, time_groups: int, num_train_
     if isinstance(old, TimestepTracker):
         old._hook.remove()
     device = next(model.parameters()).device
+    if device.type == "meta":  # a skeleton being loaded: the group index is runtime state, never loaded
+        device = torch.device("cpu")
     tracker = TimestepTracker(time_groups, num_train_timesteps, strict, adapter).to(device)
     model.dtq_timestep = tracker
     tracker._hook = model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)

@@ -1,6 +1,6 @@
 """torch.library custom ops in the `dtq` namespace (torch.ops.dtq.*).
 
-Each op has three places (DESIGN.md §1): its schema + fake impl + dispatch in a family module here
+Each op has three places (docs/architecture.md): its schema + fake impl + dispatch in a family module here
 (`quantize_ops`, `gemm_ops`, ...), its pure-torch reference in `reference.py`, and fast kernels in
 `triton/` and `cuda.py` that register themselves with `_dispatch.register_kernel`.
 """

@@ -1,4 +1,4 @@
-"""Backend registry and selection for the `dtq` ops (DESIGN.md §4).
+"""Backend registry and selection for the `dtq` ops (docs/architecture.md, "Dispatch").
 
 Each op has a reference kernel (pure torch, CPU and CUDA) and optionally fast kernels ("triton",
 "cuda"). Selection, in order:

@@ -40,6 +40,14 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def int_matmul_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int_matmul(a, w).float() without the int32 round trip when K <= EXACT_FP32_K (one fp32 BLAS call
+    whose result is already the exact integer): the same values, two fewer passes over [M, N]."""
+    if a.shape[1] <= EXACT_FP32_K:
+        return a.float() @ w.float().T
+    return int_matmul(a, w).float()
+
+
 def weight_codes(w: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] of a GEMM weight operand: int8 as is, or int4 packed two per byte (uint8 [N, K/2])."""
     return formats.unpack_int4(w) if w.dtype == torch.uint8 else w
@@ -49,7 +57,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last (a NaN
     a_scale, the quantizers' mark of a non-finite row, makes that output row NaN)."""
-    out = int_matmul(a, weight_codes(w)).float() * a_scale.float()[:, None] * w_scale.float()[None, :]
+    out = int_matmul_float(a, weight_codes(w)) * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -78,12 +86,12 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
                          w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Two-region codes a (formats.quantize_two_region: value = q·c_pos if q >= 0 else q·c_neg) times
     int8 weights: (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias, both integer parts
-    exact, (c_pos, c_neg) = coef_table[group_idx.long()].float().unbind(-1). A row whose first code is
+    exact, (c_pos, c_neg) = coef_table[group_idx[0]]. A row whose first code is
     formats.NONFINITE_CODE (quantize_two_region's mark of a non-finite row) gives NaN."""
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
     w = weight_codes(w)
-    acc_pos = int_matmul(a.clamp(min=0), w).float()
-    acc_neg = int_matmul(a.clamp(max=0), w).float()
+    acc_pos = int_matmul_float(a.clamp(min=0), w)
+    acc_neg = int_matmul_float(a.clamp(max=0), w)
     out = (acc_pos * c_pos + acc_neg * c_neg) * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()

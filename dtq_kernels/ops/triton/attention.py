@@ -16,7 +16,7 @@ Three kernels per call:
    (integer codes in fp16: ≤ 255 · 127 per product, exact; two-region keeps two accumulators).
 Head dims (head_dims): up to 64 run as one power-of-two chunk >= 32 (int8 dots need a 32-deep
 reduction); 65..96 as two chunks of 64 + 32 channels, two dots each for QKᵀ and P·V, so 72 (DiT-XL/2,
-PixArt) wastes 25% of the MMA work instead of the 44% of padding to 128 (DESIGN.md §8; 64 + 16 for
+PixArt) wastes 25% of the MMA work instead of the 44% of padding to 128 (64 + 16 for
 P·V alone would waste less, but Q/K codes then need their own 96-wide layout); 97..128 as 128.
 
 Configs are fixed per arch, not autotuned, and NOT yet timed on a GPU (benchmarks/bench_attention.py).

