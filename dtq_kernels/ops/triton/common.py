@@ -29,3 +29,10 @@ def round_to_e4m3_grid(x):
 def nonfinite(x):
     """int32 1 where x is NaN or ±Inf, else 0 (NaN fails every ordered comparison)."""
     return tl.where(tl.abs(x) < float("inf"), 0, 1)
+
+
+@triton.jit
+def max_propagating_nan(a, b):
+    """tl.maximum that returns NaN when either side is NaN (tl.max alone may drop NaN on the GPU):
+    combine function for a row absmax that also tells whether the row holds a NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, nonfinite, rne
+from .common import INTERPRETING, max_propagating_nan, nonfinite, rne
 
 
 @triton.jit
@@ -23,20 +23,20 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_q
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        bad = tl.maximum(bad, tl.max(nonfinite(x.to(tl.float32)), axis=1))
+        # NaN-propagating: a row holding NaN/±Inf ends with absmax NaN/Inf
+        absmax = max_propagating_nan(absmax, tl.reduce(tl.abs(x.to(tl.float32)), 1, max_propagating_nan))
+    bad = nonfinite(absmax) != 0
     scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
-    tl.store(scale_ptr + rows, tl.where(bad != 0, float("nan"), scale), mask=row_ok)
+    tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=row_ok)
     divisor = tl.where(scale == 0.0, 1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
         q = rne(tl.math.div_rn(x.to(tl.float32), divisor[:, None]))
-        q = tl.where((bad != 0)[:, None], 0.0, tl.minimum(tl.maximum(q, -QMAX), QMAX))
+        q = tl.where(bad[:, None], 0.0, tl.minimum(tl.maximum(q, -QMAX), QMAX))
         tl.store(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
 
 
@@ -161,9 +161,9 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
     qmax = QMAX
     # rows holding NaN/±Inf (any non-finite x, shift or scale makes the transformed row non-finite):
     # scale NaN and codes 0, or two-region codes -128 (formats.NONFINITE_CODE) over the row
-    bad = tl.max(tl.max(nonfinite(x), axis=2), axis=1) != 0
+    absmax = tl.reduce(tl.reduce(tl.abs(x), 2, max_propagating_nan), 1, max_propagating_nan)
+    bad = nonfinite(absmax) != 0
     if MODE == 0:  # dynamic per token: quantize_per_token's arithmetic
-        absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
         scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
         tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
