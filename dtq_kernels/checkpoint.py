@@ -2,6 +2,7 @@
 
     model.safetensors         every parameter and buffer of the quantized model (packed codes, scales, FP parts)
     plan.json                 {"format_version", "kind", "model_class", "config", "plan": QuantPlan JSON,
+                               "fused_linears": {fused layer: {member layer: out_features}} (nn/fused.py),
                                "files": {name: {"bytes", "sha256"}}, "checksum"}
     plan_tensors.safetensors  the plan's vectors (smoothing factors, calibrated weights)
 
@@ -42,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 
+from .nn.fused import apply_fast_path, split_fused_state
 from .plan import QuantPlan
 from .quantize import build_empty, check_plan_fits, install
 
@@ -290,7 +292,8 @@ def model_config(model: torch.nn.Module) -> dict:
 
 def _plan_files(plan: QuantPlan, model: torch.nn.Module) -> dict:
     meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "model_class": type(model).__name__,
-            "config": model_config(model), "plan": json.loads(plan.to_json())}
+            "config": model_config(model), "plan": json.loads(plan.to_json()),
+            "fused_linears": dict(getattr(model, "dtq_fused", {}))}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in plan.tensors.items()}
     return {PLAN_TENSORS_FILE: tensors, PLAN_FILE: meta}
 
@@ -394,11 +397,16 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
 
 
-def load_quantized(model: torch.nn.Module, path: str | Path, *, verify: str = "sha256") -> torch.nn.Module:
+def load_quantized(model: torch.nn.Module, path: str | Path, fuse: bool = True, *,
+                   verify: str = "sha256") -> torch.nn.Module:
     """Quantize a fresh floating-point `model` (same architecture and config as the saved one) in place
     with the saved codes and scales; outputs are bit-identical to the saved model's (with the default
     fp_dtype of save_quantized). Every file's size and SHA-256 is checked first; verify="size" skips
-    the hashing (faster for very large checkpoints, but then flipped bits go unnoticed)."""
+    the hashing (faster for very large checkpoints, but then flipped bits go unnoticed).
+
+    Fused layers (q/k/v, nn/fused.py) are read back into their members first, so a checkpoint saved
+    fused or unfused loads either way: fuse=True applies the fast path after loading (dtq.quantize's
+    default), fuse=False keeps the per-layer path."""
     path = Path(path)
     meta, plan = read_plan(path, verify=verify)
     if meta.get("kind") != KIND_MODEL:
@@ -407,6 +415,14 @@ def load_quantized(model: torch.nn.Module, path: str | Path, *, verify: str = "s
     check_model_matches(meta, model)
     state = _load_tensors(path / MODEL_FILE)
     linears = check_plan_fits(model, plan)
+    fused = meta.get("fused_linears") or {}
+    try:
+        widths = {m: int(w) for group in fused.values() for m, w in group.items()}
+    except (AttributeError, TypeError, ValueError):
+        widths = {None: 0}  # not {fused: {member: width}}: reported below
+    if any(m not in linears or linears[m].out_features != w for m, w in widths.items()):
+        raise CheckpointError(f"{path / PLAN_FILE}: fused_linears does not match the plan's layers")
+    state = split_fused_state(state, fused)
     expected = _expected_state(model, plan, linears)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -419,8 +435,10 @@ def load_quantized(model: torch.nn.Module, path: str | Path, *, verify: str = "s
         if tuple(state[k].shape) != shape or not dtype_ok:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {stored}, "
                                   f"the model expects {shape} {dtype}")
-    install(model, plan, build_empty)
+    install(model, plan, build_empty, fuse=False)
     model.load_state_dict(state, strict=True)  # copies cast FP tensors stored narrower back to the model's dtype
+    if fuse:
+        apply_fast_path(model)
     return model
 
 

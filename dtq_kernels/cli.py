@@ -179,18 +179,22 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     meta, plan = read_plan(path)
     shapes = _tensor_shapes(path / MODEL_FILE) if (path / MODEL_FILE).is_file() else None
+    # a layer fused with others (q/k/v, nn/fused.py) is saved as its share of the fused layer's rows
+    fused_in = {m: (f, w / sum(group.values())) for f, group in (meta.get("fused_linears") or {}).items()
+                for m, w in group.items()}
     rows = []
     for name, lp in plan.layers.items():
         row = {"name": name, "format": _format_label(lp), "kept_fp": False, "bytes": None, "fp16_bytes": None}
         if shapes is not None:
-            own = {k[len(name) + 1:]: v for k, v in shapes.items() if k.startswith(name + ".")}
+            saved_as, share = fused_in.get(name, (name, 1.0))
+            own = {k[len(saved_as) + 1:]: v for k, v in shapes.items() if k.startswith(saved_as + ".")}
             # packed codes, scales, zero points (bias, smoothing and activation tables are not weights)
-            row["bytes"] = sum(b for k, (_, b, _) in own.items()
-                               if k.rsplit(".", 1)[-1] in ("qweight", "wscale", "wzero"))
+            row["bytes"] = round(share * sum(b for k, (_, b, _) in own.items()
+                                             if k.rsplit(".", 1)[-1] in ("qweight", "wscale", "wzero")))
             qshape = next(shp for k, (shp, _, _) in own.items() if k.endswith("qweight"))
             first = lp.step_group_specs[0] if lp.step_group_specs else lp.spec
             k_in = qshape[1] * (2 if get_format(first.weight).bits == 4 else 1)
-            row["fp16_bytes"] = qshape[0] * k_in * 2
+            row["fp16_bytes"] = round(share * qshape[0]) * k_in * 2
         rows.append(row)
     for name in plan.kept_fp:
         row = {"name": name, "format": "fp (kept)", "kept_fp": True, "bytes": None, "fp16_bytes": None}
@@ -199,13 +203,15 @@ def describe(path: str | Path) -> dict:
             row["bytes"], row["fp16_bytes"] = b, shp[0] * shp[1] * 2
         rows.append(row)
     q = [r for r in rows if not r["kept_fp"]]
+    saved_layers = {fused_in.get(name, (name,))[0] for name in plan.layers}  # as named in model.safetensors
     totals = {"quantized_layers": len(q), "kept_fp_layers": len(rows) - len(q),
               "attention_quantized": len(plan.attention)}
     if shapes is not None:
         totals.update(
             quantized_bytes=sum(r["bytes"] for r in q), quantized_fp16_bytes=sum(r["fp16_bytes"] for r in q),
             linear_bytes=sum(r["bytes"] or 0 for r in rows), linear_fp16_bytes=sum(r["fp16_bytes"] or 0 for r in rows),
-            file_bytes=(path / MODEL_FILE).stat().st_size, fp16_model_bytes=_fp16_model_bytes(shapes, rows, plan))
+            file_bytes=(path / MODEL_FILE).stat().st_size,
+            fp16_model_bytes=_fp16_model_bytes(shapes, rows, saved_layers))
     return {"path": str(path), "model_class": meta.get("model_class"), "recipe": plan.recipe,
             "model_type": plan.model_type, "time_groups": plan.time_groups, "rows": rows, "totals": totals}
 
@@ -213,17 +219,18 @@ def describe(path: str | Path) -> dict:
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def _fp16_model_bytes(shapes: dict, rows: list[dict], plan) -> int:
+def _fp16_model_bytes(shapes: dict, rows: list[dict], saved_layers: set[str]) -> int:
     """Bytes of the unquantized model with every floating-point tensor in FP16 (the size the checkpoint
     replaces): each quantized layer's weight and bias at 2 bytes per value, everything else at 2 bytes
     per floating value (integer buffers at their own size). Scales, zero points, smoothing vectors and
-    activation tables exist only in the quantized model and count nothing."""
+    activation tables exist only in the quantized model and count nothing. `saved_layers`: the
+    quantized layers as saved (a fused q/k/v layer once, under its fused name)."""
     total = sum(r["fp16_bytes"] for r in rows if not r["kept_fp"])
-    for name in plan.layers:  # the quantized layers' biases
+    for name in saved_layers:  # the quantized layers' biases
         bias = next((shp for k, (shp, _, _) in shapes.items() if k.startswith(name + ".") and k.endswith("bias")), None)
         total += 2 * bias[0] if bias else 0
     for k, (shp, b, dtype) in shapes.items():
-        if not any(k.startswith(name + ".") for name in plan.layers):
+        if not any(k.startswith(name + ".") for name in saved_layers):
             n = 1
             for d in shp:
                 n *= d

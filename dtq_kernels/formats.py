@@ -17,6 +17,8 @@ module, so the conventions below hold everywhere:
   marks a row (last dimension) holding NaN or ±Inf through its scale, which becomes NaN
   (mark_nonfinite_rows; the row's codes are 0), and two-region codes mark it with the code −128
   (NONFINITE_CODE), which no two-region code uses (they are ±qmax) and which decodes to NaN.
+* Block scales (W4A4, NVFP4, MXFP4): one fp32 scale per block of consecutive elements along the last
+  dimension (quantize_blockwise); a block holding NaN/Inf gets a NaN scale, never a plausible one.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ __all__ = [
     "quantize_int", "dequantize_int", "asymmetric_params", "fp4_grid", "fp4_table", "fp4_int_table",
     "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
     "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
-    "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight",
+    "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight", "fake_quantize",
     "TWO_REGION_MODES", "quantize_two_region", "dequantize_two_region", "NONFINITE_CODE", "nonfinite_rows",
     "mark_nonfinite_rows",
+    "FOUR_BIT_FORMATS", "code4_int_table", "fp4_midpoints", "pack_4bit", "unpack_4bit", "quantize_blockwise",
+    "dequantize_blockwise", "nvfp4_scales_fp32", "mxfp4_scales_fp32",
 ]
 
 # Magnitudes of the three 4-bit float formats (sign handled separately), indexed by the 3-bit code.
@@ -200,8 +204,15 @@ def fp4_int_table(fmt: str | Format) -> tuple[torch.Tensor, int]:
     return (fp4_table(name) * factor).to(torch.int8), factor
 
 
+def fp4_midpoints(fmt: str | Format) -> torch.Tensor:
+    """The 7 rounding boundaries of a 4-bit float format (midpoints of adjacent magnitudes, exact in fp32)."""
+    grid = fp4_grid(fmt)
+    return (grid[1:] + grid[:-1]) / 2
+
+
 def _round_to_grid(mag: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest grid value to mag >= 0; ties go to the even index; saturates at the top."""
+    """Index of the nearest grid value to mag >= 0; ties go to the even index; saturates at the top.
+    (Kernels compute the same index as the number of midpoints below mag, plus one at an odd midpoint.)"""
     mids = (grid[1:] + grid[:-1]) / 2
     idx = torch.bucketize(mag, mids, right=False)  # number of midpoints strictly below mag
     at_tie = (idx < len(mids)) & (mag == mids[idx.clamp(max=len(mids) - 1)])
@@ -284,11 +295,14 @@ def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return pack_nibbles(codes.flatten(-2)), block_scale, tensor_scale
 
 
+def nvfp4_scales_fp32(block_scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale of every 16-element NVFP4 block: e4m3 block scale × fp32 tensor scale (one fp32
+    product, as dequantize_nvfp4 and the block-scaled GEMMs apply it)."""
+    return block_scale.float() * tensor_scale.float()
+
+
 def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-    codes = unpack_nibbles(packed)
-    cb = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 16, 16)
-    vals = dequantize_fp4(cb, block_scale.float()[..., None] * tensor_scale.float(), "fp4_e2m1")
-    return vals.flatten(-2)
+    return dequantize_blockwise(unpack_nibbles(packed), nvfp4_scales_fp32(block_scale, tensor_scale), "fp4_e2m1")
 
 
 def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,11 +322,83 @@ def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_nibbles(codes.flatten(-2)), (exp + 127).to(torch.uint8)
 
 
+def mxfp4_scales_fp32(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 block scales (uint8 biased exponents) as fp32 2^(e − 127); 0xFF is the format's NaN.
+    2^-127 is an fp32 subnormal, represented exactly."""
+    if scales.dtype != torch.uint8:
+        raise TypeError(f"E8M0 scales must be uint8 biased exponents, got {scales.dtype}")
+    e = scales.to(torch.int32)
+    pow2 = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e - 127)
+    return torch.where(e == 255, torch.full_like(pow2, float("nan")), pow2)
+
+
 def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    codes = unpack_nibbles(packed)
-    cb = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 32, 32)
-    scale = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - 127)
-    return dequantize_fp4(cb, scale[..., None], "fp4_e2m1").flatten(-2)
+    return dequantize_blockwise(unpack_nibbles(packed), mxfp4_scales_fp32(scales), "fp4_e2m1")
+
+
+# ------------------------------------------------------------------ 4-bit codes with block scales
+#
+# The W4A4 GEMM's operands (FP4 as HQ-DiT, and INT4 at equal bits): 4-bit codes packed two per byte
+# along K (element 2i in the low nibble: the OCP MX / NVFP4 / torch.float4_e2m1fn_x2 order) and one fp32
+# scale per block of `block` consecutive elements along K. NVFP4 and MXFP4 tensors are this layout
+# with their block scales converted by nvfp4_scales_fp32 / mxfp4_scales_fp32.
+# GPUs before Blackwell have no 4-bit MMA: kernels decode every nibble through code4_int_table to an
+# exact int8 (value × factor) and run the int8 MMA; 1/(factor_a · factor_w), a power of two, is applied
+# to the fp32 result exactly. E3M0 × 4 reaches 64, so its integer grid fits int8 too (no FP8 needed),
+# and |products| <= 64 · 64 keep int32 (and fp32 block sums up to 4096 elements) exact.
+
+FOUR_BIT_FORMATS = ("int4", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0")
+
+
+def _four_bit(fmt: str | Format) -> Format:
+    f = get_format(fmt)
+    if f.name not in FOUR_BIT_FORMATS:
+        raise ValueError(f"{f.name} is not a 4-bit code format; expected one of {FOUR_BIT_FORMATS}")
+    return f
+
+
+def code4_int_table(fmt: str | Format) -> tuple[torch.Tensor, int]:
+    """(int8 table[16], factor): table[nibble] = decoded value × factor exactly, for a nibble as
+    pack_4bit stores it (INT4: two's complement, factor 1; FP4: sign bit 3, see fp4_int_table)."""
+    f = _four_bit(fmt)
+    if f.is_int:
+        return torch.tensor([*range(8), *range(-8, 0)], dtype=torch.int8), 1
+    return fp4_int_table(f)
+
+
+def pack_4bit(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """Codes of a 4-bit format (int8 INT4 codes or uint8 FP4 codes) packed two per byte along the last dim."""
+    return pack_int4(codes) if _four_bit(fmt).is_int else pack_nibbles(codes)
+
+
+def unpack_4bit(packed: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    return unpack_int4(packed) if _four_bit(fmt).is_int else unpack_nibbles(packed)
+
+
+def quantize_blockwise(x: torch.Tensor, fmt: str | Format, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-block quantization along the last dim: (codes [..., K], scale f32 [..., K/block]).
+
+    scale = absmax(block) / maxval (7 for INT4, E2M1 6, E1M2 1.75, E3M0 16); codes by quantize_int (±7) or
+    quantize_fp4. A block holding NaN or Inf gets a NaN scale and zero codes, so everything computed from
+    it is NaN instead of a plausible number.
+    """
+    f = _four_bit(fmt)
+    if not isinstance(block, int) or block <= 0 or block % 2:
+        raise ValueError(f"block must be a positive even int, got {block!r}")
+    xb = _blocks(x, block)
+    finite = torch.isfinite(xb).all(-1)
+    scale = absmax_scale(torch.where(finite, xb.abs().amax(-1), torch.zeros_like(finite, dtype=torch.float32)), f)
+    codes = quantize_int(xb, scale[..., None], 4) if f.is_int else quantize_fp4(xb, scale[..., None], f)
+    return codes.flatten(-2), torch.where(finite, scale, torch.full_like(scale, float("nan")))
+
+
+def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """codes [..., K] (unpacked) × their block's scale [..., K/block] -> fp32 [..., K]."""
+    f = _four_bit(fmt)
+    block = codes.shape[-1] // max(scale.shape[-1], 1)
+    cb = codes.reshape(*codes.shape[:-1], scale.shape[-1], block)
+    vals = dequantize_int(cb, scale[..., None]) if f.is_int else dequantize_fp4(cb, scale[..., None], f)
+    return vals.flatten(-2)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -338,10 +424,13 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None = None,
-                    clip_ratio: torch.Tensor | float = 1.0, symmetric: bool = True) -> QuantizedWeight:
+                    clip_ratio: torch.Tensor | float = 1.0, symmetric: bool = True,
+                    scale: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest weight quantization with absmax (× clip_ratio) scales per channel or group.
 
     clip_ratio broadcasts against the scale ([N] or [N, G]); calibration methods pass searched clips.
+    `scale` ([N] or [N, K / group_size], symmetric formats only) replaces the absmax scales: a weight
+    already on a calibrated grid (GPTQ) keeps exactly the codes it was rounded to.
     """
     f = get_format(fmt)
     if w.ndim != 2:
@@ -352,12 +441,20 @@ def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None =
     clip = clip[:, None] if clip.ndim == 1 else clip  # per-channel clips apply to every group
     zero = None
     if f.is_int and not symmetric:
+        if scale is not None:
+            raise ValueError("explicit weight scales are supported for symmetric formats only")
         scale, zero = asymmetric_params(wg.amin(-1) * clip, wg.amax(-1) * clip, f.bits)
         codes = quantize_int(wg, scale[..., None], f.bits, zero[..., None])
     elif f.kind == "block_fp4":
         raise ValueError(f"{f.name} carries its own block scales: use quantize_{f.name}")
     else:
-        scale = absmax_scale(wg.abs().amax(-1) * clip, f)
+        if scale is None:
+            scale = absmax_scale(wg.abs().amax(-1) * clip, f)
+        else:
+            scale = scale.float().reshape(wg.shape[:2]).to(wg.device)
+            check_finite(scale, "weight scale")
+            if bool((scale < 0).any()):
+                raise ValueError("explicit weight scales must be non-negative")
         if f.is_int:
             codes = quantize_int(wg, scale[..., None], f.bits)
         elif f.kind == "fp4":
@@ -368,6 +465,20 @@ def quantize_weight(w: torch.Tensor, fmt: str | Format, group_size: int | None =
         scale = scale[:, 0]
         zero = None if zero is None else zero[:, 0]
     return QuantizedWeight(codes.reshape(w.shape), scale, f.name, group_size, zero)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """Symmetric quantize→dequantize of x with a given scale (broadcast against x) in any INT, FP8 or
+    FP4 format: the value a kernel multiplies by (GPTQ's rounding, calibration searches)."""
+    f = get_format(fmt)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if f.is_int:
+        return dequantize_int(quantize_int(x, scale, f.bits), scale)
+    if f.kind == "fp4":
+        return dequantize_fp4(quantize_fp4(x, scale, f), scale, f)
+    if f.kind == "fp8":
+        return quantize_fp8_e4m3(x, scale).float() * scale
+    raise ValueError(f"{f.name} carries its own block scales: use quantize_{f.name}")
 
 
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:

@@ -24,7 +24,8 @@ class LayerPlan:
     (c_pos, c_neg) per time group). weight_clip: None (absmax), a float, or a per-output-channel list
     of clip ratios applied to the weight scales. Tensor entries for the layer live in
     QuantPlan.tensors under "<layer>.<name>": "smooth" [K] (input divisor, folded into the weight),
-    "weight" [N, K] (a calibrated weight replacing the module's, e.g. after balancing or GPTQ).
+    "weight" [N, K] (a calibrated weight replacing the module's, e.g. after balancing or GPTQ),
+    "wscale" [N] or [N, K/group_size] (explicit weight scales: the grid GPTQ rounded "weight" onto).
     step_group_specs: None (`spec` at every timestep), or one spec per plan time group (length
     QuantPlan.time_groups, group g = min(floor(t·G/T), G−1)) for per-step-group precision such as
     ViDiT-Q-MP's W4/W8; they differ from `spec` only in the weight format, and `spec` is the lowest
@@ -56,7 +57,11 @@ class QuantPlan:
     time_groups / num_train_timesteps: the TGQ grouping g = min(floor(t·G/T), G−1) (docs/architecture.md);
     layers: module path -> LayerPlan (a Linear absent from it stays floating point);
     attention: module path -> attention quantization settings (dict), if the recipe quantizes it;
-    kept_fp: Linear layers deliberately kept in floating point (for `dtq info`).
+    kept_fp: Linear layers deliberately kept in floating point (for `dtq info`);
+    reparam: parameters of the floating-point model that the plan replaces before quantizing (an
+    equivalent re-parameterization folded offline, e.g. PTQ4DiT's channel balancing folded into the
+    adaLN linear and the V projection); their new values are tensors[<parameter path>], the same key
+    a quantized layer's calibrated weight ("<layer>.weight") uses.
 
     Attention entries (TQ-DiT recipes, calib/methods.py): {"heads": H, "head_dim": d, "bits": b,
     "time_groups": G, "qkv_mode": "static_per_head", "q_scales" / "k_scales" / "v_scales": [G][H]
@@ -74,6 +79,7 @@ class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     attention: dict[str, dict] = field(default_factory=dict)
     kept_fp: list[str] = field(default_factory=list)
+    reparam: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     version: int = PLAN_FORMAT_VERSION
@@ -99,4 +105,18 @@ class QuantPlan:
         if missing:
             raise ValueError(f"quantization plan names tensors that are missing: {sorted(missing)[:5]}")
         layers = {name: LayerPlan.from_dict(lp) for name, lp in d.pop("layers").items()}
+        unknown = set(d.get("reparam", [])) - set(tensors)
+        if unknown:
+            raise ValueError(f"quantization plan re-parameterizes {sorted(unknown)[:5]} without their values")
         return cls(**d, layers=layers, tensors=tensors)
+
+
+def uniform_plan(model: torch.nn.Module, spec: LinearQuantSpec, act_scales: list | None = None,
+                 time_groups: int = 1, recipe: str = "uniform") -> QuantPlan:
+    """Every Linear the model's adapter quantizes gets the same spec (and static table), with no
+    calibration: for speed and memory measurements, and tests, where the values do not matter."""
+    from .models.adapters import get_adapter
+    adapter = get_adapter(model)
+    layers = {n: LayerPlan(spec, act_scales) for n in adapter.quantizable_linears(model)}
+    return QuantPlan(recipe=recipe, model_type=adapter.model_type, time_groups=time_groups, layers=layers,
+                     kept_fp=adapter.kept_fp(model))

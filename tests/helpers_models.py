@@ -2,8 +2,7 @@
 import torch
 
 import dtq_kernels as dtq
-from dtq_kernels.models import get_adapter
-from dtq_kernels.plan import LayerPlan, QuantPlan
+from dtq_kernels import plan as plan_lib
 
 
 def tiny_dit(seed=0, layers=2):
@@ -30,10 +29,7 @@ def dit_inputs(batch=2, t=500, seed=0):
 
 def uniform_plan(model, spec, act_scales=None, time_groups=1):
     """Every quantizable layer with the same spec (a plan without calibration, for tests)."""
-    adapter = get_adapter(model)
-    layers = {n: LayerPlan(spec, act_scales) for n in adapter.quantizable_linears(model)}
-    return QuantPlan(recipe="test", model_type=adapter.model_type, time_groups=time_groups, layers=layers,
-                     kept_fp=adapter.kept_fp(model))
+    return plan_lib.uniform_plan(model, spec, act_scales, time_groups, recipe="test")
 
 
 def rel(a, b):

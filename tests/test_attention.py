@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from dtq_kernels import ops
-from dtq_kernels.ops import reference
 
 INTERP_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 

@@ -154,8 +154,11 @@ def test_layer_stats_bounded_and_reservoir_uniform():
 
 def test_recipes_listing_and_unknown_name():
     names = recipes()
-    for n in ["rtn-w8a8", "rtn-w4a8", "viditq-w8a8", "viditq-w4a8", "viditq-w4a8-mp", "tqdit-w8a8", "tqdit-w6a6"]:
-        assert n in names and names[n]
+    for n in ["rtn-w8a8", "rtn-w4a8", "viditq-w8a8", "viditq-w4a8", "viditq-w4a8-mp", "tqdit-w8a8", "tqdit-w6a6",
+              "ptq4dit-w8a8", "ptq4dit-w4a8", "smoothquant-w8a8", "dilatequant-w4a8", "dilatequant-w6a6",
+              "hqdit-w4a4-fp4"]:
+        assert n in names and names[n] and "\n" not in names[n]  # one line each
+    assert "simulated" in names["hqdit-w4a4-fp4"]  # no FP4 W4A4 kernel yet: the description says so
     assert get_recipe("tqdit-w8a8").time_groups == 10
     with pytest.raises(ValueError, match="available recipes: rtn-w8a8, .*tqdit-w6a6"):
         get_recipe("tqdit-w3a3")

@@ -245,7 +245,8 @@ def test_fp_tensors_are_stored_narrow_when_exact_and_as_asked(tmp_path):
     wide = dtq.save_quantized(m, tmp_path / "wide", fp_dtype="fp32")
     header = checkpoint._load_tensors(auto / checkpoint.MODEL_FILE)
     assert header["transformer_blocks.0.norm1.linear.weight"].dtype == torch.float16  # kept in FP
-    assert header["transformer_blocks.0.attn1.to_q.wscale"].dtype == torch.float32  # quantized layers keep theirs
+    assert header["transformer_blocks.0.attn1.to_qkv.wscale"].dtype == torch.float32  # quantized layers keep
+    assert header["transformer_blocks.0.ff.net.2.wscale"].dtype == torch.float32      # theirs, fused or not
     assert torch.equal(_output(auto), ref) and torch.equal(_output(wide), ref)  # bit-identical either way
     sizes = {p: (tmp_path / p / checkpoint.MODEL_FILE).stat().st_size for p in ("auto", "wide")}
     assert sizes["auto"] < 0.75 * sizes["wide"], sizes

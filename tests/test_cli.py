@@ -21,10 +21,13 @@ def test_quantize_info_sample_round_trip(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(d))
     q = [r for r in d["rows"] if not r["kept_fp"]]
     assert len(q) == 12 and {r["format"] for r in q} == {"W8A8 dynamic"}
+    fused_in = {m: (f, w) for f, group in model.dtq_fused.items() for m, w in group.items()}  # q/k/v
     for r in q:  # int8 codes (1 byte per weight) + one fp32 scale per output channel, exactly
-        lin = model.get_submodule(r["name"])
-        assert r["bytes"] == lin.out_features * lin.in_features + 4 * lin.out_features
-        assert r["fp16_bytes"] == 2 * lin.out_features * lin.in_features
+        saved_as, _ = fused_in.get(r["name"], (r["name"], None))
+        lin = model.get_submodule(saved_as)
+        n, k = fused_in.get(r["name"], (None, lin.out_features))[1], lin.in_features
+        assert r["bytes"] == n * k + 4 * n
+        assert r["fp16_bytes"] == 2 * n * k
     kept = {r["name"] for r in d["rows"] if r["kept_fp"]}
     assert "transformer_blocks.0.norm1.linear" in kept and "proj_out_2" in kept
     assert d["totals"]["quantized_bytes"] < 0.6 * d["totals"]["quantized_fp16_bytes"]
@@ -52,10 +55,11 @@ def test_calibrate_saves_a_plan_that_quantize_applies(tmp_path, capsys):
     with pytest.raises(SystemExit):  # calibrated on the 2-block model: refused for the 6-block one
         cli.run(["quantize", "--plan", str(plan_dir), "--model", "reference-random", "--out", str(tmp_path / "x")])
     assert "calibrated for another model" in capsys.readouterr().err
-    name = "transformer_blocks.0.attn1.to_q"
-    layer = model.get_submodule(name)
+    attn = "transformer_blocks.0.attn1"
+    layer = model.get_submodule(attn + ".to_qkv")  # q/k/v fused: one table for their one input
     assert isinstance(layer, QuantLinear) and layer.spec.act_mode == "static"
-    assert torch.equal(layer.act_table, torch.tensor(plan.layers[name].act_scales, dtype=torch.float32))
+    tables = torch.tensor([plan.layers[f"{attn}.{p}"].act_scales for p in ("to_q", "to_k", "to_v")])
+    assert torch.equal(layer.act_table, tables.amax(0))
 
 
 def test_recipes_and_console_entry_point(capsys):
@@ -91,6 +95,21 @@ def test_random_model_builds_the_depth_independent_buffers():
     slow = DiTTransformer2DModel(**cfg)
     assert torch.equal(fast.pos_embed.pos_embed, slow.pos_embed.pos_embed)
     assert all(torch.isfinite(p).all() and p.std() > 0.01 for p in fast.parameters() if p.numel() > 1)
+
+
+def test_folding_recipe_from_the_cli(tmp_path, capsys):
+    """A recipe that re-parameterizes the FP model (PTQ4DiT's balancing folded into adaLN / V) through
+    `dtq calibrate` -> plan -> `dtq quantize --plan`, and `dtq quantize --recipe` directly."""
+    plan_dir = tmp_path / "plan"
+    plan = cli.run(["calibrate", "--recipe", "ptq4dit-w8a8", "--model", "tiny-random", "--num-samples", "2",
+                    "--steps", "2", "--out", str(plan_dir)])
+    assert any(p.endswith("norm1.linear.weight") for p in plan.reparam)
+    model = cli.run(["quantize", "--plan", str(plan_dir), "--model", "tiny-random", "--out", str(tmp_path / "ck")])
+    adaln = model.get_submodule("transformer_blocks.0.norm1.linear")
+    assert torch.equal(adaln.weight.detach(), plan.tensors["transformer_blocks.0.norm1.linear.weight"])
+    model = cli.run(["quantize", "--recipe", "dilatequant-w4a8", "--model", "tiny-random", "--num-samples", "2",
+                     "--steps", "2", "--out", str(tmp_path / "ck2")])
+    assert model.dtq_plan.time_groups == 2  # TPQ: one time group per calibration step
 
 
 # ------------------------------------------------------------------- bad arguments: refused up front

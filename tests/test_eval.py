@@ -217,3 +217,29 @@ def test_cli_eval_on_a_saved_checkpoint(tmp_path, monkeypatch):
     assert set(rows) == {"fp", "w8"} and rows["w8"]["weight_bytes"] < rows["fp"]["weight_bytes"]
     assert 30 < rows["w8"]["psnr_vs_ref"] < math.inf  # W8A8 on a random model: close to FP, not equal
     assert "`w8`" in (tmp_path / "out" / "quality.md").read_text()
+
+
+def test_noise_floor_is_the_largest_seed_to_seed_difference_with_mean_and_spread():
+    ref_row = {"fid": 30.0, "cls_fd": 2.0}
+    seeds = [{"fid": 31.0, "cls_fd": 2.5}, {"fid": 27.0, "cls_fd": 2.1}, {"fid": 32.0, "cls_fd": None}]
+    nf = report.noise_floor(ref_row, seeds)
+    assert nf["fid"]["floor"] == 3.0 and nf["fid"]["pairs"] == 3
+    assert nf["fid"]["mean"] == pytest.approx(2.0) and nf["fid"]["std"] == pytest.approx(1.0)
+    assert nf["cls_fd"]["pairs"] == 2 and nf["cls_fd"]["floor"] == pytest.approx(0.5)
+    assert report.noise_floor(ref_row, []) == {}
+    rows = {"a": {"fid": 20.0, "psnr_vs_ref": 30.0}, "fp": {"fid": 30.0, "psnr_vs_ref": math.inf}}
+    claims = {c["models"][0]: c for c in report.check_claims(rows, nf) if "metric" in c}
+    assert not claims  # no CLAIMS pair among these names: every claim is "not checked"
+
+
+def test_kept_fp_layers_are_told_apart_from_quantized_ones():
+    import dtq_kernels as dtq
+
+    fp = harness.tiny_random_dit()
+    names = hooks.linear_names(fp)
+    assert harness.kept_fp_layers(fp, names) == []  # not a quantized model
+    q = harness.tiny_random_dit()
+    dtq.quantize(q, dtq.calibrate(q, "viditq-w8a8", run_fn=lambda m: None, progress=False))
+    kept = set(harness.kept_fp_layers(q, names))
+    assert "proj_out_2" in kept and "transformer_blocks.0.norm1.linear" in kept
+    assert not any(".attn1.to_q" in n or ".ff.net.2" in n for n in kept)

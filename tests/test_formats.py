@@ -224,3 +224,82 @@ def test_two_region_split_mode_post_softmax():
     # values in the low region keep 2^4 times finer resolution than a single 8-bit grid would give
     with pytest.raises(ValueError, match="mode"):
         F.quantize_two_region(x, d_lo, d_hi, 8, "both")
+
+
+# ------------------------------------------------------- NVFP4 / MXFP4 layouts, worked by hand
+
+def test_nvfp4_worked_by_hand():
+    # amax 10.5 = 6 · 448 · 2^-8: tensor scale 2^-8. Block 1 (amax 10.5): E4M3 block scale 10.5/6/2^-8 = 448,
+    # effective 1.75. Block 2 (amax 1.0): 1/6/2^-8 = 42.67 -> E4M3 44 (grid step 4 in [32, 64)), effective
+    # 0.171875. x/1.75: 6, -3, 1.5, 0.5, 0, 2.5 (tie 2|3 -> even code 4: 2), 5 (tie 4|6 -> code 6: 4), -1;
+    # x/0.171875: 5.82 -> 6, 2.91 -> 3, -0.58 -> -0.5, 0.23 -> 0.
+    x = torch.zeros(1, 32)
+    x[0, :8] = torch.tensor([10.5, -5.25, 2.625, 0.875, 0.0, 4.375, 8.75, -1.75])
+    x[0, 16:20] = torch.tensor([1.0, 0.5, -0.1, 0.04])
+    packed, bscale, tscale = F.quantize_nvfp4(x)
+    assert float(tscale) == 2.0 ** -8 and bscale.float().tolist() == [[448.0, 44.0]]
+    # codes 7, 13, 3, 1, 0, 4, 6, 10 | 7, 5, 9, 0; element 2i in the low nibble of byte i
+    assert packed[0, :4].tolist() == [7 | 13 << 4, 3 | 1 << 4, 0 | 4 << 4, 6 | 10 << 4]
+    assert packed[0, 8:10].tolist() == [7 | 5 << 4, 9] and int(packed[0, 4:8].sum() + packed[0, 10:].sum()) == 0
+    y = F.dequantize_nvfp4(packed, bscale, tscale)
+    assert y[0, :8].tolist() == [10.5, -5.25, 2.625, 0.875, 0.0, 3.5, 7.0, -1.75]
+    assert y[0, 16:20].tolist() == [1.03125, 0.515625, -0.0859375, 0.0]
+    assert torch.equal(F.nvfp4_scales_fp32(bscale, tscale), torch.tensor([[1.75, 0.171875]]))
+    # the same codes and fp32 block scales are the W4A4 GEMM's operand layout
+    codes, scale = F.unpack_4bit(packed, "fp4_e2m1"), F.nvfp4_scales_fp32(bscale, tscale)
+    assert torch.equal(F.dequantize_blockwise(codes, scale, "fp4_e2m1"), y)
+
+
+def test_mxfp4_worked_by_hand():
+    # block 1 amax 5: E8M0 exponent floor(log2 5) - 2 = 0 (stored 127), scale 1: 5 (tie 4|6 -> 4),
+    # -0.75 (tie 0.5|1 -> even code 2: -1), 2.4 -> 2, 0.2 -> 0, 3 -> 3.
+    # block 2 amax 100: exponent 6 - 2 = 4 (stored 131), scale 16: 6.25 saturates to 6 (96), -2.5 -> -2 (-32).
+    # block 3 all zero: stored 0.
+    x = torch.zeros(1, 96)
+    x[0, :5] = torch.tensor([5.0, -0.75, 2.4, 0.2, 3.0])
+    x[0, 32:34] = torch.tensor([100.0, -40.0])
+    packed, scales = F.quantize_mxfp4(x)
+    assert scales.tolist() == [[127, 131, 0]]
+    assert packed[0, :3].tolist() == [6 | 10 << 4, 4 | 0 << 4, 5] and packed[0, 16].tolist() == 7 | 12 << 4
+    y = F.dequantize_mxfp4(packed, scales)
+    assert y[0, :5].tolist() == [4.0, -1.0, 2.0, 0.0, 3.0] and y[0, 32:34].tolist() == [96.0, -32.0]
+    assert int(y.ne(0).sum()) == 6
+    # E8M0: 2^(e - 127), 0xFF is NaN; only uint8 exponents are accepted
+    s = F.mxfp4_scales_fp32(torch.tensor([0, 126, 127, 131, 254, 255], dtype=torch.uint8))
+    assert s[:5].tolist() == [2.0 ** -127, 0.5, 1.0, 16.0, 2.0 ** 127] and bool(s[5].isnan())
+    with pytest.raises(TypeError, match="uint8"):
+        F.mxfp4_scales_fp32(torch.tensor([127]))
+
+
+@pytest.mark.parametrize("fmt", F.FOUR_BIT_FORMATS)
+def test_blockwise_round_trip_and_pack(fmt):
+    torch.manual_seed(5)
+    x = torch.randn(6, 128) * torch.logspace(-3, 3, 6)[:, None]
+    x[1, :32] = 0
+    codes, scale = F.quantize_blockwise(x, fmt, 32)
+    assert scale.shape == (6, 4) and float(scale[1, 0]) == 0 and int(codes[1, :32].abs().sum()) == 0
+    assert torch.equal(F.unpack_4bit(F.pack_4bit(codes, fmt), fmt), codes)
+    y = F.dequantize_blockwise(codes, scale, fmt)
+    # each block's absmax element is exact up to the division's rounding, the rest within the grid's
+    # largest half step: 1/2 (INT4, of 7 levels), 1 (E2M1, 4 -> 6), 0.125 (E1M2), 4 (E3M0, 8 -> 16)
+    half_step = {"int4": 0.5, "fp4_e2m1": 1.0, "fp4_e1m2": 0.125, "fp4_e3m0": 4.0}[fmt]
+    bound = (scale * half_step * (1 + 1e-6)).repeat_interleave(32, dim=1)
+    assert bool(((y - x).abs() <= bound).all())
+    assert torch.allclose(y.reshape(6, 4, 32).abs().amax(-1), x.reshape(6, 4, 32).abs().amax(-1), rtol=1e-6)
+
+
+def test_explicit_weight_scales_keep_a_calibrated_grid():
+    """A weight already on a grid (GPTQ's output) re-quantized with that grid's scales keeps its codes."""
+    from dtq_kernels.formats import dequantize_weight, fake_quantize, quantize_weight
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=g)
+    for fmt, gs in (("fp4_e1m2", 32), ("fp4_e3m0", 16), ("int4", None), ("int8", 32)):
+        qw = quantize_weight(w, fmt, gs, clip_ratio=0.8)
+        again = quantize_weight(dequantize_weight(qw), fmt, gs, scale=qw.scale)
+        assert torch.equal(again.codes, qw.codes) and torch.equal(again.scale, qw.scale)
+        scale = qw.scale if gs is None else qw.scale.repeat_interleave(gs, 1)
+        assert torch.equal(fake_quantize(w, scale if gs else scale[:, None], fmt), dequantize_weight(qw))
+    with pytest.raises(ValueError, match="symmetric formats only"):
+        quantize_weight(w, "int4", symmetric=False, scale=torch.ones(8))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_weight(w, "int4", scale=torch.full((8,), float("nan")))

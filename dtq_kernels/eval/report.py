@@ -54,6 +54,21 @@ def _metric(row: dict) -> tuple[str, float]:
     return ("fid", row["fid"]) if row.get("fid") is not None else ("cls_fd", row["cls_fd"])
 
 
+def noise_floor(reference_row: dict, seed_rows: list[dict]) -> dict[str, dict]:
+    """Per metric, what sampling noise alone moves it: |metric(FP, other seed) - metric(FP, evaluation seed)|
+    over every extra seed (same N, same labels). The floor a claim must clear is the largest of those
+    differences (conservative with few seeds); mean and spread are reported beside it."""
+    out = {}
+    for key in ("fid", "cls_fd"):
+        diffs = [abs(r[key] - reference_row[key]) for r in seed_rows
+                 if r.get(key) is not None and reference_row.get(key) is not None]
+        if diffs:
+            mean = sum(diffs) / len(diffs)
+            spread = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else None
+            out[key] = {"floor": max(diffs), "mean": mean, "std": spread, "pairs": len(diffs)}
+    return out
+
+
 def check_claims(rows: dict[str, dict], noise: dict[str, float], notes: dict[str, str] | None = None) -> list[dict]:
     """Verdict per CLAIMS entry; `notes` (model -> description) flags claims whose models could not
     run part of their plan (e.g. attention quantization absent from this build)."""
@@ -69,7 +84,7 @@ def check_claims(rows: dict[str, dict], noise: dict[str, float], notes: dict[str
             continue
         key, a = _metric(rows[better])
         b = rows[base][key]
-        floor = noise.get(key)
+        floor = noise[key]["floor"] if key in noise else None
         delta = a - b  # lower is better for FID and classifier FD
         entry.update(metric=key, better_value=a, baseline_value=b, delta=delta, noise_floor=floor,
                      psnr_vs_fp=[rows[better]["psnr_vs_ref"], rows[base]["psnr_vs_ref"]])
@@ -93,11 +108,7 @@ def write(out_dir: str, evaluation, *, descriptions: dict[str, str], noise_rows:
         save_grid(imgs, os.path.join(grid_dir, f"{name}.png"))
     rows = {r["model"]: r for r in evaluation.rows}
     ref = evaluation.config["reference"]
-    noise = {}
-    if noise_rows:
-        for key in ("fid", "cls_fd"):
-            if noise_rows[0].get(key) is not None:
-                noise[key] = abs(noise_rows[0][key] - rows[ref][key])
+    noise = noise_floor(rows[ref], noise_rows or [])
     claims = check_claims(rows, noise, descriptions)
     sqnr_summary = _sqnr_by_phase(evaluation)
     data = {"meta": meta, "config": evaluation.config, "rows": evaluation.rows, "noise_floor_rows": noise_rows,
@@ -118,13 +129,18 @@ def _sqnr_by_phase(evaluation, phases: int = 4) -> dict:
     if not n:
         return out
     bounds = [round(i * n / phases) for i in range(phases + 1)]
-    for model, layers in evaluation.sqnr.items():
+    for model, all_layers in evaluation.sqnr.items():
+        kept_names = set(evaluation.kept_fp.get(model, ()))
+        layers = {n_: vs for n_, vs in all_layers.items() if n_ not in kept_names}
         meds = []
         for p in range(phases):
             vals = sorted(v for vs in layers.values() for v in vs[bounds[p]:bounds[p + 1]] if math.isfinite(v))
             meds.append(vals[len(vals) // 2] if vals else None)
         worst = sorted(((min(vs), n_) for n_, vs in layers.items() if vs), key=lambda t: t[0])[:3]
         out[model] = {"median_by_phase": meds, "worst_layers": [{"layer": n_, "min_db": v} for v, n_ in worst]}
+        kept = sorted(v for n_, vs in all_layers.items() if n_ in kept_names for v in vs if math.isfinite(v))
+        if kept:
+            out[model]["kept_fp"] = {"median_db": kept[len(kept) // 2], "min_db": kept[0], "layers": len(kept_names)}
     return out
 
 
@@ -163,9 +179,12 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
                   f"{r['weight_bytes'] / 2**20:.2f}", f"{r['weight_bytes'] / ref_bytes:.3f}"]
         L.append("| " + " | ".join(cells) + " |")
     if data["noise_floor"]:
-        nf = ", ".join(f"{k} {_fmt(v)}" for k, v in data["noise_floor"].items())
-        L.append(f"\nNoise floor (the FP model sampled with seed {cfg['seed']} vs another seed, same N): {nf}. "
-                 f"Differences smaller than this are sampling noise (one pair of seeds: a rough floor).\n")
+        nf = "; ".join(f"{k}: floor {_fmt(v['floor'])} (mean {_fmt(v['mean'])}, std {_fmt(v['std'])})"
+                       for k, v in data["noise_floor"].items())
+        pairs = max(v["pairs"] for v in data["noise_floor"].values())
+        L.append(f"\nNoise floor: the FP model sampled with seed {cfg['seed']} vs {pairs} other seeds, same N and "
+                 f"labels. {nf}. A claim's effect must exceed the floor (the largest seed-to-seed difference) to "
+                 f"count; smaller differences are sampling noise.\n")
     L.append(f"Classifier FD: Fréchet distance of the shipped Fashion-MNIST classifier's 128-d features vs "
              f"{cfg.get('cls_ref_n', 10000)} test images; class accuracy: that classifier ({TRAINED_TEST_ACCURACY:.1%} on the "
              f"real test set) agrees with the requested class. Weight bytes: every tensor of the state dict "
@@ -180,7 +199,8 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
     L += ["| paper | claim | compared | metric | value vs baseline | PSNR vs FP (dB) | verdict |",
           "|---|---|---|---|---|---|---|"]
     for c in data["claims"]:
-        vals = (f"{_fmt(c['better_value'], 4)} vs {_fmt(c['baseline_value'], 4)} (noise {_fmt(c['noise_floor'])})"
+        vals = (f"{_fmt(c['better_value'], 4)} vs {_fmt(c['baseline_value'], 4)}: effect {_fmt(c['delta'])}, "
+                f"floor {_fmt(c['noise_floor'])}"
                 if "metric" in c else c.get("why", ""))
         ps = " vs ".join(_fmt(v) for v in c["psnr_vs_fp"]) if "psnr_vs_fp" in c else "–"
         claim = c["claim"] + (f" (*{c['caveat']}*)" if "caveat" in c else "")
@@ -188,13 +208,18 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
                  f"{c.get('metric', '–')} | {vals} | {ps} | **{c['verdict']}** |")
     if data["sqnr_by_phase"]:
         L.append(f"\n## Per-layer SQNR across timesteps\n\nEach model is fed the FP model's own inputs at "
-                 f"every step ({cfg['sqnr_samples']} samples); SQNR of every Linear output vs FP, median over "
-                 f"layers in each quarter of the run (first quarter = noisiest timesteps). Full per-layer, "
-                 f"per-step values in the JSON.\n")
-        L += ["| model | 1st quarter | 2nd | 3rd | 4th | worst layers (min dB) |", "|---|---|---|---|---|---|"]
+                 f"every step ({cfg['sqnr_samples']} samples); SQNR of every quantized Linear's output vs FP, "
+                 f"median over those layers in each quarter of the run (first quarter = noisiest timesteps). "
+                 f"Layers the recipe keeps in floating point are listed apart: their SQNR is the error the "
+                 f"quantized layers before them accumulate, not a quantization choice. Full per-layer, per-step "
+                 f"values in the JSON.\n")
+        L += ["| model | 1st quarter | 2nd | 3rd | 4th | worst quantized layers (min dB) | "
+              "kept-FP layers: median (min) dB |", "|---|---|---|---|---|---|---|"]
         for m, s in data["sqnr_by_phase"].items():
             worst = ", ".join(f"`{w['layer']}` {_fmt(w['min_db'])}" for w in s["worst_layers"])
-            L.append(f"| `{m}` | " + " | ".join(_fmt(v) for v in s["median_by_phase"]) + f" | {worst} |")
+            kept = s.get("kept_fp")
+            kept_txt = f"{_fmt(kept['median_db'])} ({_fmt(kept['min_db'])})" if kept else "–"
+            L.append(f"| `{m}` | " + " | ".join(_fmt(v) for v in s["median_by_phase"]) + f" | {worst} | {kept_txt} |")
     if data["activation_stats"]:
         L.append(_activation_md(data["activation_stats"]))
     L.append("\n## Sample grids\n\nColumns: " + ", ".join(CLASSES) + ".\n")

@@ -16,10 +16,13 @@ import torch
 # (attn.to_*) and the text stream (attn.add_*_proj, attn.to_add_out) attend together, so both are
 # "qkv" / "attn_out"; ff_context is the text stream's MLP. Flux single blocks: proj_mlp feeds a GELU
 # (fc1); proj_out reads [attention output, GELU(mlp)] concatenated, so it is no pure post-GELU input.
-_ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_out.0", "attn_out"),
+# to_qkv / to_added_qkv: q/k/v fused after quantization (nn/fused.py).
+_ROLES = (("attn1.to_q", "qkv"), ("attn1.to_k", "qkv"), ("attn1.to_v", "qkv"), ("attn1.to_qkv", "qkv"),
+          ("attn1.to_out.0", "attn_out"),
           ("attn2.to_q", "cross_q"), ("attn2.to_k", "cross_kv"), ("attn2.to_v", "cross_kv"),
           ("attn2.to_out.0", "attn_out"), ("ff.net.0.proj", "fc1"), ("ff.net.2", "fc2"),
-          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.add_q_proj", "qkv"),
+          ("attn.to_q", "qkv"), ("attn.to_k", "qkv"), ("attn.to_v", "qkv"), ("attn.to_qkv", "qkv"),
+          ("attn.to_added_qkv", "qkv"), ("attn.add_q_proj", "qkv"),
           ("attn.add_k_proj", "qkv"), ("attn.add_v_proj", "qkv"), ("attn.to_out.0", "attn_out"),
           ("attn.to_add_out", "attn_out"), ("ff_context.net.0.proj", "fc1"), ("ff_context.net.2", "fc2"),
           ("proj_mlp", "fc1"), ("proj_out", "attn_out_mlp"))
@@ -60,8 +63,9 @@ class ModelAdapter:
         return t * self.num_train_timesteps if self.flow_matching else t
 
     def attention_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """diffusers `Attention` modules (the quantized attention processor's hook points). Flux's
-        `FluxAttention` has its own processor interface and is not listed: its attention stays FP."""
+        """diffusers `Attention` modules (the quantized attention processor's hook points, and what
+        attention calibration covers). Flux's `FluxAttention` has its own processor interface and is not
+        listed: it gets dynamic quantized attention only (nn.attention.QuantFluxAttnProcessor)."""
         from diffusers.models.attention_processor import Attention
         return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
 

@@ -13,6 +13,8 @@ per-query or per-head mask, a general additive bias, head dims over 128, float64
 torch SDPA, logged once per module and reason, and counted in `processor.fallbacks`.
 A query whose keys are all masked gets zeros from the kernel where SDPA averages over all keys.
 
+`QuantFluxAttnProcessor` does the same for Flux's `FluxAttention` (dynamic mode).
+
 `set_quant_attention(model, settings=None, group_idx=None)` installs processors module by module:
 DiTTransformer2DModel has no set_attn_processor, and per-module installation also serves PixArt.
 """
@@ -30,6 +32,7 @@ log = logging.getLogger("dtq_kernels.nn.attention")
 
 # An additive mask entry at or below this is a masked key: exp(-1e4) underflows to 0 in fp32 softmax.
 MASKED_BIAS = -1e4
+PROCESSOR_MODES = ("dynamic", "static", "fp")
 STATIC_KEYS = ("q_scales", "k_scales", "v_scales", "p_scales", "bits", "heads")
 
 
@@ -44,6 +47,9 @@ def default_pv_format(device: torch.device) -> str:
 class QuantAttnProcessor:
     """Processor for one diffusers `Attention` module.
 
+    mode "fp": float attention (SDPA on [B, S, H, D] views); what a module whose q/k/v were fused into
+    one `to_qkv` (nn/fused.py) gets when its attention is not quantized. Every mode reads a fused
+    `to_qkv` when the module has one.
     mode "dynamic": no calibration. mode "static": `static` is a plan entry (QuantPlan.attention[name]:
     heads, bits, q_scales / k_scales / v_scales [G][H], p_mode "two_region" (p_scales [G][2], split
     mode) or "uniform" (p_scales [G][1])) and `group_idx` the int32 [1] device tensor holding the time
@@ -53,8 +59,8 @@ class QuantAttnProcessor:
 
     def __init__(self, mode: str = "dynamic", *, static: dict | None = None, group_idx: Any = None,
                  pv_format: str | None = None, smooth_k: bool = True, name: str = ""):
-        if mode not in ("dynamic", "static"):
-            raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
+        if mode not in PROCESSOR_MODES:
+            raise ValueError(f"mode must be one of {PROCESSOR_MODES}, got {mode!r}")
         if mode == "static":
             if static is None:
                 raise ValueError("mode='static' needs the calibrated settings (static=plan.attention[name])")
@@ -116,22 +122,26 @@ class QuantAttnProcessor:
     def _attend(self, attn, query, key, value, mask) -> torch.Tensor:
         """query [B, Sq, H, D], key / value [B, Sk, H, D] -> [B, Sq, H·D]."""
         B, Sq, H, D = query.shape
-        reason = None
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason, kpm = None, None
+        if self.mode == "fp":
+            pass  # float attention by choice, not a fallback
+        elif query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             reason = f"dtype {query.dtype} (the kernel takes fp16/bf16/fp32)"
         elif D > ops.attention_ops.MAX_HEAD_DIM:
             reason = f"head dim {D} > {ops.attention_ops.MAX_HEAD_DIM}"
-        kpm, mask_reason = (None, None) if reason else self.key_padding_mask(mask, B, key.shape[1])
-        reason = reason or mask_reason
-        if reason is not None:
-            self._fallback(reason)
+        else:
+            kpm, reason = self.key_padding_mask(mask, B, key.shape[1])
+        if reason is not None or self.mode == "fp":
+            if reason is not None:
+                self._fallback(reason)
             sdpa_mask = mask
             if mask is not None:  # as AttnProcessor2_0 does: [B·H or B, Sq or 1, Sk] -> [B, H or 1, ., Sk]
                 sdpa_mask = attn.prepare_attention_mask(mask, key.shape[1], B).view(B, attn.heads, -1, mask.shape[-1])
             out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                                 attn_mask=sdpa_mask, scale=attn.scale)
+                                                 attn_mask=sdpa_mask, scale=getattr(attn, "scale", None))
             return out.transpose(1, 2).reshape(B, Sq, H * D)
-        scale = float(attn.scale)
+        # FluxAttention has no `scale`: 1/sqrt(D), as its own processor uses
+        scale = float(attn.scale) if hasattr(attn, "scale") else None
         if self.mode == "dynamic":
             out = ops.quant_attention(query, key, value, kpm, scale,
                                       self.pv_format or default_pv_format(query.device), self.smooth_k)
@@ -143,6 +153,21 @@ class QuantAttnProcessor:
             out = ops.quant_attention_static(query, key, value, kpm, t["q_scales"], t["k_scales"], t["v_scales"],
                                              t["p_scales"], self._group_idx(), self.bits, self.p_mode, scale)
         return out.reshape(B, Sq, H * D)
+
+    def _attend_heads(self, attn, query, key, value, mask) -> torch.Tensor:
+        """q/k norms (they normalize the last (head) dim, so the [B, S, H, D] layout gives what [B, H, S, D]
+        gives), then attention -> [B, Sq, H·D] in q's dtype."""
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return self._attend(attn, query, key, value, mask).to(query.dtype)
+
+    def attend_qkv(self, attn, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention on a fused projection's output qkv [B, S, 3·H·D] (nn/fused.py): q, k and v are
+        [B, S, H, D] views of it, no copy or transpose -> [B, S, H·D] (before to_out)."""
+        from .fused import split_qkv
+        return self._attend_heads(attn, *split_qkv(qkv, attn.heads), mask)
 
     # ------------------------------------------------------------------ the diffusers protocol
 
@@ -160,23 +185,22 @@ class QuantAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
-        # q/k norms normalize the last (head) dim, so the [B, S, H, D] layout gives what [B, H, S, D] gives
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        hidden_states = self._attend(attn, query, key, value, attention_mask).to(query.dtype)
+        fused_qkv = getattr(attn, "to_qkv", None) if not hasattr(attn, "to_q") else None
+        if fused_qkv is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError(f"{self.name}: q/k/v are fused (self-attention), but encoder_hidden_states was given")
+            hidden_states = self.attend_qkv(attn, fused_qkv(hidden_states), attention_mask)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+            hidden_states = self._attend_heads(attn, query, key, value, attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -186,27 +210,75 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class QuantFluxAttnProcessor(QuantAttnProcessor):
+    """Processor for Flux's `FluxAttention` (double-stream blocks: image + text streams attending
+    together; single-stream blocks): diffusers' FluxAttnProcessor (separate or fused projections,
+    RMS q/k norms, text tokens first, rotary embeddings on [B, S, H, D]) with the attention itself run by
+    dtq.quant_attention ("dynamic" mode; static per-head tables are not calibrated for Flux)."""
+
+    def __init__(self, mode: str = "dynamic", **kwargs):
+        if mode == "static":
+            raise ValueError("Flux attention has no calibrated static settings: use mode='dynamic' (or 'fp')")
+        super().__init__(mode, **kwargs)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+        query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            enc_q, enc_k, enc_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (enc_q, enc_k, enc_v))
+            enc_q, enc_k = attn.norm_added_q(enc_q), attn.norm_added_k(enc_k)
+            query, key, value = (torch.cat(p, dim=1) for p in ((enc_q, query), (enc_k, key), (enc_v, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(attn, query, key, value, attention_mask).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text = encoder_hidden_states.shape[1]
+        enc_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(enc_out.contiguous())
+
+
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
     return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def flux_attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+    except ImportError:  # a diffusers without FluxAttention
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, FluxAttention)}
 
 
 def set_quant_attention(model: torch.nn.Module, settings: dict[str, dict] | None = None, group_idx: Any = None, *,
                         pv_format: str | None = None, smooth_k: bool = True) -> dict[str, QuantAttnProcessor]:
     """Install QuantAttnProcessor on the model's diffusers Attention modules, one by one; returns them.
 
-    settings None: the dynamic processor on every Attention module. settings {module path: plan entry}
+    settings None: the dynamic processor on every Attention module (and QuantFluxAttnProcessor on
+    Flux's FluxAttention modules). settings {module path: plan entry}
     (QuantPlan.attention): the static processor on exactly those modules; the others keep their
     processor (calibration skips cross-attention, whose P depends on a caption mask it does not see).
     group_idx (static only): the int32 [1] group tensor or the TimestepTracker; defaults to the tracker
     that dtq.quantize / attach_timestep_tracker put on the model (`model.dtq_timestep`).
     """
     modules = attention_modules(model)
-    if not modules:
+    flux = flux_attention_modules(model)
+    if not modules and not (flux and settings is None):
         raise ValueError(f"{type(model).__name__} has no diffusers Attention modules")
     if settings is None:
         procs = {name: QuantAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
                  for name in modules}
+        procs.update({name: QuantFluxAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
+                      for name in flux})
+        modules = {**modules, **flux}
     else:
         unknown = sorted(set(settings) - set(modules))
         if unknown:

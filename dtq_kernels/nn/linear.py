@@ -1,46 +1,149 @@
 """QuantLinear: a drop-in nn.Linear with packed low-bit weights and quantized activations.
 
-Two execution paths, chosen once per layer from its spec and logged (logger `dtq_kernels.nn`):
-* "int8-kernels": integer weights with one scale per output channel (int8/int6/int4, symmetric or
-  asymmetric) and integer activations (dynamic / static per time group / two-region). The activation
-  quantizer (smoothing and Hadamard rotation fused in) and the INT8 GEMM are `torch.ops.dtq` ops, so a
-  CUDA tensor runs the fast kernels and a CPU tensor their exact references. Symmetric int4 weights
-  stay packed two per byte all the way into the GEMM (W4A8); asymmetric int4 and two-region layers
-  unpack them to int8 codes first (those kernel variants run out of registers with packed weights).
-* "dequant-matmul": everything without a fused kernel yet (per-group weight scales, FP4/FP8 weights,
-  FP4 activations, weight-only). The activations are quantized with the same ops/format math, the
-  weights dequantized exactly, and a float matmul multiplies them: the same numbers a fused kernel
-  would produce (up to accumulation order), at float speed. It is logged as such, never reported as fast.
+Which kernel runs a layer is decided by ONE table, PATHS: each row maps (weight format, activation
+format, weight granularity, activation mode) to a kernel path, the layout its weights are stored in
+and the QuantLinear method that runs it. The first row that matches the spec wins, once per layer,
+and is logged (logger `dtq_kernels.nn`, when the layer is built or moved to a device) and shown in repr
+as `path=`:
+
+| row                  | weights (symmetric unless said)  | activations           | granularity    | modes            |
+|----------------------|----------------------------------|-----------------------|----------------|------------------|
+| w4a4_gemm            | int4 / fp4_e2m1 / e1m2 / e3m0    | int4 / fp4_* per block| group 16..128  | dynamic          |
+| int8_gemm            | int8 / int6 / int4 (packed)      | int8 / int6 / int4    | per channel    | dynamic, static  |
+| int8_gemm_grouped    | int8 / int6 / int4 (packed)      | int8 / int6 / int4    | group 64 / 128 | dynamic, static  |
+| int8_gemm_wzp        | int8 / int6 / int4, asymmetric   | int8 / int6 / int4    | per channel    | dynamic, static  |
+| int8_gemm_two_region | int8 / int6 / int4               | int8 / int6 / int4    | per channel    | two_region       |
+| w4a16_gemm           | int4 (packed)                    | none (fp16/bf16)      | channel, 64/128| -                |
+| fp8_gemm             | fp8_e4m3 (sm_89/sm_90 on CUDA)   | fp8_e4m3              | per channel    | dynamic          |
+| dequant-matmul       | anything else: SIMULATED         |                       |                |                  |
+
+w4a4_gemm (W4A4, FP4 as HQ-DiT or INT4 at equal bits; weight and activation formats chosen separately)
+comes first: a 4-bit-weight, 4-bit-activation spec with group_size quantizes its activations per block
+of group_size (spec.act_block_size) with `ops.quantize_act_4bit` (smoothing and rotation fused), and
+`ops.w4a4_gemm` decodes both operands to int8 in registers. Static int4 activations with per-group int4
+weights still take int8_gemm_grouped.
+
+The kernel rows are `torch.ops.dtq` ops: on CUDA tensors they run the fast kernels, on CPU tensors
+their exact references. The last row, "dequant-matmul", is a simulation: activations are quantized
+with the same format math, the whole weight is dequantized to float on every call and a float matmul
+multiplies them (the numbers a kernel would give, up to accumulation order, at worse than float
+speed). On CUDA tensors it is refused (SimulatedPathError) unless the user opts in with
+LinearQuantSpec(..., allow_simulated=True) or the environment variable DTQ_ALLOW_SIMULATED=1; on CPU it
+runs, logged as a warning. A row restricted to some GPUs (fp8_gemm: FP8 tensor cores) does not match
+on others, so there the layer falls to the simulation row and is refused in the same way.
+
+Weights are stored in the layout their row's kernel reads ("packed": 4-bit codes two per byte, fp8 as
+float8, others int8 codes; "int8": int8 codes even for int4, for the asymmetric and two-region
+kernels), so weight_bytes() is what the layer really holds.
+
+Adding a path: append a KernelPath to PATHS before the "dequant-matmul" row, naming a forward method
+of QuantLinear (taking the flattened [M, K] input, returning [M, N] in the input dtype).
 """
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import formats, ops
+from ..ops import reference
 from ..formats import get_format
 from .spec import LinearQuantSpec
 
 log = logging.getLogger("dtq_kernels.nn")
 _logged: set[tuple[str, str]] = set()
 
+INT_FORMATS = ("int8", "int6", "int4")
+ALLOW_SIMULATED_ENV = "DTQ_ALLOW_SIMULATED"
 
-def _log_path_once(spec: LinearQuantSpec, path: str) -> None:
-    key = (spec.name + spec.act_mode, path)
-    if key not in _logged:
+
+class SimulatedPathError(RuntimeError):
+    """A layer whose spec has no kernel was called on CUDA tensors without opting in to simulation."""
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """One row of the QuantLinear path table. A field left None matches anything.
+
+    groups: weight granularity, None in the tuple = one scale per output channel, ints = group sizes.
+    weight_symmetric: True / False restricts the row to symmetric / asymmetric weights.
+    layout: "packed" (4-bit codes two per byte, other formats in their own dtype) or "int8" (int8 codes).
+    archs: CUDA compute capabilities (e.g. 89 for sm_89) the kernel exists on; None = every arch.
+    """
+
+    name: str
+    forward: str
+    weights: tuple[str, ...] | None = None
+    acts: tuple[str | None, ...] | None = None
+    groups: tuple[int | None, ...] | None = None
+    modes: tuple[str, ...] | None = None
+    weight_symmetric: bool | None = True
+    layout: str = "packed"
+    archs: tuple[int, ...] | None = None
+    simulated: bool = False
+
+    def matches(self, spec: LinearQuantSpec, arch: int | None = None) -> bool:
+        """Whether this row serves `spec`; with `arch` (a CUDA capability), also whether it runs there."""
+        return ((self.weights is None or spec.weight in self.weights)
+                and (self.acts is None or spec.act in self.acts)
+                and (self.groups is None or spec.group_size in self.groups)
+                and (self.modes is None or spec.act_mode in self.modes)
+                and (self.weight_symmetric is None or spec.weight_symmetric == self.weight_symmetric)
+                and (arch is None or self.archs is None or arch in self.archs))
+
+
+_GROUPS = tuple(ops.GEMM_GROUP_SIZES)
+PATHS: list[KernelPath] = [
+    # before int8_gemm_grouped: int4 x int4 with groups and dynamic activations is W4A4 (per-block activations)
+    KernelPath("w4a4_gemm", "_forward_w4a4", formats.FOUR_BIT_FORMATS, formats.FOUR_BIT_FORMATS,
+               tuple(ops.w4a4_ops.W4A4_GROUP_SIZES), ("dynamic",)),
+    KernelPath("int8_gemm", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static")),
+    KernelPath("int8_gemm_grouped", "_forward_int_codes", INT_FORMATS, INT_FORMATS, _GROUPS, ("dynamic", "static")),
+    KernelPath("int8_gemm_wzp", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("dynamic", "static"),
+               weight_symmetric=False, layout="int8"),
+    KernelPath("int8_gemm_two_region", "_forward_int_codes", INT_FORMATS, INT_FORMATS, (None,), ("two_region",),
+               layout="int8"),
+    KernelPath("w4a16_gemm", "_forward_w4a16", ("int4",), (None,), (None, *_GROUPS)),
+    KernelPath("fp8_gemm", "_forward_fp8", ("fp8_e4m3",), ("fp8_e4m3",), (None,), ("dynamic",), archs=(89, 90)),
+    # the simulation: matches every spec, so it must stay last
+    KernelPath("dequant-matmul", "_forward_simulated", weight_symmetric=None, simulated=True),
+]
+
+
+# the paths whose activations are integer codes: a producer may quantize for them (forward_quantized)
+CODE_INPUT_PATHS = ("int8_gemm", "int8_gemm_grouped", "int8_gemm_wzp", "int8_gemm_two_region")
+
+
+def select_path(spec: LinearQuantSpec, arch: int | None = None) -> KernelPath:
+    """The first row of PATHS that serves `spec` (on a CUDA GPU of capability `arch`, if given)."""
+    return next(p for p in PATHS if p.matches(spec, arch))
+
+
+def simulation_allowed(spec: LinearQuantSpec) -> bool:
+    return spec.allow_simulated or os.environ.get(ALLOW_SIMULATED_ENV, "").strip() == "1"
+
+
+def _log_path_once(spec: LinearQuantSpec, path: KernelPath) -> None:
+    key = (spec.name + spec.act_mode, path.name)
+    if not torch.compiler.is_compiling() and key not in _logged:  # (logging would break a compiled graph)
         _logged.add(key)
-        level = logging.INFO if path == "int8-kernels" else logging.WARNING
-        log.log(level, "QuantLinear %s (%s): %s path%s", spec.name, spec.act_mode, path,
-                "" if path == "int8-kernels" else " (no fused kernel for this format yet)")
+        if path.simulated:
+            log.warning("QuantLinear %s (%s): %s path (SIMULATED: no kernel for this spec; weights dequantized "
+                        "to float on every call)", spec.name, spec.act_mode, path.name)
+        else:
+            log.info("QuantLinear %s (%s): kernel path %s", spec.name, spec.act_mode, path.name)
 
 
 class QuantLinear(torch.nn.Module):
-    """Buffers: `qweight` (int8 [N, K]; uint8 [N, K/2] two 4-bit codes per byte for int4/fp4;
-    float8 [N, K] for fp8), `wscale` f32 [N] or [N, K/group_size], `wzero` int32 (asymmetric), `bias`,
-    `smooth` f32 [K] (input divisor, already folded into the weights), `act_table` f32 [G] (static) or
-    [G, 2] (two-region). With spec.rotate the weights are stored rotated (W·diag(smooth)·H)."""
+    """Buffers: `qweight` in the layout of the layer's kernel path (int8 [N, K]; uint8 [N, K/2], two
+    4-bit codes per byte, for packed int4/fp4; float8 [N, K] for fp8), `wscale` f32 [N] or
+    [N, K/group_size], `wzero` int32 (asymmetric), `bias`, `smooth` f32 [K] (input divisor, already
+    folded into the weights), `act_table` f32 [G] (static) or [G, 2] (two-region). With spec.rotate the
+    weights are stored rotated (W·diag(smooth)·H). `kernel_path` is the PATHS row chosen for the spec,
+    `path` its name."""
 
     def __init__(self, in_features: int, out_features: int, spec: LinearQuantSpec, bias: bool = True):
         super().__init__()
@@ -54,9 +157,11 @@ class QuantLinear(torch.nn.Module):
                 raise ValueError(f"no Hadamard rotation for in_features={in_features}")
         if spec.act_mode == "two_region" and (spec.rotate or spec.smooth):
             raise ValueError("two-region activations take no smoothing or rotation")
-        packed = f.bits == 4
-        if packed and in_features % 2:
+        self.kernel_path = select_path(spec)
+        self.path = self.kernel_path.name
+        if f.bits == 4 and in_features % 2:
             raise ValueError("4-bit weights need an even in_features")
+        packed = f.bits == 4 and self.kernel_path.layout == "packed"
         wdtype = torch.uint8 if packed else (torch.float8_e4m3fn if f.kind == "fp8" else torch.int8)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // (2 if packed else 1), dtype=wdtype))
         n_groups = in_features // spec.group_size if spec.group_size else None
@@ -67,17 +172,19 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("smooth", torch.ones(in_features) if spec.smooth else None)
         table_shape = {"static": (spec.time_groups,), "two_region": (spec.time_groups, 2)}.get(spec.act_mode)
         self.register_buffer("act_table", torch.ones(table_shape) if spec.act is not None and table_shape else None)
-        self.path = "int8-kernels" if self._has_kernels() else "dequant-matmul"
         self._tracker = None  # a TimestepTracker, held without registering it as a submodule
+        self._run_path = self.kernel_path  # the row for the device the weights are on (see _apply)
+        _log_path_once(spec, self.kernel_path)
 
     # ---------------------------------------------------------------- construction
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, spec: LinearQuantSpec, act_scales=None, *,
                     smooth: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                    weight_clip=None) -> "QuantLinear":
+                    weight_clip=None, weight_scale: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize `linear` (or a calibrated `weight` replacing its own) round-to-nearest with absmax
-        scales, clipped by `weight_clip` (a ratio, or one per output channel). Static modes need
+        scales, clipped by `weight_clip` (a ratio, or one per output channel), or with explicit
+        `weight_scale` (a calibrated grid, e.g. GPTQ's). Static modes need
         act_scales: [time_groups] (static) or [time_groups, 2] (two-region (c_pos, c_neg))."""
         q = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
         w = (linear.weight if weight is None else weight).detach().float().cpu()
@@ -99,7 +206,7 @@ class QuantLinear(torch.nn.Module):
             w = w @ hadamard_matrix(linear.in_features)
         qw = formats.quantize_weight(w, spec.weight, group_size=spec.group_size,
                                      clip_ratio=1.0 if weight_clip is None else torch.as_tensor(weight_clip).float(),
-                                     symmetric=spec.weight_symmetric)
+                                     symmetric=spec.weight_symmetric, scale=weight_scale)
         q.qweight.copy_(q._pack(qw.codes))
         q.wscale.copy_(qw.scale)
         if qw.zero_point is not None:
@@ -118,17 +225,21 @@ class QuantLinear(torch.nn.Module):
             raise ValueError(f"act_scales given but act_mode is {spec.act_mode!r} (no table)")
         return q.to(linear.weight.device)
 
+    def _packed(self) -> bool:
+        return get_format(self.spec.weight).bits == 4 and self.kernel_path.layout == "packed"
+
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        f = get_format(self.spec.weight)
-        if f.bits != 4:
+        """Codes [N, K] -> the stored layout of the kernel path."""
+        if not self._packed():
             return codes
-        return formats.pack_int4(codes) if f.is_int else formats.pack_nibbles(codes)
+        return formats.pack_int4(codes) if get_format(self.spec.weight).is_int else formats.pack_nibbles(codes)
 
     def _codes(self) -> torch.Tensor:
-        f = get_format(self.spec.weight)
-        if f.bits != 4:
+        """The stored weights as codes [N, K] (unpacked)."""
+        if not self._packed():
             return self.qweight
-        return formats.unpack_int4(self.qweight) if f.is_int else formats.unpack_nibbles(self.qweight)
+        is_int = get_format(self.spec.weight).is_int
+        return formats.unpack_int4(self.qweight) if is_int else formats.unpack_nibbles(self.qweight)
 
     def bind_timestep_tracker(self, tracker) -> None:
         self._tracker = tracker
@@ -139,7 +250,12 @@ class QuantLinear(torch.nn.Module):
         def keep_dtype(t):
             r = fn(t)
             return r if r.dtype == t.dtype else t.to(r.device)
-        return super()._apply(keep_dtype, recurse)
+        out = super()._apply(keep_dtype, recurse)
+        # resolve the path for the new device now, not in forward: no device query inside a compiled
+        # graph, and a layer that cannot run on this GPU fails when it is moved there
+        self._run_path = self._path_for(self.qweight.device)
+        _log_path_once(self.spec, self._run_path)
+        return out
 
     # ---------------------------------------------------------------- inspection
 
@@ -150,6 +266,7 @@ class QuantLinear(torch.nn.Module):
         return formats.dequantize_weight(qw)
 
     def weight_bytes(self) -> int:
+        """Bytes of the stored weight codes and scales (and zero points), in the kernel's layout."""
         return sum(b.numel() * b.element_size() for b in (self.qweight, self.wscale, self.wzero) if b is not None)
 
     def extra_repr(self) -> str:
@@ -166,11 +283,6 @@ class QuantLinear(torch.nn.Module):
         return ", ".join(parts)
 
     # ---------------------------------------------------------------- forward
-
-    def _has_kernels(self) -> bool:
-        s = self.spec
-        return (s.act is not None and get_format(s.act).is_int and get_format(s.weight).is_int
-                and s.group_size is None and (s.weight_symmetric or s.act_mode != "two_region"))
 
     def _group_idx(self) -> torch.Tensor:
         if self._tracker is not None:
@@ -195,16 +307,52 @@ class QuantLinear(torch.nn.Module):
             return ops.quantize_act(x, bits, self.smooth, s.rotate, self.act_table, self._group_idx())
         return ops.quantize_act(x, bits, self.smooth, s.rotate, None, None)
 
-    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
-        s, out_dtype = self.spec, x.dtype
+    # -------- one method per kernel path (PATHS[i].forward): flattened input [M, K] -> [M, N] in x.dtype
+
+    def _forward_int_codes(self, x: torch.Tensor) -> torch.Tensor:
         q, a_scale = self._quantize_input(x)
-        if s.act_mode == "two_region":
-            return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self._codes(), self.wscale,
+        return self.forward_quantized(q, a_scale, x.dtype)
+
+    def takes_codes(self) -> bool:
+        """Whether this layer (on its current device) runs an integer-activation path: forward_quantized works."""
+        return self._run_path.name in CODE_INPUT_PATHS
+
+    def forward_quantized(self, q: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM of an integer-activation path (CODE_INPUT_PATHS) on activation codes a producer already
+        made with this layer's quantizer (q int8 [M, K], a_scale f32 [M]; ignored for two-region
+        codes, whose scales are the table) -> [M, N]. nn/fused.py uses it to hand LayerNorm-modulate or
+        GELU fused with the quantization straight to the GEMM."""
+        name = self._run_path.name
+        if name not in CODE_INPUT_PATHS:
+            raise RuntimeError(f"forward_quantized needs an integer-activation path {CODE_INPUT_PATHS}; "
+                               f"this layer runs {name}")
+        if name == "int8_gemm_two_region":
+            return ops.int8_gemm_two_region(q, self.act_table, self._group_idx(), self.qweight, self.wscale,
                                             self.bias, out_dtype)
-        if not s.weight_symmetric:
-            return ops.int8_gemm_wzp(q, a_scale, self._codes(), self.wscale, self.wzero, self.bias, out_dtype)
-        # symmetric int4 weights go to the GEMM still packed (uint8 [N, K/2]): the kernel unpacks in registers
+        if name == "int8_gemm_wzp":
+            return ops.int8_gemm_wzp(q, a_scale, self.qweight, self.wscale, self.wzero, self.bias, out_dtype)
+        # 4-bit weights go to the GEMM still packed (uint8 [N, K/2]): the kernel unpacks in registers;
+        # per-group scales [N, K/G] select the kernel's per-group rescale
         return ops.int8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, out_dtype)
+
+    def _forward_w4a16(self, x: torch.Tensor) -> torch.Tensor:
+        # the activations are 16-bit by definition: fp32 inputs are rounded to bf16 (fp16 / bf16 pass as is)
+        x16 = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+        return ops.w4a16_gemm(x16, self.qweight, self.wscale, self.bias, x.dtype)
+
+    def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        q, a_scale = ops.quantize_act_fp8(x, self.smooth, self.spec.rotate)
+        return ops.fp8_gemm(q, a_scale, self.qweight, self.wscale, self.bias, x.dtype)
+
+    def _forward_w4a4(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        a, a_scale = ops.quantize_act_4bit(x, s.act, s.group_size, self.smooth, s.rotate)
+        return ops.w4a4_gemm(a, a_scale, self.qweight, self.wscale, self.bias, s.group_size, s.act, s.weight,
+                             x.dtype)
+
+    def _forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._dequantized_input(x), self.dequantized_weight().to(x.device),
+                        None if self.bias is None else self.bias.float()).to(x.dtype)
 
     def _smoothed_rotated(self, x: torch.Tensor) -> torch.Tensor:
         """(x / smooth) @ H in fp32: the input basis the stored weights live in (FP activation paths;
@@ -220,20 +368,38 @@ class QuantLinear(torch.nn.Module):
         if s.act is None:
             return x.float()
         f = get_format(s.act)
-        if f.kind == "fp4":  # dynamic per token, one scale per block of group_size along K
-            xs = self._smoothed_rotated(x)
-            xb = xs.reshape(xs.shape[0], -1, s.group_size)
-            scale = formats.absmax_scale(xb.abs().amax(-1, keepdim=True), f)
-            return formats.dequantize_fp4(formats.quantize_fp4(xb, scale, f), scale, f).reshape(xs.shape)
-        if f.kind == "fp8":
-            xs = self._smoothed_rotated(x)
-            scale = formats.absmax_scale(xs.abs().amax(-1, keepdim=True), f)
-            return formats.quantize_fp8_e4m3(xs, scale).float() * scale
+        if s.act_block_size:  # dynamic per token, one scale per block of group_size along K
+            codes, scale = formats.quantize_blockwise(self._smoothed_rotated(x), f, s.act_block_size)
+            return formats.dequantize_blockwise(codes, scale, f)
+        if f.kind == "fp8":  # the math of ops.quantize_act_fp8, whose kernel needs FP8 hardware
+            q, scale = reference.quantize_act_fp8(x, self.smooth, s.rotate)
+            return q.float() * scale[:, None]
         q, a_scale = self._quantize_input(x)
         if s.act_mode == "two_region":
             c = self.act_table[self._group_idx().long()].reshape(2)
             return formats.dequantize_two_region(q, c[0], c[1])
         return q.float() * a_scale.reshape(-1, 1)
+
+    def _path_for(self, device: torch.device) -> KernelPath:
+        """The PATHS row that runs on `device`: the layer's own, unless its kernel does not exist on this
+        GPU. On CUDA, a simulated row needs the user's opt-in."""
+        path = self.kernel_path
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            path = select_path(self.spec, 10 * major + minor)
+            if path.simulated and not simulation_allowed(self.spec):
+                why = ("it has no kernel" if self.kernel_path.simulated else
+                       f"the kernel of its path {self.kernel_path.name} runs on sm_{self.kernel_path.archs} only, "
+                       f"this GPU is sm_{major}{minor}")
+                raise SimulatedPathError(
+                    f"QuantLinear {self.spec.name} ({self.spec.act_mode}): {why}, so on CUDA it would run the "
+                    "simulated dequant-matmul path (float weights rebuilt on every call, slower than the float "
+                    "model). Opt in with LinearQuantSpec(..., allow_simulated=True) or "
+                    f"{ALLOW_SIMULATED_ENV}=1, or choose a spec with a kernel (nn/linear.py PATHS).")
+            if path.layout != self.kernel_path.layout:
+                raise RuntimeError(f"QuantLinear: path {path.name} reads layout {path.layout!r} but the weights are "
+                                   f"stored for {self.kernel_path.name} ({self.kernel_path.layout!r})")
+        return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -242,12 +408,10 @@ class QuantLinear(torch.nn.Module):
             raise TypeError(f"QuantLinear input must be float32/float16/bfloat16, got {x.dtype}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        _log_path_once(self.spec, self.path)
-        if self.path == "int8-kernels":
-            y = self._forward_kernels(x2)
-        else:
-            y = F.linear(self._dequantized_input(x2), self.dequantized_weight().to(x2.device),
-                         None if self.bias is None else self.bias.float()).to(x.dtype)
+        # the path was resolved (and logged) when the layer was built or moved: nothing here queries the
+        # device or logs, so torch.compile(fullgraph=True) traces straight through
+        path = self._run_path if x2.device == self.qweight.device else self._path_for(x2.device)
+        y = getattr(self, path.forward)(x2)
         return y.reshape(*lead, self.out_features)
 
 

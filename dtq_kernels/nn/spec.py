@@ -21,7 +21,11 @@ class LinearQuantSpec:
                    two_region_mode "sign" (post-GELU inputs) or "split" (post-softmax inputs).
     smooth / rotate: a per-channel smoothing vector divides the input (folded into W), and an online
     Hadamard rotation of the input (W rotated offline) — both fused into the activation quantizer.
-    FP4 activations are quantized dynamically per token in blocks of group_size.
+    FP4 activations are quantized dynamically per token in blocks of group_size, and so are INT4
+    activations of a W4A4 spec (4-bit weights, dynamic mode, group_size set): see act_block_size.
+    allow_simulated: run the layer on CUDA even when no kernel serves the spec, by the simulated
+    dequant-matmul path (see nn/linear.py PATHS); without it (or DTQ_ALLOW_SIMULATED=1) such a layer
+    raises on CUDA tensors. It changes no numbers, only whether the slow path may run.
     """
 
     weight: str = "int8"
@@ -33,6 +37,7 @@ class LinearQuantSpec:
     two_region_mode: str | None = None
     smooth: bool = False
     rotate: bool = False
+    allow_simulated: bool = False
 
     def __post_init__(self):
         if self.weight not in WEIGHT_FORMATS:
@@ -57,6 +62,17 @@ class LinearQuantSpec:
                 raise ValueError("FP4 activations are quantized dynamically in blocks: set group_size")
         if not self.weight_symmetric and not get_format(self.weight).is_int:
             raise ValueError("asymmetric weights need an integer weight format")
+
+    @property
+    def act_block_size(self) -> int | None:
+        """Block size along K of the dynamic activation scales, or None (one scale per token / tensor):
+        group_size for FP4 activations and for W4A4 (4-bit weights and activations, dynamic)."""
+        if self.act is None or self.group_size is None or self.act_mode != "dynamic":
+            return None
+        act, weight = get_format(self.act), get_format(self.weight)
+        if act.kind == "fp4" or (act.bits == 4 and weight.bits == 4):
+            return self.group_size
+        return None
 
     @property
     def static(self) -> bool:

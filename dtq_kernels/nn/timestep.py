@@ -7,7 +7,8 @@ ops only: no host sync, safe under CUDA-graph capture. Static kernels read scale
 
 A batch must share one time group (diffusers samplers call the transformer with one timestep per
 step). Checking that needs the values, so it is done when the timestep is a Python number or a CPU
-tensor (free), and on the device only with `strict=True` (one sync per forward).
+tensor (free), and on the device only with `strict=True` (one sync per forward); a torch.compile'd
+forward skips the check (it would break the graph).
 """
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ class TimestepTracker(torch.nn.Module):
     def update(self, t) -> None:
         """Set the group from a timestep (number or tensor of one value per sample, on the 0..T scale)."""
         device = self.group_idx.device
-        on_host = not torch.is_tensor(t) or t.device.type == "cpu"
+        # Under torch.compile only the tensor ops run (the group check and the host copy would break the
+        # graph): a compiled forward trusts the batch to share one time group, and host_group() syncs.
+        on_host = (not torch.is_tensor(t) or t.device.type == "cpu") and not torch.compiler.is_compiling()
         tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
         if tt.numel() == 0:
             raise MissingTimestepError("empty timestep tensor")
         groups = group_of(tt, self.time_groups, self.num_train_timesteps)
-        if on_host or self.strict:
+        if on_host or (self.strict and not torch.compiler.is_compiling()):
             if bool((groups != groups[0]).any()):
                 raise ValueError("this batch mixes timesteps from different time groups "
                                  f"({sorted(set(groups.tolist()))}); statically quantized layers use one scale "

@@ -24,3 +24,15 @@ from . import attention_ops  # noqa: E402,F401
 from .attention_ops import quant_attention, quant_attention_static  # noqa: E402
 
 __all__ += ["quant_attention", "quant_attention_static"]
+
+# per-group W4A8 runs on int8_gemm; weight-only W4A16 and FP8 W8A8 have their own GEMMs
+from .gemm_ops import GEMM_GROUP_SIZES, fp8_gemm, w4a16_gemm  # noqa: E402
+from .quantize_ops import quantize_act_fp8  # noqa: E402
+
+__all__ += ["GEMM_GROUP_SIZES", "fp8_gemm", "w4a16_gemm", "quantize_act_fp8"]
+
+# W4A4: 4-bit (FP4 / INT4) weights and activations with block scales, and their activation quantizer
+from . import w4a4_ops  # noqa: E402,F401
+from .w4a4_ops import quantize_act_4bit, w4a4_gemm  # noqa: E402
+
+__all__ += ["quantize_act_4bit", "w4a4_gemm"]

@@ -44,10 +44,19 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "int8_gemm_static": {"any": "triton"},
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton kernels (gemm_int8.py) are the only fast ones. fp8_gemm and
+    # quantize_act_fp8 feed FP8 tensor cores: the kernel refuses sm_80 with a BackendError.
+    "w4a16_gemm": {"any": "triton"},
+    "fp8_gemm": {"any": "triton"},
+    "quantize_act_fp8": {"any": "triton"},
     # Not measured yet on a GPU: the Triton quantized attention is the only fast kernel
     # (benchmarks/bench_attention.py compares it with SDPA flash/cuDNN bf16 and SageAttention).
     "quant_attention": {"any": "triton"},
     "quant_attention_static": {"any": "triton"},
+    # Not measured yet on a GPU: the Triton W4A4 GEMM (4-bit codes decoded to int8 in registers, int8 MMA)
+    # and its fused 4-bit activation quantizer are the only fast kernels (benchmarks/bench_gemm.py).
+    "w4a4_gemm": {"any": "triton"},
+    "quantize_act_4bit": {"any": "triton"},
 }
 
 last_backend: dict[str, str] = {}

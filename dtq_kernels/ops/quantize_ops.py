@@ -213,3 +213,24 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
 def _(x, coef_table, group_idx, bits=8, mode="sign", gelu=False, approximate="tanh"):
     _check_two_region(x, coef_table, group_idx, bits, mode, gelu, approximate)
     return torch.empty_like(x, dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------------ quantize_act_fp8
+
+register_kernel("quantize_act_fp8", "reference")(reference.quantize_act_fp8)
+
+
+@torch.library.custom_op("dtq::quantize_act_fp8", mutates_args=())
+def quantize_act_fp8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None,
+                     rotate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (q float8_e4m3fn [M, K], scale f32 [M]): dynamic per-token FP8 codes of
+    (x / smooth) @ H_K (the transforms of quantize_act), scale = absmax(row) / 448, round to nearest
+    even, the activations fp8_gemm consumes. A row with NaN/Inf gets a non-finite scale."""
+    _check_act("quantize_act_fp8", x, 8, smooth, rotate, None, None)
+    return dispatch("quantize_act_fp8", x.device)(x, smooth, rotate)
+
+
+@quantize_act_fp8.register_fake
+def _(x, smooth=None, rotate=False):
+    _check_act("quantize_act_fp8", x, 8, smooth, rotate, None, None)
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], dtype=torch.float32)

@@ -53,11 +53,28 @@ def weight_codes(w: torch.Tensor) -> torch.Tensor:
     return formats.unpack_int4(w) if w.dtype == torch.uint8 else w
 
 
+def group_scaled_matmul(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Σ_g (a_g · w_gᵀ) · w_scale[:, g] in fp32, groups in ascending K order (the kernels' order), for
+    w_scale [N, K/G]. Each group's product runs in fp32: exact for int8 codes (G <= EXACT_FP32_K), the
+    fp32 matmul's rounding for float activations."""
+    n_groups = w_scale.shape[1]
+    g = a.shape[1] // n_groups
+    af, wf, ws = a.float(), w.float(), w_scale.float()
+    acc = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    for i in range(n_groups):
+        acc = acc + (af[:, i * g:(i + 1) * g] @ wf[:, i * g:(i + 1) * g].T) * ws[None, :, i]
+    return acc
+
+
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last (a NaN
-    a_scale, the quantizers' mark of a non-finite row, makes that output row NaN)."""
-    out = int_matmul_float(a, weight_codes(w)) * a_scale.float()[:, None] * w_scale.float()[None, :]
+    """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last; with
+    per-group scales [N, K/G]: group_scaled_matmul(a, w, w_scale) · a_scale[:, None] + bias. A NaN
+    a_scale, the quantizers' mark of a non-finite row, makes that output row NaN."""
+    if w_scale.dim() == 2:
+        out = group_scaled_matmul(a, weight_codes(w), w_scale) * a_scale.float()[:, None]
+    else:
+        out = int_matmul_float(a, weight_codes(w)) * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -100,6 +117,30 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     return out.to(out_dtype)
 
 
+def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only int4 (see gemm_ops.w4a16_gemm): Σ_g (x_g · codes_gᵀ) · w_scale[:, g] + bias in fp32, or
+    (x · codesᵀ) · w_scale + bias with per-channel scales."""
+    codes = weight_codes(w)
+    if w_scale.dim() == 2:
+        out = group_scaled_matmul(x, codes, w_scale)
+    else:
+        out = (x.float() @ codes.float().T) * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 E4M3 W8A8: (a · wᵀ in fp32) · a_scale[:, None] · w_scale[None, :] + bias. Each product of two
+    e4m3 values is exact in fp32; the sum is the fp32 matmul's."""
+    out = (a.float() @ w.float().T) * a_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 # ------------------------------------- fused activation quantization (smoothing, Hadamard, LN, GELU)
 
 def _smooth_rotate(xf: torch.Tensor, smooth: torch.Tensor | None, rotate: bool) -> torch.Tensor:
@@ -125,6 +166,19 @@ def quantize_act(x: torch.Tensor, bits: int, smooth: torch.Tensor | None, rotate
                  scale_table: torch.Tensor | None, group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of (x / smooth) @ H_K, computed in fp32 (see quantize_ops.quantize_act)."""
     return _quantize_rows(_smooth_rotate(x.float(), smooth, rotate), bits, scale_table, group_idx)
+
+
+def quantize_act_fp8(x: torch.Tensor, smooth: torch.Tensor | None,
+                     rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 E4M3 codes of (x / smooth) @ H_K in fp32: scale = absmax(row) / 448,
+    codes = formats.quantize_fp8_e4m3(row, scale) (a zero row: scale 0, codes 0). A row holding NaN or
+    ±Inf gets scale NaN and codes 0 (formats.mark_nonfinite_rows), so whatever consumes the codes with
+    their scale yields NaN for that row: a broken input is never hidden."""
+    xs = _smooth_rotate(x.float(), smooth, rotate)
+    scale = formats.absmax_scale(xs.abs().amax(dim=-1), "fp8_e4m3")
+    # marked in fp32 (exact for every E4M3 value): torch.where has no float8 kernel on every device
+    codes, scale = formats.mark_nonfinite_rows(xs, formats.quantize_fp8_e4m3(xs, scale[:, None]).float(), scale)
+    return codes.to(torch.float8_e4m3fn), scale
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_batch: int,
@@ -276,3 +330,39 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = acc_pos * coef[0] + acc_neg * coef[1]
     out = out * sv.permute(0, 2, 1)[..., None]  # [1, H, 1, 1]
     return _nan_rows(out, l).permute(0, 2, 1, 3).contiguous().to(q.dtype)
+
+
+# ----------------------------------------------------------- W4A4: 4-bit codes with block scales (w4a4_ops)
+
+def w4a4_int_operand(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The exact integers (value × factor, formats.code4_int_table) of packed 4-bit codes, as fp32."""
+    table, _ = formats.code4_int_table(fmt)
+    return table.to(packed.device)[formats.unpack_nibbles(packed).long()].float()
+
+
+def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, group_size: int, a_fmt: str, w_fmt: str,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ_b (a_b · w_bᵀ in integers) · (a_scale[:, b] · w_scale[:, b]), blocks b in order, in fp32; then
+    × 1/(factor_a · factor_w) (a power of two: exact) + bias; cast last (see w4a4_ops.w4a4_gemm).
+
+    Each block's integer product is exact in fp32 matmul: |decoded| <= 64, so |partial sums| <=
+    64 · 64 · group_size < 2^24 for group_size <= 4096."""
+    ai, wi = w4a4_int_operand(a, a_fmt), w4a4_int_operand(w, w_fmt)
+    out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    for b in range(a_scale.shape[1]):
+        k = slice(b * group_size, (b + 1) * group_size)
+        acc = ai[:, k] @ wi[:, k].T
+        out = out + acc * (a_scale[:, b, None].float() * w_scale[None, :, b].float())
+    factor = formats.code4_int_table(a_fmt)[1] * formats.code4_int_table(w_fmt)[1]
+    out = out * torch.tensor(1.0 / factor, dtype=torch.float32)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def quantize_act_4bit(x: torch.Tensor, fmt: str, group_size: int, smooth: torch.Tensor | None,
+                      rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """formats.quantize_blockwise of (x / smooth) @ H_K, codes packed two per byte (see w4a4_ops)."""
+    codes, scale = formats.quantize_blockwise(_smooth_rotate(x.float(), smooth, rotate), fmt, group_size)
+    return formats.pack_4bit(codes, fmt), scale

@@ -36,3 +36,14 @@ def max_propagating_nan(a, b):
     """tl.maximum that returns NaN when either side is NaN (tl.max alone may drop NaN on the GPU):
     combine function for a row absmax that also tells whether the row holds a NaN."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+def require_fp8_tensor_cores(device, op: str) -> None:
+    """FP8 E4M3 kernels (conversions and MMA) need sm_89 or sm_90: a clear BackendError on older GPUs."""
+    import torch
+
+    from .._dispatch import BackendError
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise BackendError(f"dtq.{op}: FP8 E4M3 needs sm_89 or sm_90 (FP8 tensor cores), this GPU is "
+                           f"sm_{major}{minor}; use int8 activations there (LinearQuantSpec(weight='int8', act='int8'))")

@@ -1,6 +1,7 @@
 """Activation quantization kernels in Triton: quantize_per_token, and one fused kernel for
 quantize_act / layernorm_modulate_quantize / gelu_quantize / quantize_two_region."""
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -8,7 +9,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, max_propagating_nan, nonfinite, rne
+from .common import INTERPRETING, max_propagating_nan, nonfinite, require_fp8_tensor_cores, rne, round_to_e4m3_grid
 
 
 @triton.jit
@@ -85,6 +86,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 
 PRE_NONE, PRE_LN, PRE_GELU_ERF, PRE_GELU_TANH = 0, 1, 2, 3
 MODE_DYNAMIC, MODE_STATIC, MODE_TWO_REGION_SIGN, MODE_TWO_REGION_SPLIT = 0, 1, 2, 3
+MODE_FP8 = 4  # dynamic per-token FP8 E4M3 codes (scale = absmax / 448)
 MAX_ROW_TILE = 16384  # padded elements of one row held in registers
 # A rotated row tile also passes through shared memory (the FWHT's layout shuffles, the dot operands):
 # 8192 elements take 64 KB on every arch; 16384 would take 128 KB, over sm_89's 99 KB per block.
@@ -102,6 +104,34 @@ def _gelu(x, TANH: tl.constexpr):
         return 0.5 * x * (1.0 + t)
     else:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def hadamard_rows(x, hm_ptr, MFAC: tl.constexpr, MPAD: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """x [BLOCK_M, MPAD, P] (row tiles in the Kronecker layout above) -> H_MFACᵀ · X · H_P per row, the
+    unnormalized ±1 rotation."""
+    # X · H_P on the last axis, a radix-2 FWHT: stage j views the row as [P / 2^(j+1), 2, 2^j] and
+    # replaces the pair (u, v) on the middle axis by (u + v, u − v). The pair is combined with
+    # size-2 reductions and a select, never a permute (permuted register tiles spill).
+    y = tl.reshape(x, [BLOCK_M * MPAD, P])
+    for j in tl.static_range(LOG2P):
+        y4 = tl.reshape(y, [BLOCK_M * MPAD, P // (2 << j), 2, 1 << j])
+        pair = tl.arange(0, 2)[None, None, :, None]
+        total = tl.sum(y4, axis=2)
+        diff = tl.sum(tl.where(pair == 0, y4, -y4), axis=2)
+        y = tl.reshape(tl.where(pair == 0, total[:, :, None, :], diff[:, :, None, :]), [BLOCK_M * MPAD, P])
+    x = tl.reshape(y, [BLOCK_M, MPAD, P])
+    if MFAC > 1:
+        # H_MFACᵀ · X per row: the ±1 factor, transposed and zero-padded to MPAD on the host
+        a = tl.arange(0, MPAD)
+        hm = tl.load(hm_ptr + a[:, None] * MPAD + a[None, :])
+        if BLOCK_M == 1:  # the GPU launch: a 2-D dot (a batched one spills at MPAD = 64)
+            x2 = tl.dot(hm, tl.reshape(x, [MPAD, P]), input_precision="tf32x3")
+            x = tl.reshape(x2, [1, MPAD, P])
+        else:
+            x = tl.dot(tl.broadcast_to(hm[None, :, :], [BLOCK_M, MPAD, MPAD]), x, input_precision="tf32x3")
+    return x
 
 
 @triton.jit
@@ -137,26 +167,7 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         x = tl.math.div_rn(x, s[None, :, :])                            # IEEE division, as the reference
 
     if ROTATE:
-        # X · H_P on the last axis, a radix-2 FWHT: stage j views the row as [P / 2^(j+1), 2, 2^j] and
-        # replaces the pair (u, v) on the middle axis by (u + v, u − v). The pair is combined with
-        # size-2 reductions and a select, never a permute (permuted register tiles spill).
-        y = tl.reshape(x, [BLOCK_M * MPAD, P])
-        for j in tl.static_range(LOG2P):
-            y4 = tl.reshape(y, [BLOCK_M * MPAD, P // (2 << j), 2, 1 << j])
-            pair = tl.arange(0, 2)[None, None, :, None]
-            total = tl.sum(y4, axis=2)
-            diff = tl.sum(tl.where(pair == 0, y4, -y4), axis=2)
-            y = tl.reshape(tl.where(pair == 0, total[:, :, None, :], diff[:, :, None, :]), [BLOCK_M * MPAD, P])
-        x = tl.reshape(y, [BLOCK_M, MPAD, P])
-        if MFAC > 1:
-            # H_MFACᵀ · X per row: the ±1 factor, transposed and zero-padded to MPAD on the host
-            hm = tl.load(hm_ptr + a[:, None] * MPAD + a[None, :])
-            if BLOCK_M == 1:  # the GPU launch: a 2-D dot (a batched one spills at MPAD = 64)
-                x2 = tl.dot(hm, tl.reshape(x, [MPAD, P]), input_precision="tf32x3")
-                x = tl.reshape(x2, [1, MPAD, P])
-            else:
-                x = tl.dot(tl.broadcast_to(hm[None, :, :], [BLOCK_M, MPAD, MPAD]), x, input_precision="tf32x3")
-        x = x * rot_norm                                                # 1/√K in fp32
+        x = hadamard_rows(x, hm_ptr, MFAC, MPAD, P, LOG2P, BLOCK_M) * rot_norm  # 1/√K in fp32
 
     qmax = QMAX
     # rows holding NaN/±Inf (any non-finite x, shift or scale makes the transformed row non-finite):
@@ -168,6 +179,11 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
         q = rne(tl.math.div_rn(x, divisor[:, None, None]))
+    elif MODE == 4:  # dynamic per-token FP8 E4M3: reference.quantize_act_fp8's arithmetic
+        scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), 448.0, tl.float32))
+        tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
+        divisor = tl.where(scale == 0.0, 1.0, scale)
+        q = round_to_e4m3_grid(tl.math.div_rn(x, divisor[:, None, None]))  # on the grid: the cast is exact
     else:
         # time-group index read on the device, clamped so a bad one never reads past the table (the op
         # layer's device-side assert reports it)
@@ -186,9 +202,13 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
                 q = tl.where(x >= 0.0, q_pos, q_neg)
             else:  # split: low region [0, c_pos·qmax) unless it rounds past qmax
                 q = tl.where((x < c_pos * qmax) & (q_pos <= qmax), q_pos, q_neg)
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
-    q = tl.where(bad[:, None, None], -128.0 if MODE >= 2 else 0.0, q)
-    tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
+    if MODE != 4:
+        q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    q = tl.where(bad[:, None, None], -128.0 if (MODE == 2 or MODE == 3) else 0.0, q)
+    if MODE == 4:
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,8 +231,18 @@ def _tile(K: int, rotate: bool) -> tuple[int, int, int]:
     return 1, 1, triton.next_power_of_2(K)
 
 
-def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table=None, group_idx=None,
-            shift=None, mod=None, tokens_per_batch=1, eps=0.0):
+class RowPlan(NamedTuple):
+    """How a fused row kernel tiles [M, K]: the row tile [MPAD, P] (MFAC Kronecker factor), rows per
+    program, warps, and the padded H_MFACᵀ (None without the dot)."""
+    mfac: int
+    mpad: int
+    p: int
+    block_m: int
+    num_warps: int
+    hm: torch.Tensor | None
+
+
+def plan_rows(x: torch.Tensor, rotate: bool) -> RowPlan:
     M, K = x.shape
     mfac, mpad, p = _tile(K, rotate)
     row_tile = mpad * p
@@ -222,16 +252,24 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     if M * K >= 2 ** 31:
         raise ValueError(f"dtq fused activation quantization uses int32 offsets: {M}x{K} is too large, "
                          "split the rows")
-    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_STATIC) else 0,), dtype=torch.float32, device=x.device)
-    if M == 0 or K == 0:
-        return q, scale
     # the interpreter pays per program: big row blocks; a GPU wants ≈4–8K elements per program
     # (one row per program when the H_m dot runs: its 2-D form is the one that does not spill)
     block_m = 1 if (mfac > 1 and not INTERPRETING) else 64 if INTERPRETING else max(1, 8192 // row_tile)
-    block_m = min(block_m, triton.next_power_of_2(M))
+    block_m = min(block_m, triton.next_power_of_2(max(M, 1)))
     num_warps = 4 if block_m * row_tile <= 4096 else 8 if block_m * row_tile <= 8192 else 16
-    hm = _hm_transposed(mfac, mpad, x.device) if rotate and mfac > 1 else x
+    hm = _hm_transposed(mfac, mpad, x.device) if rotate and mfac > 1 else None
+    return RowPlan(mfac, mpad, p, block_m, num_warps, hm)
+
+
+def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table=None, group_idx=None,
+            shift=None, mod=None, tokens_per_batch=1, eps=0.0):
+    M, K = x.shape
+    mfac, mpad, p, block_m, num_warps, hm = plan_rows(x, rotate)
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn if mode == MODE_FP8 else torch.int8, device=x.device)
+    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_STATIC, MODE_FP8) else 0,), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, scale
+    hm = x if hm is None else hm
     act_quant_kernel[(triton.cdiv(M, block_m),)](
         x, q, scale, x if smooth is None else smooth, hm, x if shift is None else shift, x if mod is None else mod,
         x if table is None else table, x if group_idx is None else group_idx,
@@ -257,6 +295,12 @@ def quantize_act(x, bits, smooth, rotate, scale_table, group_idx):
 def layernorm_modulate_quantize(x, shift, scale, tokens_per_batch, eps, bits, smooth, rotate, scale_table, group_idx):
     return _launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=_mode(scale_table), table=scale_table,
                    group_idx=group_idx, shift=shift, mod=scale, tokens_per_batch=tokens_per_batch, eps=eps)
+
+
+@register_kernel("quantize_act_fp8", "triton")
+def quantize_act_fp8(x, smooth, rotate):
+    require_fp8_tensor_cores(x.device, "quantize_act_fp8")
+    return _launch(x, bits=8, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=MODE_FP8)
 
 
 _GELU_PRE = {"none": PRE_GELU_ERF, "tanh": PRE_GELU_TANH}
@@ -323,4 +367,11 @@ AOT_SPECS += [
     _act_spec("two_region_sign_4608_bf16", dtype="bf16", num_warps=8, P=8192, MODE=MODE_TWO_REGION_SIGN),
     # Flux's MLP hidden width 12288 = 12·1024: the widest rows, 16384-element tiles on 16 warps
     _act_spec("gelu_tanh_quant_12288_bf16", dtype="bf16", num_warps=16, PRE=PRE_GELU_TANH, P=16384),
+]
+# FP8 E4M3 activations (the codes fp8_gemm reads; sm_89/90 only: sm_80 has no FP8 conversions in Triton)
+AOT_SPECS += [
+    dict(spec, signature={**spec["signature"], "q_ptr": "*fp8e4nv"}, archs=(89, 90))
+    for spec in (_act_spec("act_quant_fp8_rot_4608_smooth_bf16", dtype="bf16", num_warps=8, HAS_SMOOTH=True,
+                           ROTATE=True, MFAC=36, MPAD=64, P=128, MODE=MODE_FP8, expect_extra=_TF32_MMA),
+                 _act_spec("act_quant_fp8_1152_fp16", num_warps=8, P=2048, BLOCK_M=4, MODE=MODE_FP8))
 ]
