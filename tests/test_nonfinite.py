@@ -68,6 +68,18 @@ def test_quantize_act(backend, variant):
     check_marked(x, q, s, backend, "quantize_act", *args)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_act_fp8(backend, rotate):
+    x = poisoned(dtype=torch.float16)
+    q, s = run(backend, "quantize_act_fp8", x, None, rotate)
+    assert s.shape == (M,) and q.dtype == torch.float8_e4m3fn
+    good = good_rows()
+    assert torch.isnan(s[list(BAD_ROWS)]).all() and not q[list(BAD_ROWS)].float().any()
+    q_good, s_good = run(backend, "quantize_act_fp8", x[good], None, rotate)
+    assert torch.equal(q[good].float(), q_good.float()) and torch.equal(s[good], s_good)
+
+
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gelu_quantize(backend, static):
