@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .cli_args import (existing_dir, finite_float, image_file, nonnegative_int, output_dir, positive_int,
+                       torch_device)
 from .models.reference_dit.images import save_grid
 
 CALIB_SEED = 10_000  # calibration noise seeds: disjoint from the sampling seeds (--seed)
@@ -141,8 +143,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
-def _tensor_shapes(file: Path) -> dict[str, tuple[list[int], int]]:
-    """name -> (shape, bytes) from a safetensors header, without reading the data."""
+def _tensor_shapes(file: Path) -> dict[str, tuple[list[int], int, str]]:
+    """name -> (shape, bytes, safetensors dtype) from a safetensors header, without reading the data."""
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import CheckpointError
@@ -155,7 +157,7 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[list[int], int]]:
                 n = 1
                 for d in shape:
                     n *= d
-                out[k] = (shape, n * _DTYPE_BYTES[s.get_dtype()])
+                out[k] = (shape, n * _DTYPE_BYTES[s.get_dtype()], s.get_dtype())
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
     return out
@@ -190,9 +192,9 @@ def describe(path: str | Path) -> dict:
             saved_as, share = fused_in.get(name, (name, 1.0))
             own = {k[len(saved_as) + 1:]: v for k, v in shapes.items() if k.startswith(saved_as + ".")}
             # packed codes, scales, zero points (bias, smoothing and activation tables are not weights)
-            row["bytes"] = round(share * sum(b for k, (_, b) in own.items()
+            row["bytes"] = round(share * sum(b for k, (_, b, _) in own.items()
                                              if k.rsplit(".", 1)[-1] in ("qweight", "wscale", "wzero")))
-            qshape = next(shp for k, (shp, _) in own.items() if k.endswith("qweight"))
+            qshape = next(shp for k, (shp, _, _) in own.items() if k.endswith("qweight"))
             first = lp.step_group_specs[0] if lp.step_group_specs else lp.spec
             k_in = qshape[1] * (2 if get_format(first.weight).bits == 4 else 1)
             row["fp16_bytes"] = round(share * qshape[0]) * k_in * 2
@@ -200,19 +202,43 @@ def describe(path: str | Path) -> dict:
     for name in plan.kept_fp:
         row = {"name": name, "format": "fp (kept)", "kept_fp": True, "bytes": None, "fp16_bytes": None}
         if shapes is not None and f"{name}.weight" in shapes:
-            shp, b = shapes[f"{name}.weight"]
+            shp, b, _ = shapes[f"{name}.weight"]
             row["bytes"], row["fp16_bytes"] = b, shp[0] * shp[1] * 2
         rows.append(row)
     q = [r for r in rows if not r["kept_fp"]]
+    saved_layers = {fused_in.get(name, (name,))[0] for name in plan.layers}  # as named in model.safetensors
     totals = {"quantized_layers": len(q), "kept_fp_layers": len(rows) - len(q),
               "attention_quantized": len(plan.attention)}
     if shapes is not None:
         totals.update(
             quantized_bytes=sum(r["bytes"] for r in q), quantized_fp16_bytes=sum(r["fp16_bytes"] for r in q),
             linear_bytes=sum(r["bytes"] or 0 for r in rows), linear_fp16_bytes=sum(r["fp16_bytes"] or 0 for r in rows),
-            file_bytes=(path / MODEL_FILE).stat().st_size)
+            file_bytes=(path / MODEL_FILE).stat().st_size,
+            fp16_model_bytes=_fp16_model_bytes(shapes, rows, saved_layers))
     return {"path": str(path), "model_class": meta.get("model_class"), "recipe": plan.recipe,
             "model_type": plan.model_type, "time_groups": plan.time_groups, "rows": rows, "totals": totals}
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _fp16_model_bytes(shapes: dict, rows: list[dict], saved_layers: set[str]) -> int:
+    """Bytes of the unquantized model with every floating-point tensor in FP16 (the size the checkpoint
+    replaces): each quantized layer's weight and bias at 2 bytes per value, everything else at 2 bytes
+    per floating value (integer buffers at their own size). Scales, zero points, smoothing vectors and
+    activation tables exist only in the quantized model and count nothing. `saved_layers`: the
+    quantized layers as saved (a fused q/k/v layer once, under its fused name)."""
+    total = sum(r["fp16_bytes"] for r in rows if not r["kept_fp"])
+    for name in saved_layers:  # the quantized layers' biases
+        bias = next((shp for k, (shp, _, _) in shapes.items() if k.startswith(name + ".") and k.endswith("bias")), None)
+        total += 2 * bias[0] if bias else 0
+    for k, (shp, b, dtype) in shapes.items():
+        if not any(k.startswith(name + ".") for name in saved_layers):
+            n = 1
+            for d in shp:
+                n *= d
+            total += 2 * n if dtype in _FLOAT_DTYPES else b
+    return total
 
 
 def _mb(b) -> str:
@@ -245,7 +271,8 @@ def print_info(d: dict, console=None) -> None:
         console.print(f"quantized layers: {_mb(tot['quantized_bytes'])} vs {_mb(tot['quantized_fp16_bytes'])} in FP16 "
                       f"({tot['quantized_fp16_bytes'] / max(tot['quantized_bytes'], 1):.2f}x smaller); all linear "
                       f"weights: {_mb(tot['linear_bytes'])} vs {_mb(tot['linear_fp16_bytes'])} in FP16; "
-                      f"checkpoint file {_mb(tot['file_bytes'])}")
+                      f"checkpoint file {_mb(tot['file_bytes'])} vs {_mb(tot['fp16_model_bytes'])} for the whole "
+                      f"model in FP16 ({tot['file_bytes'] / max(tot['fp16_model_bytes'], 1):.2f}x)")
     else:
         console.print("a plan without weights (saved by `dtq calibrate`): apply it with `dtq quantize --plan`")
 
@@ -350,14 +377,28 @@ def _make_plan(args, model):
                      time_groups=args.time_groups)
 
 
+def _check_model_and_recipe(args) -> None:
+    """What can be checked before a model is built: the model and recipe names."""
+    if args.model not in MODELS:
+        raise CliError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    if getattr(args, "recipe", None) is not None:
+        from .calib import recipes
+        if args.recipe not in recipes():
+            raise CliError(f"unknown recipe {args.recipe!r}; available: {', '.join(recipes())}")
+
+
 def cmd_quantize(args):
     import dtq_kernels as dtq
-    from .checkpoint import CheckpointError, check_model_matches, read_plan
+    from .checkpoint import KIND_MODEL, CheckpointError, check_model_matches, check_target, read_plan
     if (args.recipe is None) == (args.plan is None):
         raise CliError("give exactly one of --recipe and --plan")
-    model = _build_model(args)
+    _check_model_and_recipe(args)
+    check_target(args.out, kind=KIND_MODEL, overwrite=args.force)  # refuse before any work
+    meta = plan = None
     if args.plan is not None:
         meta, plan = read_plan(args.plan)
+    model = _build_model(args)
+    if plan is not None:
         try:
             check_model_matches(meta, model)
         except CheckpointError as e:
@@ -366,16 +407,18 @@ def cmd_quantize(args):
     else:
         plan = _make_plan(args, model)
     dtq.quantize(model, plan, progress=True)
-    dtq.save_quantized(model, args.out)
+    dtq.save_quantized(model, args.out, overwrite=args.force, fp_dtype=args.fp_dtype)
     print_info(describe(args.out))
     return model
 
 
 def cmd_calibrate(args):
-    from .checkpoint import save_plan
+    from .checkpoint import KIND_PLAN, check_target, save_plan
+    _check_model_and_recipe(args)
+    check_target(args.out, kind=KIND_PLAN, overwrite=args.force)  # refuse before calibrating
     model = _build_model(args)
     plan = _make_plan(args, model)
-    save_plan(plan, args.out, model)
+    save_plan(plan, args.out, model, overwrite=args.force)
     print_info(describe(args.out))
     if args.plots:
         _plots(args.out, args.plots)
@@ -400,6 +443,9 @@ def cmd_sample(args) -> Path:
     labels = torch.arange(args.num) % ref.NUM_CLASSES
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     images = ref.sample(model, labels, args.steps, torch.Generator().manual_seed(args.seed), progress=True, **kw)
+    if not bool(torch.isfinite(images).all()):
+        raise CliError(f"the model produced non-finite samples ({int((~torch.isfinite(images)).sum())} values): "
+                       f"no image written to {args.out}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, out)
@@ -432,13 +478,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-labels", help="calibration conditioning of a local DiT pipeline, e.g. 1,2,3,4")
     p.add_argument("--prompt", action="append", help="calibration prompt of a local text-to-image pipeline "
                    "(repeatable: one sample per prompt and run)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random-weight models")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps during calibration (default 25)")
-    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default 16)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the sampler's)")
-    p.add_argument("--time-groups", type=int, default=None, help="override the recipe's number of time groups")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of random-weight models")
+    p.add_argument("--num-samples", type=positive_int, default=32, help="calibration samples (default 32)")
+    p.add_argument("--steps", type=positive_int, default=25, help="sampler steps during calibration (default 25)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size (default 16)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the sampler's)")
+    p.add_argument("--time-groups", type=positive_int, default=None,
+                   help="override the recipe's number of time groups")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,32 +499,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
     s.add_argument("--recipe", help="a recipe name (dtq recipes)")
-    s.add_argument("--plan", type=Path, help="a plan directory saved by `dtq calibrate` (instead of --recipe)")
-    s.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    s.add_argument("--plan", type=existing_dir, help="a plan directory saved by `dtq calibrate` (instead of --recipe)")
+    s.add_argument("--out", type=output_dir, required=True, help="checkpoint directory to write")
+    s.add_argument("--fp-dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="storage dtype of the tensors kept in floating point (default auto: fp16 or bf16 where "
+                        "that is exact, e.g. for a model loaded from an fp16 checkpoint, else their own dtype)")
     _model_args(s)
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("calibrate", help="calibrate a model and save the plan (no weights)")
     s.add_argument("--recipe", required=True)
-    s.add_argument("--out", type=Path, required=True, help="plan directory to write")
-    s.add_argument("--plots", type=Path, help="also write the calibration plots here")
+    s.add_argument("--out", type=output_dir, required=True, help="plan directory to write")
+    s.add_argument("--plots", type=output_dir, help="also write the calibration plots here")
     _model_args(s)
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("info", help="per-layer formats and sizes of a checkpoint or plan")
-    s.add_argument("path", type=Path)
-    s.add_argument("--plots", type=Path, help="write the plan's calibration plots into this directory")
+    s.add_argument("path", type=existing_dir)
+    s.add_argument("--plots", type=output_dir, help="write the plan's calibration plots into this directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("sample", help="sample an image grid from a quantized reference-DiT checkpoint")
-    s.add_argument("checkpoint", type=Path)
-    s.add_argument("--out", type=Path, default=Path("samples.png"))
-    s.add_argument("--num", type=int, default=20, help="images (default 20: two per class)")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the sampler's)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("checkpoint", type=existing_dir)
+    s.add_argument("--out", type=image_file, default=Path("samples.png"), help="image file (.png, .jpg, ...)")
+    s.add_argument("--num", type=positive_int, default=20, help="images (default 20: two per class)")
+    s.add_argument("--steps", type=positive_int, default=25)
+    s.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the sampler's)")
+    s.add_argument("--seed", type=nonnegative_int, default=0)
+    s.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     s.set_defaults(func=cmd_sample)
 
     try:
@@ -498,7 +549,7 @@ def run(argv=None):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input, corrupt or mismatched files: no traceback
+    except (ValueError, OSError) as e:  # bad input, corrupt or mismatched files, unwritable places: no traceback
         parser.exit(2, f"dtq {args.command}: error: {e}\n")
 
 

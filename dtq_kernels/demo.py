@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     for name, images in ev.images.items():
         report.save_grid(images, str(args.out / f"samples_{name}.png"))
     for name, model in list(models.items())[1:]:
-        dtq.save_quantized(model, args.out / f"ckpt_{name}")
+        dtq.save_quantized(model, args.out / f"ckpt_{name}", overwrite=True)  # the demo's own output
     print(f"\nwrote {args.out}/comparison.png (a row per model, a column per class), one grid per model, and the "
           f"quantized checkpoints (ckpt_*/) — {time.time() - start:.0f} s in all")
 

@@ -13,6 +13,10 @@ module, so the conventions below hold everywhere:
 * FP4 codes are 4 bits: bit 3 is the sign, bits 0-2 index the format's 8 magnitudes. Zero is always
   code 0 (no negative zero), so packed tensors are canonical.
 * 4-bit packing: two codes per byte along the last dimension, element 2i in the low nibble.
+* Non-finite activations are never hidden: int8 codes cannot hold NaN, so an activation quantizer
+  marks a row (last dimension) holding NaN or ±Inf through its scale, which becomes NaN
+  (mark_nonfinite_rows; the row's codes are 0), and two-region codes mark it with the code −128
+  (NONFINITE_CODE), which no two-region code uses (they are ±qmax) and which decodes to NaN.
 * Block scales (W4A4, NVFP4, MXFP4): one fp32 scale per block of consecutive elements along the last
   dimension (quantize_blockwise); a block holding NaN/Inf gets a NaN scale, never a plausible one.
 """
@@ -28,7 +32,8 @@ __all__ = [
     "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
     "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
     "dequantize_mxfp4", "quantize_weight", "dequantize_weight", "QuantizedWeight", "fake_quantize",
-    "TWO_REGION_MODES", "quantize_two_region", "dequantize_two_region",
+    "TWO_REGION_MODES", "quantize_two_region", "dequantize_two_region", "NONFINITE_CODE", "nonfinite_rows",
+    "mark_nonfinite_rows",
     "FOUR_BIT_FORMATS", "code4_int_table", "fp4_midpoints", "pack_4bit", "unpack_4bit", "quantize_blockwise",
     "dequantize_blockwise", "nvfp4_scales_fp32", "mxfp4_scales_fp32",
 ]
@@ -94,6 +99,21 @@ def check_finite(x: torch.Tensor, what: str = "input") -> None:
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{what} contains non-finite values ({n_nan} NaN, {n_inf} Inf); "
                          "quantization needs finite data")
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool [...]: which rows (over the last dimension) of x hold a NaN or ±Inf."""
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def mark_nonfinite_rows(x: torch.Tensor, codes: torch.Tensor,
+                        scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of a row-wise activation quantizer with every row of x that holds NaN/±Inf marked:
+    its codes 0 and its scale NaN, so whatever consumes the row (dequantization, an INT8 GEMM's
+    epilogue) gives NaN for it. `scale` has x's row shape (x.shape[:-1])."""
+    bad = nonfinite_rows(x)
+    return (torch.where(bad[..., None], torch.zeros_like(codes), codes),
+            torch.where(bad, torch.full_like(scale, float("nan")), scale))
 
 
 # ----------------------------------------------------------------------------------------------- INT
@@ -489,11 +509,13 @@ def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
 #   negative and decode to positive values. The ratio Δ_hi / Δ_lo is a power of two in TQ-DiT.
 
 TWO_REGION_MODES = ("sign", "split")
+NONFINITE_CODE = -128  # a NaN/±Inf input: never a two-region code (they are ±qmax), decodes to NaN
 
 
 def quantize_two_region(x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor, bits: int,
                         mode: str) -> torch.Tensor:
-    """Two-region codes (int8, ±qmax) of x; c_pos / c_neg broadcast against x (see the note above)."""
+    """Two-region codes (int8, ±qmax) of x; c_pos / c_neg broadcast against x (see the note above).
+    A NaN or ±Inf element gets NONFINITE_CODE."""
     if mode not in TWO_REGION_MODES:
         raise ValueError(f"two-region mode must be one of {TWO_REGION_MODES}, got {mode!r}")
     qmax = int_qmax(bits)
@@ -507,9 +529,12 @@ def quantize_two_region(x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tenso
         q = torch.round(xf / torch.where(low, c_pos, c_neg))
         # a value just under p can round up to qmax + 1 in the low region: the high region then holds it
         q = torch.where(low & (q > qmax), torch.round(xf / c_neg), q)
-    return q.clamp(-qmax, qmax).to(torch.int8)
+    q = torch.where(torch.isfinite(xf), q.clamp(-qmax, qmax), torch.full_like(q, NONFINITE_CODE))
+    return q.to(torch.int8)
 
 
 def dequantize_two_region(q: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor) -> torch.Tensor:
+    """Values of two-region codes; NONFINITE_CODE decodes to NaN."""
     qf = q.float()
-    return qf * torch.where(qf >= 0, torch.as_tensor(c_pos).float(), torch.as_tensor(c_neg).float())
+    out = qf * torch.where(qf >= 0, torch.as_tensor(c_pos).float(), torch.as_tensor(c_neg).float())
+    return torch.where(q == NONFINITE_CODE, torch.full_like(out, float("nan")), out)

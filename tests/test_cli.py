@@ -110,3 +110,74 @@ def test_folding_recipe_from_the_cli(tmp_path, capsys):
     model = cli.run(["quantize", "--recipe", "dilatequant-w4a8", "--model", "tiny-random", "--num-samples", "2",
                      "--steps", "2", "--out", str(tmp_path / "ck2")])
     assert model.dtq_plan.time_groups == 2  # TPQ: one time group per calibration step
+
+
+# ------------------------------------------------------------------- bad arguments: refused up front
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """A full checkpoint, a plan directory, a user's directory, a plain file."""
+    from dtq_kernels.checkpoint import save_plan
+    root = tmp_path_factory.mktemp("places")
+    m = tiny_dit()
+    dtq.quantize(m, uniform_plan(m, dtq.LinearQuantSpec()))
+    dtq.save_quantized(m, root / "ck")
+    save_plan(m.dtq_plan, root / "plan", m)
+    (root / "users").mkdir()
+    (root / "users" / "model.safetensors").write_bytes(b"mine")
+    (root / "file").write_text("a file")
+    return root
+
+
+Q = ["quantize", "--recipe", "rtn-w8a8", "--model", "tiny-random"]
+C = ["calibrate", "--recipe", "rtn-w8a8", "--model", "tiny-random"]
+NUMERIC = [("--num-samples", "0"), ("--num-samples", "-4"), ("--num-samples", "x"), ("--steps", "0"),
+           ("--steps", "-1"), ("--batch-size", "0"), ("--guidance", "nan"), ("--guidance", "inf"),
+           ("--guidance", "-inf"), ("--time-groups", "0"), ("--seed", "-1"), ("--device", "tpu"),
+           ("--device", "cuda:99")]
+BAD = (
+    [(Q + ["--out", "{new}", opt, val], opt) for opt, val in NUMERIC]
+    + [(C + ["--out", "{new}", opt, val], opt) for opt, val in NUMERIC]
+    + [(Q + ["--out", "{file}"], "not a directory"), (Q + ["--out", "{file}/sub"], "is a file"),
+       (Q + ["--out", "{ck}"], "already holds a checkpoint"), (Q + ["--out", "{users}", "--force"], "other files"),
+       (Q + ["--out", "{plan}", "--force"], "plan-only directory"), (Q + ["--out", "", ], "--out"),
+       (["quantize", "--plan", "{new}", "--model", "tiny-random", "--out", "{new}"], "--plan"),
+       (["quantize", "--plan", "{file}", "--model", "tiny-random", "--out", "{new}"], "--plan"),
+       (Q[:-2] + ["--model", "nope", "--out", "{new}"], "unknown model"),
+       (["quantize", "--recipe", "w1a1", "--model", "tiny-random", "--out", "{new}"], "unknown recipe"),
+       (Q + ["--out", "{new}", "--fp-dtype", "fp8"], "--fp-dtype"),
+       (C + ["--out", "{ck}", "--force"], "quantized-model checkpoint"), (C + ["--out", "{plan}"], "already holds"),
+       (C + ["--out", "{new}", "--plots", "{file}"], "--plots"),
+       (["info", "{new}"], "not an existing directory"), (["info", "{file}"], "is a file"),
+       (["info", "{users}"], "not a dtq checkpoint"), (["info", "{ck}", "--plots", "{file}"], "--plots")]
+    + [(["sample", "{ck}", "--out", "{new}.png", opt, val], opt)
+       for opt, val in [("--num", "0"), ("--num", "-3"), ("--steps", "0"), ("--steps", "-1"), ("--guidance", "nan"),
+                        ("--guidance", "inf"), ("--seed", "-2"), ("--device", "nope")]]
+    + [(["sample", "{ck}", "--out", out], "--out")
+       for out in ("{new}", "{new}.txt", "{file}/g.png", "{ck}")]
+    + [(["sample", "{new}", "--out", "{new}.png"], "checkpoint"), (["sample", "{plan}", "--out", "{new}.png"], "")]
+    + [(["eval", "--tiny", opt, val], opt)
+       for opt, val in [("--n-samples", "0"), ("--n-samples", "-1"), ("--steps", "0"), ("--guidance", "nan"),
+                        ("--batch-size", "0"), ("--fid-ref-n", "0"), ("--cls-ref-n", "0"), ("--sqnr-samples", "-1"),
+                        ("--threads", "0"), ("--seed", "-1"), ("--quantized", "noequals"), ("--quantized", "a={new}"),
+                        ("--quantized", "={ck}"), ("--out-dir", "{file}"), ("--recipes", "nope"), ("--device", "x")]]
+)
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[1:])[:60] for a, _ in BAD])
+def test_every_bad_argument_is_refused_before_any_model_loads(argv, message, places, tmp_path, monkeypatch,
+                                                               capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    for name in ("_build_model", "model_from_checkpoint", "_make_plan"):
+        monkeypatch.setattr(cli, name, no_model)
+    import dtq_kernels.eval.cli as eval_cli
+    monkeypatch.setattr(eval_cli, "_run", no_model)
+    subst = {"new": str(tmp_path / "new"), **{k: str(places / k) for k in ("ck", "plan", "users", "file")}}
+    argv = [a.format(**subst) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.run(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dtq {argv[0]}: error:") and message in err, err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.png").exists()

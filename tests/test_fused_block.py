@@ -195,7 +195,10 @@ def test_checkpoint_loads_fused_or_unfused_either_way(tmp_path, save_fused):
 
 
 def test_checkpoint_with_a_wrong_fusion_record_is_refused(tmp_path):
+    import hashlib
     import json
+
+    from dtq_kernels import checkpoint
     from dtq_kernels.checkpoint import CheckpointError
     m = tiny_dit()
     dtq.quantize(m, PLANS["w8a8-dynamic"](m))
@@ -205,6 +208,12 @@ def test_checkpoint_with_a_wrong_fusion_record_is_refused(tmp_path):
     group["transformer_blocks.0.attn1.to_q"] += 1
     (tmp_path / "plan.json").write_text(json.dumps(meta))
     fresh = tiny_dit()
+    with pytest.raises(CheckpointError, match="does not match its checksum"):  # an edit: integrity check
+        dtq.load_quantized(fresh, tmp_path)
+    # a consistently signed but wrong record (a faulty writer): the fusion check itself refuses it
+    del meta["checksum"]
+    meta["checksum"] = hashlib.sha256(checkpoint._canonical(meta)).hexdigest()
+    (tmp_path / "plan.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="fused_linears"):
         dtq.load_quantized(fresh, tmp_path)
     assert not any(isinstance(x, QuantLinear) for x in fresh.modules())

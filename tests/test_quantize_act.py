@@ -55,7 +55,7 @@ def test_reference_static_uses_the_table_entry_and_formats():
     tab = table()
     for g in (0, 4, 9):
         q, s = ops.quantize_act(x, 6, None, False, tab, torch.tensor([g], dtype=I32))
-        assert s.shape == (1,) and float(s) == float(tab[g])
+        assert s.shape == (16,) and bool((s == tab[g]).all())  # per row: a non-finite row could carry NaN
         assert torch.equal(q, formats.quantize_int(x, tab[g], 6))
         assert int(q.abs().max()) <= 31
 
@@ -116,7 +116,7 @@ def test_triton_quantize_act_static_table(g):
     tab, idx = table(), torch.tensor([g], dtype=I32)
     q, s = triton("quantize_act", x, 8, None, False, tab, idx)
     q_ref, s_ref = reference.quantize_act(x, 8, None, False, tab, idx)
-    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and float(s) == float(tab[g])
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and bool((s == tab[g]).all()) and s.shape == (77,)
     smooth = torch.rand(1152, generator=torch.Generator().manual_seed(g)) + 0.5
     q, s = triton("quantize_act", x, 6, smooth, True, tab, idx)
     q_ref, s_ref = reference.quantize_act(x, 6, smooth, True, tab, idx)

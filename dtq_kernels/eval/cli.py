@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..cli_args import existing_dir, finite_float, nonnegative_int, output_dir, positive_int, torch_device
 from . import activation_stats, harness, hooks, report
 
 # CPU counts chosen from costs measured on this project's (shared, 2-core) CPU machine with the reference
@@ -50,25 +51,50 @@ ABLATIONS = {"tqdit-w6a6-g1": ("tqdit-w6a6", {"time_groups": 1}, "tqdit-w6a6 wit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipes", default=None, help="comma-separated recipes/ablations, or 'all'")
+    p.add_argument("--recipes", type=_recipe_list, default=None, help="comma-separated recipes/ablations, or 'all'")
     p.add_argument("--no-ablations", action="store_true", help="with --recipes all: skip the TQ-DiT ablations")
-    p.add_argument("--quantized", action="append", default=[], metavar="NAME=DIR",
+    p.add_argument("--quantized", action="append", type=_named_checkpoint, default=[], metavar="NAME=DIR",
                    help="a dtq.save_quantized checkpoint of the reference model (repeatable)")
-    p.add_argument("--n-samples", type=int, default=None,
+    p.add_argument("--n-samples", type=positive_int, default=None,
                    help=f"samples per model (default: {GPU_SAMPLES} on a GPU, {CPU_SAMPLES} on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the reference sampler's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the reference sampler's)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--fid-ref-n", type=int, default=None,
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the reference sampler's)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the reference sampler's)")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument("--fid-ref-n", type=positive_int, default=None,
                    help=f"test images for the FID statistics (default: 10000 on a GPU, {CPU_FID_REF} on CPU)")
-    p.add_argument("--cls-ref-n", type=int, default=10_000, help="test images for the classifier-feature statistics")
+    p.add_argument("--cls-ref-n", type=positive_int, default=10_000, help="test images for the classifier-feature statistics")
     p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
-    p.add_argument("--sqnr-samples", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--out-dir", default=None, help="write quality.md/.json and sample grids here")
+    p.add_argument("--sqnr-samples", type=nonnegative_int, default=4)
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--out-dir", type=output_dir, default=None, help="write quality.md/.json and sample grids here")
     p.add_argument("--tiny", action="store_true", help="tiny random DiT, 8 samples, 2 steps (dry run)")
+
+
+def _recipe_list(text: str) -> str:
+    """argparse type of --recipes: 'all' or comma-separated names dtq knows (checked before any model loads)."""
+    if text == "all":
+        return text
+    available = available_recipes(_dtq_api())
+    names = text.split(",")
+    unknown = [r for r in names if r not in available]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown recipes {unknown}; available: {', '.join(available)}")
+    return text
+
+
+def _named_checkpoint(text: str) -> tuple[str, str]:
+    """argparse type of --quantized: NAME=DIR with a non-empty NAME and an existing DIR."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"wants NAME=DIR, got {text!r}")
+    return name, str(existing_dir(path))
+
+
+def _given(value, default):
+    """An option's value, or `default` when it was not given (never for a given 0: the types refuse it)."""
+    return default if value is None else value
 
 
 def _reference():
@@ -230,16 +256,16 @@ def _run(args: argparse.Namespace) -> list[dict]:
         from dtq_kernels.models.reference_dit import sample as sample_fn
 
         fp = harness.tiny_random_dit()
-        n, steps, fid_ref_n = args.n_samples or 8, args.steps or 2, args.fid_ref_n or 16
+        n, steps, fid_ref_n = _given(args.n_samples, 8), _given(args.steps, 2), _given(args.fid_ref_n, 16)
         guidance = args.guidance if args.guidance is not None else 2.0
         model_desc = "tiny random DiT (dry run: the numbers mean nothing)"
     else:
         load, sample_fn, def_steps, def_guidance = _reference()
         fp = load()
         on_gpu = torch.device(args.device).type == "cuda"
-        n = args.n_samples or (GPU_SAMPLES if on_gpu else CPU_SAMPLES)
-        fid_ref_n = args.fid_ref_n or (10_000 if on_gpu else CPU_FID_REF)
-        steps = args.steps or def_steps
+        n = _given(args.n_samples, GPU_SAMPLES if on_gpu else CPU_SAMPLES)
+        fid_ref_n = _given(args.fid_ref_n, 10_000 if on_gpu else CPU_FID_REF)
+        steps = _given(args.steps, def_steps)
         guidance = args.guidance if args.guidance is not None else def_guidance
         model_desc = "the shipped reference DiT (dtq_kernels.models.reference_dit, Fashion-MNIST 32×32)"
     fp = fp.to(args.device).eval()
@@ -251,18 +277,12 @@ def _run(args: argparse.Namespace) -> list[dict]:
         available = available_recipes(dtq)
         wanted = ([r for r in available if not (args.no_ablations and r in ABLATIONS)] if args.recipes == "all"
                   else args.recipes.split(","))
-        unknown = [r for r in wanted if r not in available]
-        if unknown:
-            raise SystemExit(f"unknown recipes {unknown}; available: {', '.join(available)}")
         for name in wanted:
             t0 = time.time()
             models[name], notes = build_quantized(dtq, fp, name, sample_fn, steps, guidance)
             descriptions[name] = available[name] + "".join(f" **Note: {m}.**" for m in notes)
             print(f"calibrated and quantized {name} in {time.time() - t0:.0f} s", flush=True)
-    for spec in args.quantized:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--quantized wants NAME=DIR, got {spec!r}")
+    for name, path in args.quantized:
         dtq = _dtq_api()
         models[name] = copy.deepcopy(fp)
         dtq.load_quantized(models[name], path, fuse=False)  # per layer, as build_quantized (SQNR hooks)

@@ -320,7 +320,7 @@ class QuantLinear(torch.nn.Module):
 
     def forward_quantized(self, q: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """The GEMM of an integer-activation path (CODE_INPUT_PATHS) on activation codes a producer already
-        made with this layer's quantizer (q int8 [M, K], a_scale f32 [M] or [1]; ignored for two-region
+        made with this layer's quantizer (q int8 [M, K], a_scale f32 [M]; ignored for two-region
         codes, whose scales are the table) -> [M, N]. nn/fused.py uses it to hand LayerNorm-modulate or
         GELU fused with the quantization straight to the GEMM."""
         name = self._run_path.name

@@ -20,7 +20,13 @@ masked gets zeros (not NaN). Head dims up to 128.
   (formats.quantize_two_region "split" mode with (c_pos, c_neg) = p_table[g]; TQ-DiT MRQ). P·V is
   exact in integers. The kernel takes two passes over the keys (row max and sum first), because the
   static P quantizer is defined on the normalized probabilities.
+
+Non-finite inputs are never hidden (both ops, reference and kernel): a q or k row (token, head) holding
+NaN/±Inf gets scale NaN (formats.mark_nonfinite_rows), so the softmax row sum of every query that reads
+it is NaN and that output row is NaN (a masked key is never read); a non-finite v makes its channel NaN
+for every query of that head (dynamic: through the per-channel V scale; static: its code stays NaN).
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -175,7 +175,8 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
                          w_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """Two-region activation codes (formats.quantize_two_region) times int8 weights:
     out = (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias with
-    (c_pos, c_neg) = coef_table[group_idx[0]]; both integer accumulations exact in int32."""
+    (c_pos, c_neg) = coef_table[group_idx[0]]; both integer accumulations exact in int32. A row whose
+    first code is formats.NONFINITE_CODE (−128: quantize_two_region's mark of a NaN/±Inf input row) is NaN."""
     _check_int8_gemm_two_region(a, coef_table, group_idx, w, w_scale, bias, out_dtype)
     check_group_in_range("int8_gemm_two_region", group_idx, coef_table.shape[0])
     return dispatch("int8_gemm_two_region", a.device)(a, coef_table, group_idx, w, w_scale, bias, out_dtype)

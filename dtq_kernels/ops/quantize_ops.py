@@ -22,7 +22,8 @@ def _check_quantize_per_token(x: torch.Tensor, bits: int) -> None:
 
 @torch.library.custom_op("dtq::quantize_per_token", mutates_args=())
 def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (q int8 [M, K], scale f32 [M]); scale = absmax(row) / (2^(bits-1) - 1)."""
+    """x [M, K] float -> (q int8 [M, K], scale f32 [M]); scale = absmax(row) / (2^(bits-1) - 1).
+    A row holding NaN or ±Inf gets scale NaN and codes 0 (formats.mark_nonfinite_rows): never hidden."""
     _check_quantize_per_token(x, bits)
     return dispatch("quantize_per_token", x.device)(x, bits)
 
@@ -41,7 +42,12 @@ def _(x, bits=8):
 #   dtq_kernels.hadamard) -> quantize
 # and quantize is either dynamic per token (scale_table None: scale f32[M], the semantics of
 # quantize_per_token) or static per tensor (scale = scale_table[group_idx[0]], read on the device with
-# no host sync; formats.quantize_int: round half even, clamp ±qmax; the scale comes back as f32[1]).
+# no host sync; formats.quantize_int: round half even, clamp ±qmax; the scale comes back per row, f32[M],
+# every entry scale_table[group_idx[0]] unless the row is non-finite).
+# Non-finite inputs are never hidden: a row whose quantizer input (after the fused transforms, which
+# turn any NaN/±Inf of x, shift or scale into NaN/±Inf) holds NaN or ±Inf gets codes 0 and scale NaN in
+# both modes, so the INT8 GEMM that consumes (codes, scale) outputs NaN for that row. (Static scales were
+# f32[1] before; a per-row f32[M] costs 4 bytes per row and is what int8_gemm already takes.)
 # The Triton kernel fuses the whole chain into one read of x and one write of the codes.
 
 register_kernel("quantize_act", "reference")(reference.quantize_act)
@@ -74,9 +80,7 @@ def _check_act(op: str, x, bits, smooth, rotate, scale_table, group_idx, **other
 
 
 def _act_outputs(x, scale_table):
-    m = x.shape[0]
-    return (torch.empty_like(x, dtype=torch.int8),
-            x.new_empty(m if scale_table is None else 1, dtype=torch.float32))
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 def _check_table_range(op, scale_table, group_idx) -> None:
@@ -90,11 +94,12 @@ def _check_table_range(op, scale_table, group_idx) -> None:
 def quantize_act(x: torch.Tensor, bits: int = 8, smooth: Optional[torch.Tensor] = None, rotate: bool = False,
                  scale_table: Optional[torch.Tensor] = None,
                  group_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (q int8 [M, K], scale f32 [M] (dynamic) or f32 [1] (static)).
+    """x [M, K] float -> (q int8 [M, K], scale f32 [M]).
 
     q = codes of ((x / smooth) @ H_K) with smooth f32 [K] optional and the rotation when rotate=True
     (K must be 2^k, 12·2^k or 36·2^k). Dynamic per token when scale_table is None, else the static
-    scale scale_table[group_idx[0]] (scale_table f32 [G], group_idx int32 [1], read on the device).
+    scale scale_table[group_idx[0]] (scale_table f32 [G], group_idx int32 [1], read on the device),
+    repeated per row. A row holding NaN/±Inf gets codes 0 and scale NaN (see the note above).
     """
     _check_act("quantize_act", x, bits, smooth, rotate, scale_table, group_idx)
     _check_table_range("quantize_act", scale_table, group_idx)
@@ -196,7 +201,9 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
                         mode: str = "sign", gelu: bool = False, approximate: str = "tanh") -> torch.Tensor:
     """Two-region (MRQ) codes int8 [M, K] of x, or of GELU(x) when gelu=True (post-GELU fc2 input), exactly
     formats.quantize_two_region with (c_pos, c_neg) = coef_table[group_idx[0]] (coef_table f32 [G, 2]):
-    the codes int8_gemm_two_region consumes with the same table and index."""
+    the codes int8_gemm_two_region consumes with the same table and index. Every code of a row holding
+    NaN/±Inf is formats.NONFINITE_CODE (−128, never a two-region code), which int8_gemm_two_region turns
+    into a NaN output row and formats.dequantize_two_region into NaN: the schema (codes only) is unchanged."""
     _check_two_region(x, coef_table, group_idx, bits, mode, gelu, approximate)
     check_group_in_range("quantize_two_region", group_idx, coef_table.shape[0])
     return dispatch("quantize_two_region", x.device)(x, coef_table, group_idx, bits, mode, gelu, approximate)

@@ -1,6 +1,10 @@
 """Pure-torch implementations of the `dtq` ops: the executable spec, the CPU path and the test oracle.
 
 Inputs are assumed validated by the op layer. All quantization math comes from `dtq_kernels.formats`.
+
+Non-finite activations propagate (formats.mark_nonfinite_rows): every activation quantizer gives a row
+holding NaN/±Inf (after its fused transforms) the scale NaN and codes 0, or, for two-region codes, the
+code formats.NONFINITE_CODE over the whole row; the GEMMs and attention turn those into NaN outputs.
 """
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from .. import formats
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization: scale = absmax(row) / (2^(bits-1) - 1), codes round half to even."""
-    scale = formats.absmax_scale(x.float().abs().amax(dim=-1), f"int{bits}")
-    return formats.quantize_int(x, scale[:, None], bits), scale
+    """Per-row symmetric quantization: scale = absmax(row) / (2^(bits-1) - 1), codes round half to even;
+    a row holding NaN/±Inf gets scale NaN and codes 0."""
+    xf = x.float()
+    scale = formats.absmax_scale(xf.abs().amax(dim=-1), f"int{bits}")
+    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale[:, None], bits), scale)
 
 
 # Chunk of K for which fp32 BLAS is exact: |a·w| <= 2^14 per product, so every partial sum of up to
@@ -63,7 +69,8 @@ def group_scaled_matmul(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor)
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(a · wᵀ in int32) · a_scale[:, None] · w_scale[None, :] + bias, computed in fp32, cast last; with
-    per-group scales [N, K/G]: group_scaled_matmul(a, w, w_scale) · a_scale[:, None] + bias."""
+    per-group scales [N, K/G]: group_scaled_matmul(a, w, w_scale) · a_scale[:, None] + bias. A NaN
+    a_scale, the quantizers' mark of a non-finite row, makes that output row NaN."""
     if w_scale.dim() == 2:
         out = group_scaled_matmul(a, weight_codes(w), w_scale) * a_scale.float()[:, None]
     else:
@@ -96,7 +103,8 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
                          w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Two-region codes a (formats.quantize_two_region: value = q·c_pos if q >= 0 else q·c_neg) times
     int8 weights: (c_pos · (max(a,0)·wᵀ) + c_neg · (min(a,0)·wᵀ)) · w_scale + bias, both integer parts
-    exact, (c_pos, c_neg) = coef_table[group_idx[0]]."""
+    exact, (c_pos, c_neg) = coef_table[group_idx[0]]. A row whose first code is
+    formats.NONFINITE_CODE (quantize_two_region's mark of a non-finite row) gives NaN."""
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
     w = weight_codes(w)
     acc_pos = int_matmul_float(a.clamp(min=0), w)
@@ -104,6 +112,8 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
     out = (acc_pos * c_pos + acc_neg * c_neg) * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
+    if a.shape[1]:
+        out = torch.where(a[:, :1] == formats.NONFINITE_CODE, torch.full_like(out, float("nan")), out)
     return out.to(out_dtype)
 
 
@@ -144,11 +154,12 @@ def _smooth_rotate(xf: torch.Tensor, smooth: torch.Tensor | None, rotate: bool) 
 def _quantize_rows(xf: torch.Tensor, bits: int, scale_table: torch.Tensor | None,
                    group_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per token (quantize_per_token semantics) without a table, else static per tensor with
-    scale = scale_table[group_idx[0]] (formats.quantize_int: round half even, clamp ±qmax)."""
+    scale = scale_table[group_idx[0]] (formats.quantize_int: round half even, clamp ±qmax), returned
+    per row [M] so that a row holding NaN/±Inf can carry the scale NaN (formats.mark_nonfinite_rows)."""
     if scale_table is None:
         return quantize_per_token(xf, bits)
     scale = scale_table[group_idx.long()].float()  # [1]
-    return formats.quantize_int(xf, scale, bits), scale
+    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale, bits), scale.expand(xf.shape[0]))
 
 
 def quantize_act(x: torch.Tensor, bits: int, smooth: torch.Tensor | None, rotate: bool,
@@ -161,11 +172,13 @@ def quantize_act_fp8(x: torch.Tensor, smooth: torch.Tensor | None,
                      rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token FP8 E4M3 codes of (x / smooth) @ H_K in fp32: scale = absmax(row) / 448,
     codes = formats.quantize_fp8_e4m3(row, scale) (a zero row: scale 0, codes 0). A row holding NaN or
-    Inf gets a non-finite scale, so whatever consumes the codes with their scale yields non-finite
-    values for that row: a broken input is never hidden."""
+    ±Inf gets scale NaN and codes 0 (formats.mark_nonfinite_rows), so whatever consumes the codes with
+    their scale yields NaN for that row: a broken input is never hidden."""
     xs = _smooth_rotate(x.float(), smooth, rotate)
     scale = formats.absmax_scale(xs.abs().amax(dim=-1), "fp8_e4m3")
-    return formats.quantize_fp8_e4m3(xs, scale[:, None]), scale
+    # marked in fp32 (exact for every E4M3 value): torch.where has no float8 kernel on every device
+    codes, scale = formats.mark_nonfinite_rows(xs, formats.quantize_fp8_e4m3(xs, scale[:, None]).float(), scale)
+    return codes.to(torch.float8_e4m3fn), scale
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_batch: int,
@@ -192,10 +205,12 @@ def gelu_quantize(h: torch.Tensor, bits: int, approximate: str, smooth: torch.Te
 
 def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: torch.Tensor, bits: int, mode: str,
                         gelu: bool, approximate: str) -> torch.Tensor:
-    """formats.quantize_two_region of x (or of GELU(x)) with (c_pos, c_neg) = coef_table[group_idx[0]]."""
+    """formats.quantize_two_region of x (or of GELU(x)) with (c_pos, c_neg) = coef_table[group_idx[0]];
+    every code of a row holding NaN/±Inf is formats.NONFINITE_CODE."""
     xf = torch.nn.functional.gelu(x.float(), approximate=approximate) if gelu else x.float()
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
-    return formats.quantize_two_region(xf, c_pos, c_neg, bits, mode)
+    q = formats.quantize_two_region(xf, c_pos, c_neg, bits, mode)
+    return torch.where(formats.nonfinite_rows(xf)[:, None], torch.full_like(q, formats.NONFINITE_CODE), q)
 
 
 # ------------------------------------------------------------------- quantized attention (attention_ops)
@@ -263,8 +278,8 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     kf = k.float() - attention_k_mean(k) if smooth_k else k.float()
     q_scale = formats.absmax_scale(q.float().abs().amax(-1), "int8")  # per token and head
     k_scale = formats.absmax_scale(kf.abs().amax(-1), "int8")
-    qc = formats.quantize_int(q, q_scale[..., None], 8)
-    kc = formats.quantize_int(kf, k_scale[..., None], 8)
+    qc, q_scale = formats.mark_nonfinite_rows(q, formats.quantize_int(q, q_scale[..., None], 8), q_scale)
+    kc, k_scale = formats.mark_nonfinite_rows(kf, formats.quantize_int(kf, k_scale[..., None], 8), k_scale)
     p, l = _attn_probs(_attn_scores(qc, q_scale, kc, k_scale, mult, key_padding_mask), LOG2_P_SCALE)
     v_scale = attention_v_scale(v)  # [B, H, D]
     vs = v_scale[:, None]  # [B, 1, H, D] against v [B, S, H, D]
@@ -276,7 +291,13 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
         v_c = (v.float() / torch.where(vs == 0, torch.ones_like(vs), vs)).half().float()
     acc = torch.einsum("bhqk,bkhd->bhqd", p_c, v_c)
     out = acc * _safe_recip(l)[..., None] * v_scale[:, :, None, :]
-    return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)
+    return _nan_rows(out, l).permute(0, 2, 1, 3).contiguous().to(q.dtype)
+
+
+def _nan_rows(out: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """out [B, H, Sq, D] with NaN rows where the softmax row sum l [B, H, Sq] is NaN: a query row holding
+    NaN/±Inf, or an unmasked key that does (their scales are NaN, formats.mark_nonfinite_rows)."""
+    return torch.where(torch.isnan(l)[..., None], torch.full_like(out, float("nan")), out)
 
 
 def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -290,13 +311,14 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mult = (d ** -0.5 if scale is None else scale) * LOG2E
     g = group_idx.long()
     sq, sk, sv = (t[g].float()[:, None, :] for t in (q_scales, k_scales, v_scales))  # [1, 1, H]
-    qc = formats.quantize_int(q, sq[..., None], bits)
-    kc = formats.quantize_int(k, sk[..., None], bits)
+    qc, q_rows = formats.mark_nonfinite_rows(q, formats.quantize_int(q, sq[..., None], bits), sq.expand(q.shape[:3]))
+    kc, k_rows = formats.mark_nonfinite_rows(k, formats.quantize_int(k, sk[..., None], bits), sk.expand(k.shape[:3]))
     vc = formats.quantize_int(v, sv[..., None], bits)
-    p, l = _attn_probs(_attn_scores(qc, sq.expand(q.shape[:3]), kc, sk.expand(k.shape[:3]), mult, key_padding_mask))
+    p, l = _attn_probs(_attn_scores(qc, q_rows, kc, k_rows, mult, key_padding_mask))
     p = p * _safe_recip(l)[..., None]
     coef = p_table[g].float()[0]
-    vcd = vc.double()
+    # a non-finite V element becomes a NaN code (the kernel's V codes are fp16): every row reading it is NaN
+    vcd = torch.where(torch.isfinite(v), vc.double(), torch.full_like(vc, float("nan"), dtype=torch.float64))
     if p_mode == "uniform":  # unsigned codes 0 .. 2^bits − 1: the asymmetric code with zero point −2^(bits−1)
         zero = torch.tensor(-(2 ** (bits - 1)), dtype=torch.int32)
         u = formats.quantize_int(p, coef[0], bits, zero).double() - zero
@@ -307,7 +329,7 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         acc_neg = torch.einsum("bhqk,bkhd->bhqd", qp.clamp(max=0), vcd).float()
         out = acc_pos * coef[0] + acc_neg * coef[1]
     out = out * sv.permute(0, 2, 1)[..., None]  # [1, H, 1, 1]
-    return out.permute(0, 2, 1, 3).contiguous().to(q.dtype)
+    return _nan_rows(out, l).permute(0, 2, 1, 3).contiguous().to(q.dtype)
 
 
 # ----------------------------------------------------------- W4A4: 4-bit codes with block scales (w4a4_ops)

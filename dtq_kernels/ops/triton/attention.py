@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .. import reference
 from .._dispatch import BackendError, register_kernel
-from .common import INTERPRETING, round_to_e4m3_grid, rne
+from .common import INTERPRETING, max_propagating_nan, nonfinite, round_to_e4m3_grid, rne
 from .gemm_int8 import round_to_bf16
 
 # P_MODE values
@@ -39,6 +39,7 @@ DYNAMIC, UNIFORM, TWO_REGION = 0, 1, 2
 # PV_KIND values: how V (and P) are coded for the P·V dot
 PV_FP8, PV_FP16, PV_INT = 0, 1, 2
 LOG2_P_SCALE = tl.constexpr(reference.LOG2_P_SCALE)  # dynamic P is coded as P · 448
+NAN = tl.constexpr(tl.PropagateNan.ALL)  # min/max/clamp that keep a NaN (the default may drop it)
 
 
 @triton.jit
@@ -67,7 +68,8 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
                       H, S, D, stride_b, stride_s, stride_h, mult, qmax, num_groups,
                       STATIC: tl.constexpr, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr,
                       CW: tl.constexpr):
-    """Codes [B·H, S, CW] (channels past D zero) and per-token scales; DP >= CW is the register tile."""
+    """Codes [B·H, S, CW] (channels past D zero) and per-token scales; DP >= CW is the register tile.
+    A row holding NaN/±Inf gets codes 0 and scale NaN (formats.mark_nonfinite_rows)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -79,17 +81,19 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
                 other=0.0).to(tl.float32)
     if HAS_MEAN:
         x = tl.where(ok, x - tl.load(mean_ptr + bh * D + rd, mask=rd < D, other=0.0)[None, :], 0.0)
+    absmax = tl.reduce(tl.abs(x), 1, max_propagating_nan)  # NaN or Inf for a row holding NaN/±Inf
+    bad = nonfinite(absmax) != 0
     if STATIC:
         g = tl.minimum(tl.maximum(tl.load(group_ptr), 0), num_groups - 1)
         scale = tl.zeros((BLOCK,), tl.float32) + tl.load(table_ptr + g * H + h)
     else:
-        scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax)  # formats.absmax_scale, bit for bit
+        scale = tl.math.div_rn(absmax, qmax)  # formats.absmax_scale, bit for bit
     safe = tl.where(scale == 0, 1.0, scale)
     q = tl.clamp(rne(tl.math.div_rn(x, safe[:, None])), -qmax, qmax)  # formats.quantize_int
-    q = tl.where((scale == 0)[:, None], 0.0, q)
+    q = tl.where((scale == 0)[:, None] | bad[:, None], 0.0, q)
     tl.store(codes_ptr + bh * S * CW + rs[:, None] * CW + rd[None, :], q.to(tl.int8),
              mask=(rs < S)[:, None] & (rd < CW)[None, :])
-    tl.store(scale_ptr + bh * S + rs, scale * mult, mask=rs < S)
+    tl.store(scale_ptr + bh * S + rs, tl.where(bad, float("nan"), scale * mult), mask=rs < S)
 
 
 @triton.jit
@@ -112,8 +116,8 @@ def quant_v_kernel(v_ptr, vt_ptr, vscale_ptr, H, S, SP, D, stride_b, stride_s, s
         y = _to_e4m3(y, SOFT_FP8_ROUND)
     elif PV_KIND == 1:
         y = y.to(tl.float16)
-    else:  # static integer codes, exact in fp16
-        y = tl.clamp(rne(y), -qmax, qmax).to(tl.float16)
+    else:  # static integer codes, exact in fp16; a non-finite V element stays NaN (fp16 holds it)
+        y = tl.where(nonfinite(x) != 0, float("nan"), tl.clamp(rne(y), -qmax, qmax)).to(tl.float16)
     tl.store(vt_ptr + bh * CW * SP + rd[:, None] * SP + rs[None, :], tl.trans(y),
              mask=(rd < CW)[:, None] & (rs < SP)[None, :])
 
@@ -143,6 +147,12 @@ def _row_max_step(m_i, s):
     """Running max rounded up to an integer (finite or -inf) and its finite stand-in for subtraction."""
     m_new = tl.maximum(m_i, tl.math.floor(tl.max(s, axis=1)) + 1.0)
     return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
+
+
+@triton.jit
+def _inv_row_sum(l):
+    """1 / l, 0 for a row without any unmasked key (l = 0), NaN for a NaN row sum."""
+    return tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
 
 
 @triton.jit
@@ -212,7 +222,7 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
                 acc_b = acc_b * alpha[:, None] + _pv(pc, _vt_tile(vt_ptr, bh, rn, SKP, DA, DB, CW), PV_KIND == 0,
                                                      BLOCK_N)
             m_i = m_new
-        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        inv_l = _inv_row_sum(l_i)
         acc_a = acc_a * inv_l[:, None]
         if SPLIT:
             acc_b = acc_b * inv_l[:, None]
@@ -224,7 +234,7 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             l_i = l_i * tl.exp2(m_i - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), axis=1)
             m_i = m_new
         m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
-        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        inv_l = _inv_row_sum(l_i)
         g = tl.minimum(tl.maximum(tl.load(group_ptr), 0), num_groups - 1)
         if P_MODE == 1:
             step = tl.load(ptab_ptr + g)
@@ -239,7 +249,10 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             neg_a = tl.zeros((BLOCK_M, DA), tl.float32)
             if SPLIT:
                 neg_b = tl.zeros((BLOCK_M, DB), tl.float32)
-        # pass 2: quantize the normalized P with the group's quantizer, P·V exact in integer codes (fp16)
+        # pass 2: quantize the normalized P with the group's quantizer, P·V exact in integer codes (fp16).
+        # A NaN row sum (a non-finite q row, or a non-finite unmasked key: their scales are NaN) makes
+        # inv_l and so every P of the row NaN; the NaN-propagating clamps keep it as a NaN fp16 code, and
+        # the P·V dot makes the output row NaN
         for n0 in range(0, SK, BLOCK_N):
             s = _scores(qa, qb, qs, k_ptr, ks_ptr, mask_ptr, bh, b, n0, SK, HAS_MASK, BLOCK_N, DA, DB, SPLIT, CW)
             p = tl.exp2(s - m_sub[:, None]) * inv_l[:, None]
@@ -248,15 +261,16 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             if SPLIT:
                 vtb = _vt_tile(vt_ptr, bh, rn, SKP, DA, DB, CW)
             if P_MODE == 1:
-                u = tl.minimum(rne(p * inv_step), top).to(tl.float16)
+                u = tl.minimum(rne(p * inv_step), top, propagate_nan=NAN).to(tl.float16)
                 acc_a += _pv(u, vta, False, BLOCK_N)
                 if SPLIT:
                     acc_b += _pv(u, vtb, False, BLOCK_N)
             else:  # formats.quantize_two_region, mode "split"
                 q_lo = rne(p * inv_pos)
-                c = tl.clamp(tl.where((p < split) & (q_lo <= qmax), q_lo, rne(p * inv_neg)), -qmax, qmax)
-                c_hi = tl.minimum(c, 0.0).to(tl.float16)
-                c = tl.maximum(c, 0.0).to(tl.float16)
+                c = tl.clamp(tl.where((p < split) & (q_lo <= qmax), q_lo, rne(p * inv_neg)), -qmax, qmax,
+                             propagate_nan=NAN)
+                c_hi = tl.minimum(c, 0.0, propagate_nan=NAN).to(tl.float16)
+                c = tl.maximum(c, 0.0, propagate_nan=NAN).to(tl.float16)
                 acc_a += _pv(c, vta, False, BLOCK_N)
                 neg_a += _pv(c_hi, vta, False, BLOCK_N)
                 if SPLIT:
@@ -270,7 +284,7 @@ def attn_fwd_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, mask_ptr, ptab
             acc_a = acc_a * c_pos + neg_a * c_neg
             if SPLIT:
                 acc_b = acc_b * c_pos + neg_b * c_neg
-    # times the per-channel V scale, then stored
+    # times the per-channel V scale, then stored (dynamic mode: a NaN row sum made inv_l and the row NaN)
     vsa = tl.load(vs_ptr + bh * CW + tl.arange(0, DA))
     _store(out_ptr, acc_a * vsa[None, :], b, h, rm, SQ, D, stride_ob, stride_os, stride_oh, 0, DA)
     if SPLIT:

@@ -25,6 +25,19 @@ def round_to_e4m3_grid(x):
     return tl.where(x < 0, -q, q)
 
 
+@triton.jit
+def nonfinite(x):
+    """int32 1 where x is NaN or ±Inf, else 0 (NaN fails every ordered comparison)."""
+    return tl.where(tl.abs(x) < float("inf"), 0, 1)
+
+
+@triton.jit
+def max_propagating_nan(a, b):
+    """tl.maximum that returns NaN when either side is NaN (tl.max alone may drop NaN on the GPU):
+    combine function for a row absmax that also tells whether the row holds a NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 def require_fp8_tensor_cores(device, op: str) -> None:
     """FP8 E4M3 kernels (conversions and MMA) need sm_89 or sm_90: a clear BackendError on older GPUs."""
     import torch

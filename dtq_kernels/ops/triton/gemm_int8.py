@@ -6,11 +6,13 @@ the integer correction, so every variant shares the tiling, program order and ma
 * int8_gemm           a_scale per token [M] or per tensor [1]
 * int8_gemm_static    per-tensor scale read on the device as scale_table[group_idx[0]] (no host sync)
 * int8_gemm_wzp       asymmetric weights: acc = a·wᵀ − rowsum(a)·zᵀ, exact in int32
-* int8_gemm_two_region two accumulations max(q,0)·wᵀ and min(q,0)·wᵀ, scaled by (c_pos, c_neg)
+* int8_gemm_two_region two accumulations max(q,0)·wᵀ and min(q,0)·wᵀ, scaled by (c_pos, c_neg); a row
+                      whose first code is -128 (a non-finite input row) gives NaN
 * w4a16_gemm          A_KIND=1: fp16/bf16 activations, int4 codes converted exactly to 16 bits in
                       registers for the 16-bit MMA (fp32 accumulation), no activation scale
 * fp8_gemm            A_KIND=2: float8_e4m3 activations and weights on the FP8 MMA (sm_89/sm_90),
                       each K-tile's product promoted into an fp32 accumulator
+A NaN activation scale (the quantizers' mark of a non-finite row) gives a NaN output row by arithmetic.
 The epilogue is evaluated in fp32 in the reference's order, so results differ from it only by FMA
 contraction (the integer part is exact). W6A6 and narrower codes are the same op: codes are smaller.
 W4A8: every variant also takes int4 weights packed two per byte (uint8 [N, K/2], formats.pack_int4);
@@ -197,6 +199,11 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
             out = out * tl.load(w_scale_ptr + rwn)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rwn).to(tl.float32)[None, :]
+    if TWO_REGION:
+        # quantize_two_region marks a row holding NaN/±Inf by codes -128 (formats.NONFINITE_CODE), never
+        # a two-region code: one byte per row read here makes that output row NaN (K >= 1 here)
+        marked = tl.load(a_ptr + ram * stride_am) == -128
+        out = tl.where(marked[:, None], float("nan"), out)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out = round_to_bf16(out)
     mask = (rm < M)[:, None] & (rn < N)[None, :]

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, require_fp8_tensor_cores, rne, round_to_e4m3_grid
+from .common import INTERPRETING, max_propagating_nan, nonfinite, require_fp8_tensor_cores, rne, round_to_e4m3_grid
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_q
     """BLOCK_M rows per program; pass 1 finds each row's absmax, pass 2 writes the codes.
 
     Bit-exact with the reference: fp32 absmax, correctly rounded divisions (div_rn), round half to
-    even, and a zero row gives scale 0 and codes 0.
+    even, a zero row gives scale 0 and codes 0, and a row holding NaN/±Inf scale NaN and codes 0.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -27,15 +27,17 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_q
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        # NaN-propagating: a row holding NaN/±Inf ends with absmax NaN/Inf
+        absmax = max_propagating_nan(absmax, tl.reduce(tl.abs(x.to(tl.float32)), 1, max_propagating_nan))
+    bad = nonfinite(absmax) != 0
     scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=row_ok)
     divisor = tl.where(scale == 0.0, 1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
         q = rne(tl.math.div_rn(x.to(tl.float32), divisor[:, None]))
-        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        q = tl.where(bad[:, None], 0.0, tl.minimum(tl.maximum(q, -QMAX), QMAX))
         tl.store(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
 
 
@@ -168,27 +170,27 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
         x = hadamard_rows(x, hm_ptr, MFAC, MPAD, P, LOG2P, BLOCK_M) * rot_norm  # 1/√K in fp32
 
     qmax = QMAX
+    # rows holding NaN/±Inf (any non-finite x, shift or scale makes the transformed row non-finite):
+    # scale NaN and codes 0, or two-region codes -128 (formats.NONFINITE_CODE) over the row
+    absmax = tl.reduce(tl.reduce(tl.abs(x), 2, max_propagating_nan), 1, max_propagating_nan)
+    bad = nonfinite(absmax) != 0
     if MODE == 0:  # dynamic per token: quantize_per_token's arithmetic
-        absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
         scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
         q = rne(tl.math.div_rn(x, divisor[:, None, None]))
     elif MODE == 4:  # dynamic per-token FP8 E4M3: reference.quantize_act_fp8's arithmetic
-        absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-        # tl.max skips NaN: a row holding one gets a NaN scale, so its GEMM output is NaN, not plausible
-        has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=1) > 0
-        absmax = tl.where(has_nan, float("nan"), absmax)
         scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), 448.0, tl.float32))
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=rows < M)
         divisor = tl.where(scale == 0.0, 1.0, scale)
         q = round_to_e4m3_grid(tl.math.div_rn(x, divisor[:, None, None]))  # on the grid: the cast is exact
     else:
         # time-group index read on the device, clamped so a bad one never reads past the table (the op
         # layer's device-side assert reports it)
         g = tl.minimum(tl.maximum(tl.load(group_ptr), 0), num_groups - 1)
-        if MODE == 1:  # static per tensor: formats.quantize_int (zero scale -> zero codes)
+        if MODE == 1:  # static per tensor: formats.quantize_int (zero scale -> zero codes), scale per row
             s_t = tl.load(table_ptr + g)
+            tl.store(scale_ptr + rows, tl.where(bad, float("nan"), s_t), mask=rows < M)
             q = rne(tl.math.div_rn(x, tl.where(s_t == 0.0, 1.0, s_t) + tl.zeros_like(x)))
             q = tl.where(s_t == 0.0, 0.0, q)
         else:  # two-region: formats.quantize_two_region
@@ -200,10 +202,12 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
                 q = tl.where(x >= 0.0, q_pos, q_neg)
             else:  # split: low region [0, c_pos·qmax) unless it rounds past qmax
                 q = tl.where((x < c_pos * qmax) & (q_pos <= qmax), q_pos, q_neg)
+    if MODE != 4:
+        q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    q = tl.where(bad[:, None, None], -128.0 if (MODE == 2 or MODE == 3) else 0.0, q)
     if MODE == 4:
         tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.float8e4nv), mask=mask)
     else:
-        q = tl.minimum(tl.maximum(q, -qmax), qmax)
         tl.store(q_ptr + rows[:, None, None] * stride_qm + col[None, :, :], q.to(tl.int8), mask=mask)
 
 
@@ -262,7 +266,7 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     M, K = x.shape
     mfac, mpad, p, block_m, num_warps, hm = plan_rows(x, rotate)
     q = torch.empty((M, K), dtype=torch.float8_e4m3fn if mode == MODE_FP8 else torch.int8, device=x.device)
-    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_FP8) else 0,), dtype=torch.float32, device=x.device)
+    scale = torch.empty((M if mode in (MODE_DYNAMIC, MODE_STATIC, MODE_FP8) else 0,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale
     hm = x if hm is None else hm
@@ -277,28 +281,20 @@ def _launch(x, *, bits, pre, smooth=None, rotate=False, mode=MODE_DYNAMIC, table
     return q, scale
 
 
-def _mode_and_scale(scale_table, group_idx):
-    return (MODE_DYNAMIC, None) if scale_table is None else (MODE_STATIC, scale_table.index_select(0, group_idx))
-
-
-def _finish(launched, static_scale):
-    q, scale = launched
-    return q, (scale if static_scale is None else static_scale.float())
+def _mode(scale_table):
+    return MODE_DYNAMIC if scale_table is None else MODE_STATIC
 
 
 @register_kernel("quantize_act", "triton")
 def quantize_act(x, bits, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(x, bits=bits, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
-                           group_idx=group_idx), static_scale)
+    return _launch(x, bits=bits, pre=PRE_NONE, smooth=smooth, rotate=rotate, mode=_mode(scale_table),
+                   table=scale_table, group_idx=group_idx)
 
 
 @register_kernel("layernorm_modulate_quantize", "triton")
 def layernorm_modulate_quantize(x, shift, scale, tokens_per_batch, eps, bits, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=mode, table=scale_table,
-                           group_idx=group_idx, shift=shift, mod=scale,
-                           tokens_per_batch=tokens_per_batch, eps=eps), static_scale)
+    return _launch(x, bits=bits, pre=PRE_LN, smooth=smooth, rotate=rotate, mode=_mode(scale_table), table=scale_table,
+                   group_idx=group_idx, shift=shift, mod=scale, tokens_per_batch=tokens_per_batch, eps=eps)
 
 
 @register_kernel("quantize_act_fp8", "triton")
@@ -312,9 +308,8 @@ _GELU_PRE = {"none": PRE_GELU_ERF, "tanh": PRE_GELU_TANH}
 
 @register_kernel("gelu_quantize", "triton")
 def gelu_quantize(h, bits, approximate, smooth, rotate, scale_table, group_idx):
-    mode, static_scale = _mode_and_scale(scale_table, group_idx)
-    return _finish(_launch(h, bits=bits, pre=_GELU_PRE[approximate], smooth=smooth, rotate=rotate, mode=mode,
-                           table=scale_table, group_idx=group_idx), static_scale)
+    return _launch(h, bits=bits, pre=_GELU_PRE[approximate], smooth=smooth, rotate=rotate, mode=_mode(scale_table),
+                   table=scale_table, group_idx=group_idx)
 
 
 @register_kernel("quantize_two_region", "triton")
