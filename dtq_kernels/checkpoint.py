@@ -451,10 +451,11 @@ def load_quantized(model: torch.nn.Module | type, path: str | Path,
         if tuple(state[k].shape) != shape or not dtype_ok:
             raise CheckpointError(f"checkpoint tensor {k} is {tuple(state[k].shape)} {stored}, "
                                   f"the model expects {shape} {dtype}")
-        if stored != dtype:  # a floating tensor stored narrower (fp_dtype): back to the model's own dtype
-            state[k] = state[k].to(dtype)
     install(model, plan, build_empty, fuse=False)
-    assign = bool(has_meta_tensors(model))  # a skeleton: take the file's tensors as they are, no copies
+    # a skeleton (built from the class) takes the file's tensors as they are, no copies: a floating tensor
+    # stored narrower keeps the stored dtype, which the default fp_dtype picks only where it holds the values
+    # exactly (a model already in fp16/bf16); a given instance copies, casting back to its own dtype
+    assign = bool(has_meta_tensors(model))
     model.load_state_dict(state, strict=True, assign=assign)
     del state  # the model holds what it needs; fusing below must not keep the unfused members alive too
     if device is not None:

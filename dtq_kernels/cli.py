@@ -378,9 +378,11 @@ def _make_plan(args, model):
 
 
 def _check_model_and_recipe(args) -> None:
-    """What can be checked before a model is built: the model and recipe names."""
-    if args.model not in MODELS:
-        raise CliError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    """What can be checked before a model is built: the model (a built-in name or a local diffusers
+    directory) and the recipe name."""
+    if args.model not in MODELS and not Path(args.model).is_dir():
+        raise CliError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)} or give a local diffusers "
+                       "directory")
     if getattr(args, "recipe", None) is not None:
         from .calib import recipes
         if args.recipe not in recipes():
