@@ -4,6 +4,8 @@ permissions under two umasks, and the storage dtype of the layers kept in floati
 import json
 import os
 import random
+import signal
+import time
 import shutil
 
 import pytest
@@ -131,6 +133,19 @@ def _hooked_save(model, target, die_at: int | None, torn: bool, counter: list) -
         os.write, os.fsync, os.rename, checkpoint.shutil.rmtree, checkpoint.WRITE_CHUNK_BYTES = saved
 
 
+def _wait_or_kill(pid: int, seconds: float) -> int:
+    """waitpid with a deadline: a child that hangs is killed (and the test fails on its status) rather than
+    hanging the whole suite."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
 def test_a_save_killed_at_random_points_never_loses_the_old_checkpoint(tmp_path):
     old_model, new_model = _quantized(0), _quantized(1)
     ck = tmp_path / "ck"
@@ -151,11 +166,14 @@ def test_a_save_killed_at_random_points_never_loses_the_old_checkpoint(tmp_path)
         pid = os.fork()
         if pid == 0:  # the child saves the new model over the old one and dies at step k
             try:
+                # the parent's OpenMP pool does not survive fork(): a parallel op in the child would wait
+                # forever for its workers, so the child computes on its own thread
+                torch.set_num_threads(1)
                 _hooked_save(new_model, ck, k, torn=k % 2 == 0, counter=[0])
             finally:
                 os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        assert os.WEXITSTATUS(status) in (0, 77)
+        status = _wait_or_kill(pid, seconds=120)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 77), f"save child ended with status {status}"
         try:
             out = _output(ck)
         except CheckpointError:
