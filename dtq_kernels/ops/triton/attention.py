@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .. import reference
 from .._dispatch import BackendError, register_kernel
-from .common import INTERPRETING, max_propagating_nan, nonfinite, round_to_e4m3_grid, rne
+from .common import INTERPRETING, absmax_propagating_nan, nonfinite, round_to_e4m3_grid, rne
 from .gemm_int8 import round_to_bf16
 
 # P_MODE values
@@ -81,7 +81,7 @@ def quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, table_ptr, group_pt
                 other=0.0).to(tl.float32)
     if HAS_MEAN:
         x = tl.where(ok, x - tl.load(mean_ptr + bh * D + rd, mask=rd < D, other=0.0)[None, :], 0.0)
-    absmax = tl.reduce(tl.abs(x), 1, max_propagating_nan)  # NaN or Inf for a row holding NaN/±Inf
+    absmax = absmax_propagating_nan(x, 1)  # NaN or Inf for a row holding NaN/±Inf
     bad = nonfinite(absmax) != 0
     if STATIC:
         g = tl.minimum(tl.maximum(tl.load(group_ptr), 0), num_groups - 1)

@@ -33,9 +33,18 @@ def nonfinite(x):
 
 @triton.jit
 def max_propagating_nan(a, b):
-    """tl.maximum that returns NaN when either side is NaN (tl.max alone may drop NaN on the GPU):
-    combine function for a row absmax that also tells whether the row holds a NaN."""
+    """Elementwise tl.maximum that returns NaN when either side is NaN."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def absmax_propagating_nan(x, axis: tl.constexpr):
+    """max |x| along `axis`, NaN where that slice holds a NaN (tl.max alone may drop NaN on the GPU).
+    Built from the standard reductions on purpose: a tl.reduce with a custom combine function runs
+    element by element in Python under the interpreter, hundreds of times slower."""
+    a = tl.abs(x)
+    has_nan = tl.max(tl.where(a == a, 0, 1), axis)  # NaN is the one value unequal to itself
+    return tl.where(has_nan > 0, float("nan"), tl.max(a, axis))
 
 
 def require_fp8_tensor_cores(device, op: str) -> None:

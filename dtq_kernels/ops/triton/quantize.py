@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ... import hadamard
 from .._dispatch import register_kernel
-from .common import INTERPRETING, max_propagating_nan, nonfinite, require_fp8_tensor_cores, rne, round_to_e4m3_grid
+from .common import INTERPRETING, absmax_propagating_nan, max_propagating_nan, nonfinite, require_fp8_tensor_cores, rne, round_to_e4m3_grid
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_q
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0)
         # NaN-propagating: a row holding NaN/±Inf ends with absmax NaN/Inf
-        absmax = max_propagating_nan(absmax, tl.reduce(tl.abs(x.to(tl.float32)), 1, max_propagating_nan))
+        absmax = max_propagating_nan(absmax, absmax_propagating_nan(x.to(tl.float32), 1))
     bad = nonfinite(absmax) != 0
     scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
     tl.store(scale_ptr + rows, tl.where(bad, float("nan"), scale), mask=row_ok)
@@ -172,7 +172,7 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
     qmax = QMAX
     # rows holding NaN/±Inf (any non-finite x, shift or scale makes the transformed row non-finite):
     # scale NaN and codes 0, or two-region codes -128 (formats.NONFINITE_CODE) over the row
-    absmax = tl.reduce(tl.reduce(tl.abs(x), 2, max_propagating_nan), 1, max_propagating_nan)
+    absmax = absmax_propagating_nan(absmax_propagating_nan(x, 2), 1)
     bad = nonfinite(absmax) != 0
     if MODE == 0:  # dynamic per token: quantize_per_token's arithmetic
         scale = tl.math.div_rn(absmax, tl.full((BLOCK_M,), QMAX, tl.float32))
