@@ -358,6 +358,20 @@ def test_quantized_dit_compiles_fullgraph(plan_name):
     assert made[0] >= 1 and made[1] == made[0], made
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_quantized_sd3_and_flux_compile_fullgraph(kind):
+    """The fast SD3 / Flux blocks (with dtq's quantized attention) trace without graph breaks: the
+    shared-codes decision of the Flux single block is a constant of the quantized model."""
+    torch._dynamo.reset()
+    build, inputs = MMDIT[kind]
+    m = build()
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), TABLE, 10))
+    set_quant_attention(m)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(**inputs()).sample, m(**inputs()).sample)
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 
 def _cuda_kw(t, dtype):

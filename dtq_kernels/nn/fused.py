@@ -214,6 +214,7 @@ def ln_modulate_plain(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Te
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
+@torch.compiler.assume_constant_result  # buffers fixed once quantized: no data-dependent branch under compile
 def _same_quantizer(a: QuantLinear, b: QuantLinear) -> bool:
     """Whether two fusable layers quantize an input to the same codes (then one pass serves both)."""
     (bits, smooth, rotate, table, _), (bits_b, smooth_b, rotate_b, table_b, _) = _quantizer_args(a), _quantizer_args(b)
