@@ -10,10 +10,12 @@ A plan-only directory (`save_plan`, `dtq calibrate`) has the same layout without
 plan.json's "kind" ("model" or "plan") says which, and the two never share a directory.
 
 Guarantees:
-* Atomic: `write_checkpoint_dir` builds the directory next to the target and renames it into place,
+* Atomic: `new_checkpoint_dir` builds the directory next to the target and renames it into place,
   so an interrupted save leaves the previous checkpoint (or nothing) and never a mix of two saves.
+  Every save goes through it: `write_checkpoint_dir` (save_quantized, save_plan) and the save_pretrained
+  of a dtq-quantized diffusers model (diffusers_quantizer.py).
 * Refusing: an existing checkpoint is replaced only with overwrite=True; a directory holding other
-  files, a plain file, or a checkpoint of the other kind is never written over.
+  files, a plain file, a checkpoint of another kind, or a place the user cannot write is refused.
 * Integrity: plan.json records the size and SHA-256 of every other file and a checksum of its own
   content; `load_quantized` / `read_plan` verify them all before touching the model and name the file
   that fails (verify="size" checks sizes only: for checkpoints too large to hash at every load).
@@ -35,8 +37,9 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Iterator, Mapping, Union
 
 import torch
 from safetensors import SafetensorError
@@ -50,7 +53,8 @@ from .quantize import build_empty, check_plan_fits, install
 
 CHECKPOINT_FORMAT_VERSION = 2
 MODEL_FILE, PLAN_FILE, PLAN_TENSORS_FILE = "model.safetensors", "plan.json", "plan_tensors.safetensors"
-KIND_MODEL, KIND_PLAN = "model", "plan"
+KIND_MODEL, KIND_PLAN, KIND_DIFFUSERS = "model", "plan", "diffusers"
+DIFFUSERS_CONFIG = "config.json"  # the manifest of a diffusers save: KIND_DIFFUSERS when quant_method is "dtq"
 VERIFY_MODES = ("sha256", "size")
 FP_STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WRITE_CHUNK_BYTES = 1 << 22  # files are written in chunks of this many bytes
@@ -76,24 +80,32 @@ def _serialize(name: str, content) -> bytes:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Create `path` (mode 0o666 minus the umask), write `data` in chunks and fsync it."""
+    """Create `path` (mode 0o666 minus the umask) and write `data` in chunks (new_checkpoint_dir fsyncs it)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view[:WRITE_CHUNK_BYTES])
             view = view[n:]
-        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, deepest first, `root` last: all of it is on disk
+    before the rename that publishes it (whoever wrote the files, e.g. diffusers, need not have)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
 
 
 def _canonical(manifest: dict) -> bytes:
@@ -123,7 +135,7 @@ def _pid_of(p: Path) -> int:
 
 
 def recover(target: str | Path, *, clean: bool = False) -> None:
-    """Finish what an interrupted `write_checkpoint_dir` left next to `target`: if the target is missing
+    """Finish what an interrupted save (`new_checkpoint_dir`) left next to `target`: if the target is missing
     but its previous version was already moved aside, move it back (the interrupted save never
     completed). With clean=True (a new save is starting) also delete leftover build directories of
     dead processes and previous versions that a completed save did not get to delete."""
@@ -138,25 +150,46 @@ def recover(target: str | Path, *, clean: bool = False) -> None:
 
 
 def _existing_kind(path: Path, manifest: str) -> str | None:
-    """The "kind" recorded in an existing checkpoint's manifest (None when it has none or is unreadable)."""
+    """The kind of an existing checkpoint: the "kind" its manifest records, KIND_DIFFUSERS for a diffusers
+    config.json whose quantization_config has quant_method "dtq"; None when unreadable or neither."""
     try:
         meta = json.loads((path / manifest).read_text())
     except (OSError, ValueError):
         return None
-    return meta.get("kind") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    if manifest == DIFFUSERS_CONFIG:
+        quant = meta.get("quantization_config")
+        return KIND_DIFFUSERS if isinstance(quant, dict) and quant.get("quant_method") == "dtq" else None
+    return meta.get("kind")
+
+
+def _check_writable(target: Path) -> None:
+    """Raise CheckpointError unless the directory that will hold `target` (or its nearest existing
+    ancestor) can be written: the new checkpoint is built next to `target` and renamed into place."""
+    parent = Path(os.path.abspath(target)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{target}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"no permission to write in {parent}: a checkpoint at {target} is built in a "
+                              "temporary directory next to it and renamed into place")
 
 
 def check_target(target: str | Path, *, kind: str = KIND_MODEL, overwrite: bool = False,
                  manifest: str = PLAN_FILE) -> bool:
-    """Raise CheckpointError for a `target` that write_checkpoint_dir would refuse (see there); True when
-    an existing checkpoint would be replaced. Changes nothing: commands call it before long work."""
+    """Raise CheckpointError for a `target` that new_checkpoint_dir would refuse (see there);
+    True when an existing checkpoint would be replaced. Changes nothing: commands call it before long work."""
     target = Path(target)
     if not target.exists():
         if target.is_symlink():
             raise CheckpointError(f"{target} is a dangling symbolic link: refusing to write a checkpoint there")
+        _check_writable(target)
         return False
     if not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a directory: refusing to write a checkpoint over it")
+    _check_writable(target)
     entries = list(target.iterdir())
     if not entries:
         return True
@@ -166,12 +199,59 @@ def check_target(target: str | Path, *, kind: str = KIND_MODEL, overwrite: bool 
                               "checkpoint into it; choose a new or empty directory")
     existing = _existing_kind(target, manifest)
     if existing != kind:
-        what = {KIND_MODEL: "a quantized-model checkpoint", KIND_PLAN: "a plan-only directory"}
-        raise CheckpointError(f"{target} holds {what.get(existing, 'an unrecognized checkpoint')}; refusing to "
-                              f"write {what.get(kind, kind)} over it (they never share a directory)")
+        what = {KIND_MODEL: "a quantized-model checkpoint", KIND_PLAN: "a plan-only directory",
+                KIND_DIFFUSERS: "a dtq-quantized diffusers model"}
+        if existing is None:
+            raise CheckpointError(f"{target} holds a {manifest} that dtq did not write: refusing to write "
+                                  f"{what.get(kind, kind)} into it; choose a new or empty directory")
+        raise CheckpointError(f"{target} holds {what.get(existing, f'a checkpoint of kind {existing!r}')}; refusing to write {what.get(kind, kind)} over "
+                              "it (they never share a directory)")
     if not overwrite:
         raise CheckpointError(f"{target} already holds a checkpoint: pass overwrite=True (dtq --force) to replace it")
     return True
+
+
+@contextmanager
+def new_checkpoint_dir(target: str | Path, *, kind: str, overwrite: bool = False,
+                       manifest: str = PLAN_FILE) -> Iterator[Path]:
+    """Yield a fresh empty directory to write a checkpoint into; when the block ends normally, it becomes
+    `target` atomically. The one save procedure of every checkpoint (write_checkpoint_dir, diffusers'
+    save_pretrained of a dtq-quantized model).
+
+    Before yielding: `recover` finishes what an interrupted save left, then `check_target` refuses
+    (CheckpointError) a file, a directory holding other files, a checkpoint of another `kind`, an existing
+    checkpoint without overwrite=True, or a place the user cannot write. The directory yielded is a
+    sibling `.<name>.dtq-tmp-<pid>-<id>` (mode 0o777 minus the umask). When the block raises, it is
+    deleted and `target` is left as it was. Otherwise every file and directory in it is fsynced and it is
+    renamed to `target` (one atomic rename); when replacing an existing checkpoint, the old one is first
+    renamed to `.<name>.dtq-old-<pid>-<id>`, the new one renamed in, and only then the old one deleted. An
+    interruption at any point therefore leaves `target` either the complete old checkpoint, the complete
+    new one, or (between the two renames) missing with the old one aside, which `recover` (run by every
+    load and save) moves back. One writer per target at a time: two processes saving to the same
+    directory at once are not coordinated.
+    """
+    target = Path(target)
+    recover(target, clean=True)
+    replacing = check_target(target, kind=kind, overwrite=overwrite, manifest=manifest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = target.parent / f".{target.name}{_TMP_TAG}{token}"
+    os.mkdir(tmp, 0o777)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if replacing:
+        old = target.parent / f".{target.name}{_OLD_TAG}{token}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_path(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+        _fsync_path(target.parent)
 
 
 def write_checkpoint_dir(files: Mapping[str, FileContent], target: str | Path, *, overwrite: bool = False,
@@ -183,35 +263,23 @@ def write_checkpoint_dir(files: Mapping[str, FileContent], target: str | Path, *
     this function adds "kind" and "files" ({name: {"bytes", "sha256"}} of every other file) and then
     "checksum" (SHA-256 of the manifest's canonical JSON without it); `verify_checkpoint_dir` checks all.
 
-    Procedure: every file is written into a fresh sibling directory `.<name>.dtq-tmp-<pid>-<id>` and
-    fsynced, the manifest last; then that directory is renamed to `target` (one atomic rename). When
-    replacing an existing checkpoint, the old one is first renamed to `.<name>.dtq-old-<pid>-<id>`,
-    the new one renamed in, and only then the old one deleted. An interruption at any point therefore
-    leaves `target` either the complete old checkpoint, the complete new one, or (between the two
-    renames) missing with the old one aside, which `recover` (run by every load and save) moves back.
-
-    Refuses (CheckpointError): a `target` that is a file; a non-empty directory without `manifest`
-    (someone else's files); a checkpoint whose manifest records another `kind` (a plan-only save never
-    replaces a full checkpoint, nor the reverse); an existing checkpoint unless overwrite=True.
-    Files get mode 0o666 and directories 0o777, minus the process umask. One writer per target at a
-    time: two processes saving to the same directory at once are not coordinated.
+    The files are written through `new_checkpoint_dir` (the manifest last), which says what is refused
+    and how the directory replaces `target` atomically: a `target` that is a file; a non-empty directory
+    without `manifest` (someone else's files); a checkpoint whose manifest records another `kind` (a
+    plan-only save never replaces a full checkpoint, nor the reverse); an existing checkpoint unless
+    overwrite=True. Files get mode 0o666 and directories 0o777, minus the process umask.
     """
     target = Path(target)
     if manifest not in files or not isinstance(files[manifest], dict):
         raise ValueError(f"files must hold the manifest {manifest!r} as a dict")
-    recover(target, clean=True)
-    replacing = check_target(target, kind=kind, overwrite=overwrite, manifest=manifest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{token}"
-    os.mkdir(tmp, 0o777)
-    try:
+    bad = [name for name in files if Path(name).name != name or name.startswith(".")]
+    if bad:
+        raise ValueError(f"checkpoint file names must be plain names, got {bad[0]!r}")
+    with new_checkpoint_dir(target, kind=kind, overwrite=overwrite, manifest=manifest) as tmp:
         records = {}
         for name, content in files.items():
             if name == manifest:
                 continue
-            if Path(name).name != name or name.startswith("."):
-                raise ValueError(f"checkpoint file names must be plain names, got {name!r}")
             data = _serialize(name, content)
             _write_file(tmp / name, data)
             records[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -219,19 +287,6 @@ def write_checkpoint_dir(files: Mapping[str, FileContent], target: str | Path, *
         meta.pop("checksum", None)
         meta["checksum"] = hashlib.sha256(_canonical(meta)).hexdigest()
         _write_file(tmp / manifest, _canonical(meta))
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if replacing:
-        old = target.parent / f".{target.name}{_OLD_TAG}{token}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
     return target
 
 

@@ -24,6 +24,12 @@ checkpoints with), so the file names the same tensors as the model's unfused sta
 with fuse on or off; loading and fusing again gives back the saved model's tensors bit for bit.
 Scales, zero points and static tables are stored and kept in fp32 whatever torch_dtype says.
 
+Saving is atomic and refusing, like dtq.save_quantized: every dtq-quantized model (from from_pretrained
+or mark_quantized) gets an instance-level `save_pretrained` (`AtomicSavePretrained`) that runs diffusers'
+own save_pretrained into a fresh sibling directory and renames it into place (checkpoint.new_checkpoint_dir),
+so an interrupted save leaves the previous save loadable and unchanged. It refuses a file, a non-empty
+directory that is not a previous dtq save, and a previous dtq save unless `overwrite=True`.
+
 Registration: diffusers has no public API for third-party backends; `register()` adds the two entries
 to `diffusers.quantizers.auto`'s mappings and fails loudly if they are gone. `dtq_kernels.diffusers_hook`
 runs it as soon as diffusers loads that module (see there).
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import enum
+import inspect
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -244,6 +252,7 @@ class DtqQuantizer(DiffusersQuantizer):
             quantize(model, plan, fuse=cfg.fuse, attention=cfg.quantize_attention)
             cfg.set_plan(model.dtq_plan)
         self.attach(model)
+        make_save_atomic(model)
         return model
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization: bool = False):
@@ -263,6 +272,57 @@ class DtqQuantizer(DiffusersQuantizer):
         return True
 
 
+class AtomicSavePretrained:
+    """`model.save_pretrained` of a dtq-quantized diffusers model: the class's save_pretrained, written
+    into a fresh sibling directory that replaces `save_directory` in one rename (new_checkpoint_dir).
+
+    Takes the class's arguments plus `overwrite` (default False): a previous dtq save at
+    `save_directory` (its config.json's quantization_config has quant_method "dtq") is replaced only
+    with overwrite=True; a file, or a non-empty directory that is not a dtq save, is always refused
+    (CheckpointError, a ValueError). The signature it reports is the class method's plus `overwrite`, so
+    a pipeline's save_pretrained still passes safe_serialization, variant and max_shard_size.
+    is_main_process=False writes nothing: the main process writes the whole checkpoint (the class method
+    would have every process write the weights, and each would then swap in its own directory).
+    push_to_hub=True is forwarded with the hub arguments; the upload happens from the temporary
+    directory, before the rename, with repo_id defaulting to the name of `save_directory` as in diffusers.
+
+    An instance attribute holding the model: deepcopy and pickling bind it to the copy; a shallow
+    copy.copy of the model would share it with the original (call mark_quantized on such a copy).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        method = inspect.signature(type(self.model).save_pretrained)
+        params = [p for p in method.parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
+        params.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False))
+        params += [p for p in method.parameters.values() if p.kind == p.VAR_KEYWORD]
+        return method.replace(parameters=params)
+
+    def __call__(self, save_directory: str | os.PathLike, *args, overwrite: bool = False, **kwargs) -> None:
+        from .checkpoint import DIFFUSERS_CONFIG, KIND_DIFFUSERS, new_checkpoint_dir
+        call = self.__signature__.bind(save_directory, *args, **kwargs)  # a TypeError names a wrong argument
+        if not call.arguments.get("is_main_process", True):
+            return
+        target = Path(save_directory)
+        if call.arguments.get("push_to_hub"):
+            call.arguments.setdefault("kwargs", {}).setdefault("repo_id", target.name)
+        with new_checkpoint_dir(target, kind=KIND_DIFFUSERS, overwrite=overwrite, manifest=DIFFUSERS_CONFIG) as tmp:
+            call.arguments["save_directory"] = str(tmp)
+            type(self.model).save_pretrained(self.model, *call.args, **call.kwargs)
+            if not (tmp / DIFFUSERS_CONFIG).is_file():
+                raise RuntimeError(f"save_pretrained wrote no {DIFFUSERS_CONFIG}: nothing was saved to {target}")
+
+
+def make_save_atomic(model: torch.nn.Module) -> None:
+    """Give a dtq-quantized diffusers model the atomic, refusing save_pretrained (AtomicSavePretrained)."""
+    bound = model.__dict__.get("save_pretrained")
+    if not (isinstance(bound, AtomicSavePretrained) and bound.model is model):
+        model.save_pretrained = AtomicSavePretrained(model)
+
+
 def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True, fuse: bool = True) -> DtqConfig:
     """Make a model quantized with dtq.quantize / dtq.load_quantized look as if it came from
     from_pretrained with a DtqConfig, so that diffusers' save_pretrained writes a checkpoint that
@@ -278,6 +338,7 @@ def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True, fuse
     model.hf_quantizer.attach(model)
     model.is_quantized = True
     model.quantization_method = DtqQuantMethod.DTQ
+    make_save_atomic(model)
     return cfg
 
 

@@ -2,6 +2,8 @@
 checkpoints, save_pretrained round trips, pipelines, torch.compile, and the bad inputs."""
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +241,120 @@ def test_plan_directory_that_is_not_a_dtq_plan_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="is not a dtq checkpoint"):
         dtq.DtqConfig(plan=tmp_path)
+
+
+# ------------------------------------------------------------------------- atomic, refusing saves
+
+def _quantized_from(fp_dir):
+    return DiT.from_pretrained(fp_dir, quantization_config=dtq.DtqConfig("viditq-w8a8"))
+
+
+def _leftovers(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.dtq-"))
+
+
+def test_an_interrupted_save_pretrained_leaves_the_previous_save(fp_dir, q_dir, tmp_path, monkeypatch):
+    d = _copy(q_dir, tmp_path / "q")
+    before = _digest(d)
+
+    def dies_after_one_file(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # interrupted mid-save
+    model = _quantized_from(fp_dir)
+    monkeypatch.setattr(DiT, "save_pretrained", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(d, overwrite=True)
+    monkeypatch.undo()
+    assert _digest(d) == before and _leftovers(d) == []
+    assert isinstance(DiT.from_pretrained(d).transformer_blocks[0].attn1.to_qkv, QuantLinear)
+
+
+def test_save_pretrained_refuses_to_overwrite_without_the_flag(fp_dir, tmp_path):
+    from dtq_kernels.checkpoint import CheckpointError
+    first = _quantized_from(fp_dir)
+    d = tmp_path / "q"
+    first.save_pretrained(d)
+    before = _digest(d)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint.*overwrite=True"):
+        first.save_pretrained(d)
+    assert _digest(d) == before
+    model = DiT.from_pretrained(d)  # a pre-quantized load saves atomically too
+    with torch.no_grad():
+        model.proj_out_2.bias.add_(1.0)  # a different model: the replaced save must show it
+    model.save_pretrained(d, overwrite=True)
+    assert _digest(d) != before and _leftovers(d) == []
+    assert torch.equal(DiT.from_pretrained(d).proj_out_2.bias, model.proj_out_2.bias)
+
+
+def test_save_pretrained_refuses_foreign_directories_and_files(fp_dir, tmp_path):
+    from dtq_kernels.checkpoint import CheckpointError
+    model = _quantized_from(fp_dir)
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    fp_copy = _copy(fp_dir, tmp_path / "fp")  # a floating-point diffusers save: not dtq's to replace
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for target, match in [(users, "holding other files"), (fp_copy, "config.json that dtq did not write"),
+                          (a_file, "not a directory")]:
+        before = _digest(target) if target.is_dir() else target.read_bytes()
+        with pytest.raises(CheckpointError, match=match):
+            model.save_pretrained(target, overwrite=True)
+        assert (_digest(target) if target.is_dir() else target.read_bytes()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model.save_pretrained(empty)  # an empty directory is fine
+    assert (empty / "config.json").is_file()
+
+
+def test_save_pretrained_refuses_a_read_only_place(fp_dir, tmp_path):
+    from dtq_kernels.checkpoint import CheckpointError
+    model = _quantized_from(fp_dir)
+    ro = tmp_path / "ro"
+    (ro / "empty").mkdir(parents=True)
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that permissions do not restrict (root)")
+        for target in (ro / "new", ro / "empty"):  # the new save is built next to the target: ro must be writable
+            with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
+                model.save_pretrained(target)
+            with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
+                dtq.save_quantized(dtq.quantize(tiny_dit(), "viditq-w8a8"), target)
+        assert sorted(p.name for p in ro.iterdir()) == ["empty"] and not any((ro / "empty").iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+def test_save_pretrained_keeps_the_class_signature_and_survives_copies(fp_dir, tmp_path, monkeypatch):
+    import copy
+    import inspect
+    import pickle
+    model = _quantized_from(fp_dir)
+    params = inspect.signature(model.save_pretrained).parameters
+    assert {"safe_serialization", "variant", "max_shard_size", "overwrite"} <= set(params)  # what pipelines pass
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.save_pretrained.model is twin
+    calls = []
+
+    def records(self, save_directory, is_main_process=True, push_to_hub=False, **kwargs):
+        calls.append((self, push_to_hub, kwargs))
+    monkeypatch.setattr(DiT, "save_pretrained", records)
+    assert model.save_pretrained(tmp_path / "x", False) is None  # is_main_process=False: the main process saves
+    assert calls == [] and not (tmp_path / "x").exists()
+    with pytest.raises(RuntimeError, match="wrote no config.json"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True, token="t")
+    assert calls == [(model, True, {"repo_id": "hub", "token": "t"})]  # hub arguments forwarded, repo named as the dir
+    assert not (tmp_path / "hub").exists() and _leftovers(tmp_path / "hub") == []
+
+
+def test_pipeline_save_pretrained_saves_the_transformer_atomically(accelerate, tmp_path):
+    pipe = dtq.quantize_pipeline(tiny_dit_pipeline(), "viditq-w8a8", progress=False)
+    pipe.save_pretrained(tmp_path / "pipe", variant="v1")
+    assert (tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.v1.safetensors").is_file()
+    assert _leftovers(tmp_path / "pipe" / "transformer") == []
+    again = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", variant="v1")
+    assert isinstance(again.transformer.transformer_blocks[0].attn1.to_qkv, QuantLinear)
+    from dtq_kernels.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="overwrite=True"):  # a pipeline passes no overwrite flag
+        pipe.save_pretrained(tmp_path / "pipe", variant="v1")
