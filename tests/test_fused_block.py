@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 import dtq_kernels as dtq  # noqa: E402
 from dtq_kernels.nn import QuantLinear  # noqa: E402
 from dtq_kernels.nn.attention import QuantAttnProcessor, set_quant_attention  # noqa: E402
-from dtq_kernels.nn.fused import fast_block_class, fuse_linears  # noqa: E402
+from dtq_kernels.nn.fused import ADDED_QKV, QKV, fast_block_class, fuse_linears  # noqa: E402
 from dtq_kernels.plan import LayerPlan  # noqa: E402
 from helpers_models import (dit_inputs, flux_inputs, rel, run_dit, sd3_inputs, tiny_dit, tiny_flux,  # noqa: E402
                             tiny_pixart, tiny_sd3, uniform_plan)
@@ -79,17 +79,98 @@ def test_fast_path_with_quantized_attention_matches_the_per_layer_path():
     assert rel(a, b) < 1e-6
 
 
+MMDIT = {"sd3": (tiny_sd3, sd3_inputs), "flux": (tiny_flux, flux_inputs)}
+
+
+def _mmdit_blocks(model):
+    return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
+
+
+def _static_own_mlp_table(m):
+    """Static W8A8 per time group; Flux's single-block proj_mlp calibrated to its own table (its LN-modulate
+    codes cannot be shared with the fused q/k/v then: one pass each)."""
+    plan = uniform_plan(m, S(act_mode="static", time_groups=10), TABLE, 10)
+    for n in plan.layers:
+        if n.endswith("proj_mlp"):
+            plan.layers[n] = LayerPlan(plan.layers[n].spec, [1.5 * v for v in TABLE])
+    return plan
+
+
+def _smoothed_qkv(m):
+    """W8A8 dynamic; every q/k/v projection with its own smoothing vector: they cannot fuse, and the fast
+    block gives each its own LN-modulate-quantize pass."""
+    plan = uniform_plan(m, S())
+    g = torch.Generator().manual_seed(3)
+    for n in plan.layers:
+        if n.rsplit(".", 1)[-1] in QKV + ADDED_QKV:
+            plan.layers[n] = LayerPlan(S(smooth=True))
+            plan.tensors[f"{n}.smooth"] = torch.rand(m.get_submodule(n).in_features, generator=g) + 0.5
+    return plan
+
+
+MMDIT_PLANS = {"w8a8-dynamic": PLANS["w8a8-dynamic"], "viditq-w8a8": lambda m: "viditq-w8a8",
+               "static-own-mlp-table": _static_own_mlp_table, "two-region-fc2": PLANS["two-region-fc2"],
+               "smoothed-separate-qkv": _smoothed_qkv}
+
+
+@pytest.mark.parametrize("plan_name", list(MMDIT_PLANS))
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_sd3_and_flux_fuse_both_streams_and_keep_per_layer_blocks(kind, caplog):
+def test_fast_sd3_and_flux_blocks_are_bit_identical_to_the_per_layer_path(kind, plan_name, caplog):
     caplog.set_level("INFO", logger="dtq_kernels.nn")
-    build, inputs = (tiny_sd3, sd3_inputs) if kind == "sd3" else (tiny_flux, flux_inputs)
-    fused, per_layer = _pair(build, lambda m: uniform_plan(m, S()))
+    build, inputs = MMDIT[kind]
+    fused, per_layer = _pair(build, MMDIT_PLANS[plan_name])
     attn = fused.transformer_blocks[0].attn
-    assert isinstance(attn.to_qkv, QuantLinear) and isinstance(attn.to_added_qkv, QuantLinear)
-    assert not hasattr(attn, "to_q") and not hasattr(attn, "add_q_proj")
-    assert "keep the per-layer path" in caplog.text  # joint / single blocks: no block rewrite (yet)
+    separate = plan_name == "smoothed-separate-qkv"
+    assert hasattr(attn, "to_q") == hasattr(attn, "add_q_proj") == separate
+    assert separate or isinstance(attn.to_qkv, QuantLinear) and isinstance(attn.to_added_qkv, QuantLinear)
+    names = [type(b).__name__ for b in _mmdit_blocks(fused)]
+    assert names == (["FastJointTransformerBlock"] * 2 if kind == "sd3" else  # the 2nd: context_pre_only
+                     ["FastFluxTransformerBlock", "FastFluxSingleTransformerBlock"]), names
+    assert "fast block path: " + ("2 JointTransformerBlock" if kind == "sd3" else
+                                  "1 FluxTransformerBlock, 1 FluxSingleTransformerBlock") in caplog.text
     with torch.no_grad():
-        assert torch.equal(fused(**inputs()).sample, per_layer(**inputs()).sample)
+        a, b = fused(**inputs()).sample, per_layer(**inputs()).sample
+    assert torch.equal(a, b), (kind, plan_name, float((a - b).abs().max()))
+    # one pass per distinct quantizer: the single block's q/k/v and proj_mlp share one unless their tables
+    # differ; separately smoothed q, k, v take one each
+    passes = _count_block_ops(fused, fused.transformer_blocks[0], inputs)["layernorm_modulate_quantize"]
+    assert passes == (8 if separate else 4), passes
+    if kind == "flux":
+        passes = _count_block_ops(fused, fused.single_transformer_blocks[0], inputs)["layernorm_modulate_quantize"]
+        assert passes == {"static-own-mlp-table": 2, "smoothed-separate-qkv": 4}.get(plan_name, 1), passes
+
+
+def test_unsupported_mmdit_variants_keep_diffusers_forward_and_say_so(caplog):
+    """SD3.5 dual attention keeps the per-layer block (logged at the rewrite); a Flux block whose attention
+    processor is not dtq's runs diffusers' forward for the call (logged): both still match the per-layer path."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    def dual():
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                                     pooled_projection_dim=16, out_channels=4, dual_attention_layers=(0,),
+                                     qk_norm="rms_norm").eval().requires_grad_(False)
+    caplog.set_level("INFO", logger="dtq_kernels.nn")
+    fused, per_layer = _pair(dual, PLANS["w8a8-dynamic"])
+    assert [type(b).__name__ for b in fused.transformer_blocks] == ["JointTransformerBlock",
+                                                                     "FastJointTransformerBlock"]
+    assert "keep the per-layer path (SD3.5 dual attention" in caplog.text
+    with torch.no_grad():  # qk-norm attention fused and read by QuantJointAttnProcessor
+        assert torch.equal(fused(**sd3_inputs()).sample, per_layer(**sd3_inputs()).sample)
+
+    fused, per_layer = _pair(tiny_flux, PLANS["w8a8-dynamic"])
+    fused.single_transformer_blocks[0].attn.set_processor(FluxAttnProcessor())
+    counter = OpCounter()
+    counter.active = True
+    with counter, torch.no_grad():
+        out = fused(**flux_inputs()).sample
+    assert "FastFluxSingleTransformerBlock runs diffusers' forward for this call: attention processor " \
+           "FluxAttnProcessor" in caplog.text
+    assert counter.counts["layernorm_modulate_quantize"] == 4, counter.counts  # the double block's only
+    with torch.no_grad():
+        assert torch.equal(out, per_layer(**flux_inputs()).sample)
 
 
 def test_fuse_linears_concatenates_channels_and_takes_the_larger_static_table():
@@ -120,6 +201,8 @@ def test_flux_quantized_attention_on_fused_projections():
     with counter, torch.no_grad():
         out = m(**flux_inputs()).sample
     assert counter.counts["quant_attention"] == 2 and counter.counts["sdpa"] == 0, counter.counts
+    # the fast blocks hand the processors projections made from LN-modulate-quantize codes
+    assert counter.counts["layernorm_modulate_quantize"] == 5, counter.counts
     with torch.no_grad():
         ref = fp(**flux_inputs()).sample
     # measured 0.13% (0.08% with FP attention): W8A8 layers plus int8 Q/K and fp8 P·V in two attentions
@@ -145,13 +228,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count_block_ops(model) -> Counter:
+def _count_block_ops(model, block=None, inputs=None) -> Counter:
+    """The ops one block runs during a forward of `model` (default: the first DiT block on dit_inputs)."""
     counter = OpCounter()
-    block = model.transformer_blocks[0]
+    block = model.transformer_blocks[0] if block is None else block
     hooks = [block.register_forward_pre_hook(lambda *a: setattr(counter, "active", True)),
              block.register_forward_hook(lambda *a: setattr(counter, "active", False))]
-    with counter:
-        run_dit(model, **dit_inputs())
+    with counter, torch.no_grad():
+        model(**(inputs or dit_inputs)())
     for h in hooks:
         h.remove()
     return counter.counts
@@ -176,6 +260,37 @@ def test_w8a8_dit_block_runs_exactly_the_fused_ops(plan_name, quant_attention):
     assert isinstance(fused.transformer_blocks[0].attn1.processor, QuantAttnProcessor)
     unfused = _count_block_ops(per_layer)
     assert unfused["quantize_act"] == 6 and unfused["int8_gemm"] == 6 and "layernorm_modulate_quantize" not in unfused
+
+
+# W8A8, fused q/k/v, float attention: per block (nn/fused_blocks.py's docstring); addmm: the adaLN linears
+MMDIT_COUNTS = {
+    "FastJointTransformerBlock": dict(layernorm_modulate_quantize=4, gelu_quantize=2, quantize_act=2, int8_gemm=8,
+                                      addmm=2, sdpa=1),
+    "FastJointTransformerBlock, context_pre_only": dict(layernorm_modulate_quantize=3, gelu_quantize=1,
+                                                        quantize_act=1, int8_gemm=5, addmm=2, sdpa=1),
+    "FastFluxTransformerBlock": dict(layernorm_modulate_quantize=4, gelu_quantize=2, quantize_act=2, int8_gemm=8,
+                                     addmm=2, sdpa=1),
+    # one LN-modulate-quantize feeds to_qkv and proj_mlp; proj_out quantizes [attention | GELU(mlp)]
+    "FastFluxSingleTransformerBlock": dict(layernorm_modulate_quantize=1, quantize_act=1, int8_gemm=3, addmm=1,
+                                           sdpa=1),
+}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_w8a8_sd3_and_flux_blocks_run_exactly_the_fused_ops(kind):
+    build, inputs = MMDIT[kind]
+    fused, per_layer = _pair(build, PLANS["w8a8-dynamic"])
+    for block, unfused_block in zip(_mmdit_blocks(fused), _mmdit_blocks(per_layer)):
+        key = type(block).__name__ + (", context_pre_only" if getattr(block, "context_pre_only", False) else "")
+        fp_linears = sum(type(m) is torch.nn.Linear for m in block.modules())
+        assert fp_linears == MMDIT_COUNTS[key]["addmm"], key
+        counts = _count_block_ops(fused, block, inputs)
+        assert counts == Counter(MMDIT_COUNTS[key]), (key, counts)
+        unfused = _count_block_ops(per_layer, unfused_block, inputs)
+        # per layer: every QuantLinear quantizes its own input; q, k, v (and add_q/k/v) are 3 GEMMs, not 1
+        gemms = MMDIT_COUNTS[key]["int8_gemm"] + (2 if "Single" in key else 4)
+        assert unfused["quantize_act"] == unfused["int8_gemm"] == gemms, (key, unfused)
+        assert "layernorm_modulate_quantize" not in unfused
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -241,6 +356,20 @@ def test_quantized_dit_compiles_fullgraph(plan_name):
             assert torch.equal(compiled(**kw).sample, m(**kw).sample)
         made.append(len(graphs))
     assert made[0] >= 1 and made[1] == made[0], made
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_quantized_sd3_and_flux_compile_fullgraph(kind):
+    """The fast SD3 / Flux blocks (with dtq's quantized attention) trace without graph breaks: the
+    shared-codes decision of the Flux single block is a constant of the quantized model."""
+    torch._dynamo.reset()
+    build, inputs = MMDIT[kind]
+    m = build()
+    dtq.quantize(m, uniform_plan(m, S(act_mode="static", time_groups=10), TABLE, 10))
+    set_quant_attention(m)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(**inputs()).sample, m(**inputs()).sample)
 
 
 # ------------------------------------------------------------------------------------------ GPU only

@@ -13,7 +13,9 @@ per-query or per-head mask, a general additive bias, head dims over 128, float64
 torch SDPA, logged once per module and reason, and counted in `processor.fallbacks`.
 A query whose keys are all masked gets zeros from the kernel where SDPA averages over all keys.
 
-`QuantFluxAttnProcessor` does the same for Flux's `FluxAttention` (dynamic mode).
+`QuantFluxAttnProcessor` does the same for Flux's `FluxAttention` and `QuantJointAttnProcessor` for
+SD3's joint attention (dynamic mode, or "fp"; both read fused or separate projections, and the fast
+blocks of nn/fused_blocks.py hand them projections computed from pre-quantized inputs).
 
 `set_quant_attention(model, settings=None, group_idx=None)` installs processors module by module:
 DiTTransformer2DModel has no set_attn_processor, and per-module installation also serves PixArt.
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .fused import ADDED_QKV, FUSED_ADDED_QKV, FUSED_QKV, QKV
 
 log = logging.getLogger("dtq_kernels.nn.attention")
 
@@ -154,20 +157,37 @@ class QuantAttnProcessor:
                                              t["p_scales"], self._group_idx(), self.bits, self.p_mode, scale)
         return out.reshape(B, Sq, H * D)
 
-    def _attend_heads(self, attn, query, key, value, mask) -> torch.Tensor:
-        """q/k norms (they normalize the last (head) dim, so the [B, S, H, D] layout gives what [B, H, S, D]
-        gives), then attention -> [B, Sq, H·D] in q's dtype."""
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+    def attend_streams(self, attn, image: tuple, text: tuple | None = None, *, text_first: bool = False,
+                       rotary: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the projections of one stream, or of two streams attending together.
+
+        image / text: (q, k, v) [B, S, H·D] each (views of a fused projection's output are fine). Each
+        stream's q / k get their own norms (norm_q / norm_k; norm_added_q / norm_added_k) on the
+        [B, S, H, D] view: they normalize the head dim, so this layout gives what [B, H, S, D] gives. The
+        text tokens go first when `text_first` (Flux), after the image tokens otherwise (SD3); `rotary`
+        (Flux's cos / sin) applies to the joint sequence. -> [B, S_image + S_text, H·D] in q's dtype."""
+        streams = [(image, "norm_q", "norm_k")] + ([(text, "norm_added_q", "norm_added_k")] if text is not None else [])
+        heads = []
+        for qkv, norm_q, norm_k in streams:
+            q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in qkv)
+            if getattr(attn, norm_q, None) is not None:
+                q = getattr(attn, norm_q)(q)
+            if getattr(attn, norm_k, None) is not None:
+                k = getattr(attn, norm_k)(k)
+            heads.append((q, k, v))
+        if text_first:
+            heads.reverse()
+        query, key, value = heads[0] if len(heads) == 1 else (torch.cat(p, dim=1) for p in zip(*heads))
+        if rotary is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
         return self._attend(attn, query, key, value, mask).to(query.dtype)
 
     def attend_qkv(self, attn, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention on a fused projection's output qkv [B, S, 3·H·D] (nn/fused.py): q, k and v are
         [B, S, H, D] views of it, no copy or transpose -> [B, S, H·D] (before to_out)."""
-        from .fused import split_qkv
-        return self._attend_heads(attn, *split_qkv(qkv, attn.heads), mask)
+        return self.attend_streams(attn, qkv.chunk(3, dim=-1), mask=mask)
 
     # ------------------------------------------------------------------ the diffusers protocol
 
@@ -198,9 +218,7 @@ class QuantAttnProcessor:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key = attn.to_k(encoder_hidden_states)
             value = attn.to_v(encoder_hidden_states)
-            head_dim = key.shape[-1] // attn.heads
-            query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
-            hidden_states = self._attend_heads(attn, query, key, value, attention_mask)
+            hidden_states = self.attend_streams(attn, (query, key, value), mask=attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -210,39 +228,85 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def projections(attn, x: torch.Tensor, fused_name: str, names: tuple[str, str, str]) -> tuple:
+    """(q, k, v) [B, S, H·D] of one stream: views of the fused layer's output when q/k/v were fused
+    (nn/fused.py), else the three layers' outputs."""
+    fused = getattr(attn, fused_name, None)
+    if fused is not None and not hasattr(attn, names[0]):
+        return fused(x).chunk(3, dim=-1)
+    return tuple(getattr(attn, n)(x) for n in names)
+
+
 class QuantFluxAttnProcessor(QuantAttnProcessor):
     """Processor for Flux's `FluxAttention` (double-stream blocks: image + text streams attending
     together; single-stream blocks): diffusers' FluxAttnProcessor (separate or fused projections,
     RMS q/k norms, text tokens first, rotary embeddings on [B, S, H, D]) with the attention itself run by
-    dtq.quant_attention ("dynamic" mode; static per-head tables are not calibrated for Flux)."""
+    dtq.quant_attention ("dynamic" mode; static per-head tables are not calibrated for Flux) or SDPA
+    ("fp": what a Flux attention whose projections were fused gets when its attention is not quantized)."""
 
     def __init__(self, mode: str = "dynamic", **kwargs):
         if mode == "static":
             raise ValueError("Flux attention has no calibrated static settings: use mode='dynamic' (or 'fp')")
         super().__init__(mode, **kwargs)
 
+    def attend_projected(self, attn, image: tuple, text: tuple | None = None, image_rotary_emb: Any = None,
+                         attention_mask: torch.Tensor | None = None):
+        """The processor's output from the streams' projections (q, k, v) [B, S, H·D] (the fast Flux blocks
+        of nn/fused_blocks.py compute them from codes their LN-modulate made): the image stream's
+        attention output [B, S, H·D] (single stream, no output projection), or (image, text) through
+        to_out / to_add_out (double stream)."""
+        out = self.attend_streams(attn, image, text, text_first=True, rotary=image_rotary_emb, mask=attention_mask)
+        if text is None:
+            return out
+        n_text = text[0].shape[1]
+        enc_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(enc_out.contiguous())
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-        query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            enc_q, enc_k, enc_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (enc_q, enc_k, enc_v))
-            enc_q, enc_k = attn.norm_added_q(enc_q), attn.norm_added_k(enc_k)
-            query, key, value = (torch.cat(p, dim=1) for p in ((enc_q, query), (enc_k, key), (enc_v, value)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self._attend(attn, query, key, value, attention_mask).to(query.dtype)
-        if encoder_hidden_states is None:
+        image = projections(attn, hidden_states, FUSED_QKV, QKV)
+        text = None
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            text = projections(attn, encoder_hidden_states, FUSED_ADDED_QKV, ADDED_QKV)
+        return self.attend_projected(attn, image, text, image_rotary_emb, attention_mask)
+
+
+class QuantJointAttnProcessor(QuantAttnProcessor):
+    """Processor for SD3's joint attention (an `Attention` with a text stream, add_q/k/v_proj):
+    diffusers' JointAttnProcessor2_0 (image tokens first, then the text tokens; optional q/k norms per
+    stream; to_add_out on the text output unless context_pre_only; like it, no attention mask) with
+    separate or fused projections, the attention run by dtq.quant_attention ("dynamic") or SDPA ("fp")."""
+
+    def __init__(self, mode: str = "dynamic", **kwargs):
+        if mode == "static":
+            raise ValueError("joint attention has no calibrated static settings: use mode='dynamic' (or 'fp')")
+        super().__init__(mode, **kwargs)
+
+    def attend_projected(self, attn, image: tuple, text: tuple | None = None):
+        """The processor's output from the streams' projections (q, k, v) [B, S, H·D]: to_out(image
+        output), or (that, the text output through to_add_out unless context_pre_only)."""
+        out = self.attend_streams(attn, image, text)
+        n_image = image[0].shape[1]
+        out, enc_out = out[:, :n_image], out[:, n_image:]
+        out = attn.to_out[1](attn.to_out[0](out))
+        if text is None:
             return out
-        text = encoder_hidden_states.shape[1]
-        enc_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(enc_out.contiguous())
+        return out, (enc_out if attn.context_pre_only else attn.to_add_out(enc_out))
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if hidden_states.ndim != 3 or (encoder_hidden_states is not None and encoder_hidden_states.ndim != 3):
+            raise ValueError(f"{self.name}: joint attention takes [B, S, C] inputs, got {tuple(hidden_states.shape)}")
+        image = projections(attn, hidden_states, FUSED_QKV, QKV)
+        text = None if encoder_hidden_states is None else \
+            projections(attn, encoder_hidden_states, FUSED_ADDED_QKV, ADDED_QKV)
+        return self.attend_projected(attn, image, text)
+
+
+def is_joint_attention(m: torch.nn.Module) -> bool:
+    """An SD3-style joint attention (diffusers sets context_pre_only True / False only there)."""
+    return getattr(m, "context_pre_only", None) is not None and getattr(m, "added_kv_proj_dim", None) is not None
 
 
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -262,8 +326,8 @@ def set_quant_attention(model: torch.nn.Module, settings: dict[str, dict] | None
                         pv_format: str | None = None, smooth_k: bool = True) -> dict[str, QuantAttnProcessor]:
     """Install QuantAttnProcessor on the model's diffusers Attention modules, one by one; returns them.
 
-    settings None: the dynamic processor on every Attention module (and QuantFluxAttnProcessor on
-    Flux's FluxAttention modules). settings {module path: plan entry}
+    settings None: the dynamic processor on every Attention module (QuantJointAttnProcessor on SD3's
+    joint attention, QuantFluxAttnProcessor on Flux's FluxAttention modules). settings {module path: plan entry}
     (QuantPlan.attention): the static processor on exactly those modules; the others keep their
     processor (calibration skips cross-attention, whose P depends on a caption mask it does not see).
     group_idx (static only): the int32 [1] group tensor or the TimestepTracker; defaults to the tracker
@@ -274,8 +338,8 @@ def set_quant_attention(model: torch.nn.Module, settings: dict[str, dict] | None
     if not modules and not (flux and settings is None):
         raise ValueError(f"{type(model).__name__} has no diffusers Attention modules")
     if settings is None:
-        procs = {name: QuantAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
-                 for name in modules}
+        procs = {name: (QuantJointAttnProcessor if is_joint_attention(m) else QuantAttnProcessor)(
+                     "dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name) for name, m in modules.items()}
         procs.update({name: QuantFluxAttnProcessor("dynamic", pv_format=pv_format, smooth_k=smooth_k, name=name)
                       for name in flux})
         modules = {**modules, **flux}

@@ -6,14 +6,16 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
 * QKV fusion (`fuse_qkv`): an attention's to_q / to_k / to_v QuantLinears (one input) become one
   `to_qkv` QuantLinear over the concatenated output channels: one activation quantization, one GEMM,
   the split is a view of its output; SD3 / Flux's text-stream add_q/k/v_proj likewise become
-  `to_added_qkv` (diffusers' own fused-projection processors read both). Calibration still sees and
+  `to_added_qkv`. Calibration still sees and
   scales the three layers separately: the fusion happens after the plan is applied. Per-output-channel
   weight scales (and zero points, biases) concatenate. Their activation quantizers must agree: the same spec and the same smoothing
   vector (ViDiT-Q smoothing computes one per layer, so a smoothed q/k/v stays unfused, logged), and
   one static table: the three tables describe one input, and where calibration left them different
   the fused layer takes their elementwise maximum (no consumer clips more than it was calibrated to;
   logged with the largest ratio). A plain self-attention then gets a `QuantAttnProcessor` that reads
-  `to_qkv` ("fp" mode: float SDPA on the same views, unless quantized attention is installed).
+  `to_qkv` ("fp" mode: float SDPA on the same views, unless quantized attention is installed); SD3's
+  joint attention a `QuantJointAttnProcessor`, Flux's a `QuantFluxAttnProcessor` (also where their
+  projections stay separate: the fast blocks hand them projections).
   `model.dtq_fused` records {fused path: {member path: width}}; a checkpoint stores it and
   `split_fused_state` turns a fused state dict back into the per-layer one, so checkpoints load
   fused or unfused either way.
@@ -27,8 +29,11 @@ keeps the per-layer path. Two rewrites, each logged (logger `dtq_kernels.nn`):
   fused quantizer (dequant-matmul formats, a two-region qkv/fc1) or with a LoRA branch (nn/lora.py:
   the branch reads the float input) gets the float tensor and quantizes itself, as before. On the reference backend the result is bit-identical to the per-layer path in
   fp32 (the same ops in the same order). Training mode, chunked feed-forward or extra
-  cross_attention_kwargs run diffusers' own forward. Other blocks (SD3 / Flux joint and single
-  blocks, any other shape) keep the per-layer path, logged once per block type.
+  cross_attention_kwargs run diffusers' own forward.
+* SD3 (JointTransformerBlock) and Flux (FluxTransformerBlock, FluxSingleTransformerBlock) blocks get the
+  same treatment in nn/fused_blocks.py (per-block routes and op counts there), built on this module's
+  ln_modulate_into_all / modulated_feed_forward. Any other block shape keeps the per-layer path, logged
+  once per reason (`rewrite_blocks`).
 """
 from __future__ import annotations
 
@@ -104,14 +109,15 @@ def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, 
     the fusion)} for the attention modules whose processor can read fused projections:
     * plain self-attention (DiT, PixArt attn1; AttnProcessor(2_0) or QuantAttnProcessor): one `to_qkv`,
       read by QuantAttnProcessor ("fp" mode unless quantized attention is installed);
-    * SD3 joint attention (JointAttnProcessor2_0, no q/k norms): `to_qkv` + `to_added_qkv` (the text
-      stream), read by diffusers' FusedJointAttnProcessor2_0 (which has no q/k norms, hence the condition);
+    * SD3 joint attention (JointAttnProcessor2_0 or QuantJointAttnProcessor): `to_qkv` + `to_added_qkv`
+      (the text stream), read by QuantJointAttnProcessor ("fp" mode unless quantized attention is installed);
     * Flux attention (FluxAttnProcessor or QuantFluxAttnProcessor): `to_qkv` (+ `to_added_qkv` in
-      double-stream blocks), which the processor reads itself once `fused_projections` is set.
+      double-stream blocks), read by QuantFluxAttnProcessor ("fp" unless quantized attention is installed;
+      `fused_projections` is set as well, for diffusers' processors).
     Cross-attention (PixArt attn2: q from the image, k/v from the caption) has no shared input for q."""
     from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
                                                       JointAttnProcessor2_0)
-    from .attention import QuantAttnProcessor, QuantFluxAttnProcessor
+    from .attention import QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor
     try:
         from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
     except ImportError:  # older diffusers: no FluxAttention class
@@ -122,8 +128,8 @@ def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, 
         if isinstance(m, Attention) and not m.is_cross_attention and m.added_kv_proj_dim is None \
                 and type(proc) in (AttnProcessor, AttnProcessor2_0, QuantAttnProcessor):
             targets[name] = (m, [(FUSED_QKV, QKV)], "dtq")
-        elif isinstance(m, Attention) and type(proc) is JointAttnProcessor2_0 and m.added_kv_proj_dim is not None \
-                and m.norm_q is None and m.norm_added_q is None:
+        elif isinstance(m, Attention) and type(proc) in (JointAttnProcessor2_0, QuantJointAttnProcessor) \
+                and m.added_kv_proj_dim is not None:
             targets[name] = (m, [(FUSED_QKV, QKV), (FUSED_ADDED_QKV, ADDED_QKV)], "sd3")
         elif FluxAttention is not None and isinstance(m, FluxAttention) \
                 and type(proc) in (FluxAttnProcessor, QuantFluxAttnProcessor):
@@ -134,30 +140,31 @@ def _fusion_targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, 
 
 def fuse_qkv(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     """Fuse q/k/v (and the text stream's add_q/k/v) of every attention module `_fusion_targets` lists
-    whose projections can share one quantizer, and point its processor at the fused layers. Returns and
+    whose projections can share one quantizer, and give it the dtq processor that reads them (SD3 / Flux
+    attention gets it with separate projections too). Returns and
     records in model.dtq_fused {"<attn>.to_qkv": {"<attn>.to_q": out_features, ...}, ...}."""
-    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
-    from .attention import QuantAttnProcessor
+    from .attention import QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor
     fused_map = dict(getattr(model, "dtq_fused", {}))
     skipped = {}
+    readers = {"dtq": QuantAttnProcessor, "sd3": QuantJointAttnProcessor, "flux": QuantFluxAttnProcessor}
     for name, (attn, groups, reader) in _fusion_targets(model).items():
         reason = next((r for _, members in groups if (r := fusion_obstacle([getattr(attn, a) for a in members]))),
                       None)
         if reason is not None:
             skipped[name] = reason
-            continue
-        for fused_attr, members in groups:
-            layers = [getattr(attn, a) for a in members]
-            setattr(attn, fused_attr, fuse_linears(layers))
-            for a in members:
-                delattr(attn, a)
-            fused_map[f"{name}.{fused_attr}"] = {f"{name}.{a}": m.out_features for a, m in zip(members, layers)}
-        if reader == "dtq" and not isinstance(attn.processor, QuantAttnProcessor):
-            attn.set_processor(QuantAttnProcessor("fp", name=name))
-        elif reader == "sd3":
-            attn.set_processor(FusedJointAttnProcessor2_0())
-        elif reader == "flux":
-            attn.fused_projections = True
+        else:
+            for fused_attr, members in groups:
+                layers = [getattr(attn, a) for a in members]
+                setattr(attn, fused_attr, fuse_linears(layers))
+                for a in members:
+                    delattr(attn, a)
+                fused_map[f"{name}.{fused_attr}"] = {f"{name}.{a}": m.out_features for a, m in zip(members, layers)}
+            if reader == "flux":
+                attn.fused_projections = True
+        # SD3 / Flux get dtq's processor with separate projections too: their fast blocks
+        # (nn/fused_blocks.py) hand it projections; a plain self-attention needs it only to read to_qkv
+        if (reason is None or reader != "dtq") and not isinstance(attn.processor, readers[reader]):
+            attn.set_processor(readers[reader]("fp", name=name))
     if skipped:
         first = next(iter(skipped))
         log.info("QKV fusion: %d attention modules keep separate projections (e.g. %s: %s)", len(skipped), first,
@@ -181,12 +188,6 @@ def split_fused_state(state: dict[str, torch.Tensor], fused: dict[str, dict[str,
             for m, p in zip(members, parts):
                 out[f"{m}.{buf}"] = p.clone()
     return out
-
-
-def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A fused projection's output [B, S, 3·H·D] -> q, k, v [B, S, H, D]: views, no copy."""
-    B, S, n = qkv.shape
-    return qkv.view(B, S, 3, heads, n // (3 * heads)).unbind(2)
 
 
 # -------------------------------------------------------------------------------------- block rewrite
@@ -213,17 +214,43 @@ def ln_modulate_plain(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Te
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
+@torch.compiler.assume_constant_result  # buffers fixed once quantized: no data-dependent branch under compile
+def _same_quantizer(a: QuantLinear, b: QuantLinear) -> bool:
+    """Whether two fusable layers quantize an input to the same codes (then one pass serves both)."""
+    (bits, smooth, rotate, table, _), (bits_b, smooth_b, rotate_b, table_b, _) = _quantizer_args(a), _quantizer_args(b)
+
+    def same(t, u):
+        return (t is None and u is None) or (t is not None and u is not None and torch.equal(t, u))
+    return bits == bits_b and rotate == rotate_b and same(smooth, smooth_b) and same(table, table_b) \
+        and (table is None or a._tracker is b._tracker)
+
+
+def ln_modulate_into_all(layers: list[torch.nn.Module], norm: torch.nn.LayerNorm, x: torch.Tensor,
+                         shift: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    """[layer(LayerNorm(x) · (1 + scale[b]) + shift[b]) for layer in layers] for x [B, S, C], shift / scale
+    [B, C]: one fused LN-modulate-quantize pass per distinct activation quantizer among the layers that
+    take codes, feeding their GEMMs; the float tensor (computed once) for the others."""
+    B, S, C = x.shape
+    outs, plain, passes = [], None, []  # passes: [(layer whose quantizer made them, (codes, scales))]
+    for layer in layers:
+        if not _fusable(layer):
+            plain = ln_modulate_plain(norm, x, shift, scale) if plain is None else plain
+            outs.append(layer(plain))
+            continue
+        made = next((codes for owner, codes in passes if _same_quantizer(owner, layer)), None)
+        if made is None:
+            # shift / scale are chunks of the adaLN output: [B, C] slices, contiguous copies of B·C elements
+            made = ops.layernorm_modulate_quantize(x.reshape(B * S, C).contiguous(), shift.contiguous(),
+                                                   scale.contiguous(), S, float(norm.eps), *_quantizer_args(layer))
+            passes.append((layer, made))
+        outs.append(layer.forward_quantized(*made, x.dtype).view(B, S, -1))
+    return outs
+
+
 def ln_modulate_into(layer: torch.nn.Module, norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
                      scale: torch.Tensor) -> torch.Tensor:
-    """layer(LayerNorm(x) · (1 + scale[b]) + shift[b]) for x [B, S, C], shift / scale [B, C]: one fused
-    LN-modulate-quantize pass feeding the GEMM when the layer allows it, else the float tensor."""
-    B, S, C = x.shape
-    if not _fusable(layer):
-        return layer(ln_modulate_plain(norm, x, shift, scale))
-    # shift / scale are chunks of the adaLN output: [B, C] slices, contiguous copies of B·C elements
-    q, a_scale = ops.layernorm_modulate_quantize(x.reshape(B * S, C).contiguous(), shift.contiguous(),
-                                                 scale.contiguous(), S, float(norm.eps), *_quantizer_args(layer))
-    return layer.forward_quantized(q, a_scale, x.dtype).view(B, S, -1)
+    """ln_modulate_into_all for one consumer."""
+    return ln_modulate_into_all([layer], norm, x, shift, scale)[0]
 
 
 def gelu_into(layer: torch.nn.Module, h: torch.Tensor, approximate: str, dropout: torch.nn.Module) -> torch.Tensor:
@@ -243,9 +270,29 @@ def gelu_into(layer: torch.nn.Module, h: torch.Tensor, approximate: str, dropout
     return layer.forward_quantized(q, a_scale, h.dtype).view(*lead, -1)
 
 
+def plain_layernorm(norm: torch.nn.Module) -> bool:
+    """A torch LayerNorm without affine weights: what the fused LN-modulate computes."""
+    return type(norm) is torch.nn.LayerNorm and norm.weight is None
+
+
+def feed_forward_obstacle(ff: torch.nn.Module) -> str | None:
+    """Why a diffusers FeedForward cannot run as modulated_feed_forward, or None."""
+    from diffusers.models.activations import GELU
+    net = ff.net
+    if not (isinstance(net[0], GELU) and len(net) == 3):
+        return "feed-forward is not Linear -> GELU -> Linear"
+    return None
+
+
+def modulated_feed_forward(ff: torch.nn.Module, norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
+                           scale: torch.Tensor) -> torch.Tensor:
+    """ff(LayerNorm(x) · (1 + scale) + shift): LN-modulate-quantize -> fc1 GEMM -> GELU-quantize -> fc2 GEMM."""
+    fc1, dropout, fc2 = ff.net[0].proj, ff.net[1], ff.net[2]
+    return gelu_into(fc2, ln_modulate_into(fc1, norm, x, shift, scale), ff.net[0].approximate, dropout)
+
+
 def _block_obstacle(block: torch.nn.Module) -> str | None:
     """Why `block` keeps the per-layer path, or None if FastBasicTransformerBlock can run it."""
-    from diffusers.models.activations import GELU
     from diffusers.models.attention import BasicTransformerBlock
     if not isinstance(block, BasicTransformerBlock):
         return f"{type(block).__name__} is not a BasicTransformerBlock"
@@ -257,11 +304,10 @@ def _block_obstacle(block: torch.nn.Module) -> str | None:
         return "adaLN-zero with cross-attention (a LayerNorm before attn2 the rewrite does not run)"
     norms = (block.norm1.norm if block.norm_type == "ada_norm_zero" else block.norm1,
              block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2)
-    if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is None for n in norms):
+    if not all(plain_layernorm(n) for n in norms):
         return "its LayerNorms carry affine weights (the fused LN-modulate has none)"
-    net = block.ff.net
-    if not (isinstance(net[0], GELU) and len(net) == 3):
-        return "feed-forward is not Linear -> GELU -> Linear"
+    if (reason := feed_forward_obstacle(block.ff)) is not None:
+        return reason
     a = block.attn1
     if a.spatial_norm is not None or a.group_norm is not None or a.residual_connection or a.rescale_output_factor != 1:
         return "attn1 has spatial/group norm, a residual connection or output rescaling"
@@ -304,9 +350,7 @@ def _fast_block_forward(block, hidden_states, attention_mask, encoder_hidden_sta
     if block.attn2 is not None:  # PixArt: cross-attention on the un-normalized stream, per layer
         hidden_states = block.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                     attention_mask=encoder_attention_mask) + hidden_states
-    fc1, dropout, fc2 = block.ff.net[0].proj, block.ff.net[1], block.ff.net[2]
-    h = ln_modulate_into(fc1, ln2, hidden_states, shift_mlp, scale_mlp)
-    ff_output = gelu_into(fc2, h, block.ff.net[0].approximate, dropout)
+    ff_output = modulated_feed_forward(block.ff, ln2, hidden_states, shift_mlp, scale_mlp)
     return gate_mlp * ff_output + hidden_states
 
 
@@ -316,6 +360,7 @@ def _make_fast_class():
     class FastBasicTransformerBlock(BasicTransformerBlock):
         """A BasicTransformerBlock (same modules, parameters and state dict) whose adaLN forward runs
         the fused quantized path of this module's docstring; diffusers' forward otherwise."""
+        dtq_fast_block = True
 
         def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                     encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
@@ -350,26 +395,31 @@ def __getattr__(name: str):
 
 def rewrite_blocks(model: torch.nn.Module) -> list[str]:
     """Swap the class of every transformer block the fast path recognizes (modules and state dict stay
-    as they are); returns their paths. Other blocks keep the per-layer path, logged per reason."""
+    as they are): BasicTransformerBlock here, SD3 / Flux blocks in nn/fused_blocks.py; returns their
+    paths. Other blocks keep the per-layer path, logged per reason."""
     from diffusers.models.attention import BasicTransformerBlock
-    cls = fast_block_class()
-    done, kept = [], {}
+    from .fused_blocks import fast_class_for
+    done, kept = {}, {}
     for name, m in model.named_modules():
         is_block = isinstance(m, BasicTransformerBlock) or type(m).__name__.endswith("TransformerBlock")
-        if not is_block or isinstance(m, cls):
+        if not is_block or getattr(m, "dtq_fast_block", False):
             continue
-        reason = _block_obstacle(m)
-        if reason is None:
-            m.__class__ = cls
-            done.append(name)
+        if isinstance(m, BasicTransformerBlock):
+            reason = _block_obstacle(m)
+            fast = fast_block_class() if reason is None else None
         else:
+            fast, reason = fast_class_for(m)
+        if fast is None:
             kept.setdefault(reason, []).append(name)
+        else:
+            done.setdefault(type(m).__name__, []).append(name)
+            m.__class__ = fast
     for reason, names in kept.items():
         log.info("fast block path: %d blocks keep the per-layer path (%s), e.g. %s", len(names), reason, names[0])
     if done:
-        log.info("fast block path: %d blocks run LN-modulate-quantize -> fused QKV -> attention -> out-proj; "
-                 "LN-modulate-quantize -> fc1 -> GELU-quantize -> fc2", len(done))
-    return done
+        log.info("fast block path: %s run LN-modulate-quantize into the fused QKV (and fc1 / proj_mlp), "
+                 "GELU-quantize into fc2", ", ".join(f"{len(n)} {cls}" for cls, n in done.items()))
+    return [n for names in done.values() for n in names]
 
 
 def apply_fast_path(model: torch.nn.Module) -> dict[str, list[str]]:
