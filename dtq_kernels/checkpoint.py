@@ -53,8 +53,9 @@ from .quantize import build_empty, check_plan_fits, install
 
 CHECKPOINT_FORMAT_VERSION = 2
 MODEL_FILE, PLAN_FILE, PLAN_TENSORS_FILE = "model.safetensors", "plan.json", "plan_tensors.safetensors"
-KIND_MODEL, KIND_PLAN, KIND_DIFFUSERS = "model", "plan", "diffusers"
+KIND_MODEL, KIND_PLAN, KIND_DIFFUSERS, KIND_PIPELINE = "model", "plan", "diffusers", "diffusers-pipeline"
 DIFFUSERS_CONFIG = "config.json"  # the manifest of a diffusers save: KIND_DIFFUSERS when quant_method is "dtq"
+PIPELINE_INDEX = "model_index.json"  # a pipeline save's: KIND_PIPELINE when one component is a dtq save
 VERIFY_MODES = ("sha256", "size")
 FP_STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WRITE_CHUNK_BYTES = 1 << 22  # files are written in chunks of this many bytes
@@ -151,13 +152,18 @@ def recover(target: str | Path, *, clean: bool = False) -> None:
 
 def _existing_kind(path: Path, manifest: str) -> str | None:
     """The kind of an existing checkpoint: the "kind" its manifest records, KIND_DIFFUSERS for a diffusers
-    config.json whose quantization_config has quant_method "dtq"; None when unreadable or neither."""
+    config.json whose quantization_config has quant_method "dtq", KIND_PIPELINE for a pipeline's
+    model_index.json with such a component; None when unreadable or neither."""
     try:
         meta = json.loads((path / manifest).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict):
         return None
+    if manifest == PIPELINE_INDEX:
+        components = [name for name in meta if not name.startswith("_") and (path / name).is_dir()]
+        dtq = any(_existing_kind(path / name, DIFFUSERS_CONFIG) == KIND_DIFFUSERS for name in components)
+        return KIND_PIPELINE if dtq else None
     if manifest == DIFFUSERS_CONFIG:
         quant = meta.get("quantization_config")
         return KIND_DIFFUSERS if isinstance(quant, dict) and quant.get("quant_method") == "dtq" else None
@@ -200,7 +206,8 @@ def check_target(target: str | Path, *, kind: str = KIND_MODEL, overwrite: bool 
     existing = _existing_kind(target, manifest)
     if existing != kind:
         what = {KIND_MODEL: "a quantized-model checkpoint", KIND_PLAN: "a plan-only directory",
-                KIND_DIFFUSERS: "a dtq-quantized diffusers model"}
+                KIND_DIFFUSERS: "a dtq-quantized diffusers model",
+                KIND_PIPELINE: "a diffusers pipeline with a dtq-quantized component"}
         if existing is None:
             raise CheckpointError(f"{target} holds a {manifest} that dtq did not write: refusing to write "
                                   f"{what.get(kind, kind)} into it; choose a new or empty directory")

@@ -273,25 +273,32 @@ class DtqQuantizer(DiffusersQuantizer):
 
 
 class AtomicSavePretrained:
-    """`model.save_pretrained` of a dtq-quantized diffusers model: the class's save_pretrained, written
-    into a fresh sibling directory that replaces `save_directory` in one rename (new_checkpoint_dir).
+    """`save_pretrained` of a dtq-quantized diffusers model, or of a pipeline holding one
+    (dtq.quantize_pipeline): the class's save_pretrained, written into a fresh sibling directory that
+    replaces `save_directory` in one rename (new_checkpoint_dir).
 
     Takes the class's arguments plus `overwrite` (default False): a previous dtq save at
-    `save_directory` (its config.json's quantization_config has quant_method "dtq") is replaced only
-    with overwrite=True; a file, or a non-empty directory that is not a dtq save, is always refused
-    (CheckpointError, a ValueError). The signature it reports is the class method's plus `overwrite`, so
-    a pipeline's save_pretrained still passes safe_serialization, variant and max_shard_size.
+    `save_directory` (a model whose config.json's quantization_config has quant_method "dtq", or a
+    pipeline's model_index.json with such a component) is replaced only with overwrite=True; a file,
+    or a non-empty directory that is not a dtq save, is always refused (CheckpointError, a ValueError).
+    A pipeline's save builds every component inside its temporary directory, so an interrupted
+    pipeline save also leaves the previous one untouched. The signature it reports is the class
+    method's plus `overwrite`, so a pipeline's save_pretrained still passes safe_serialization, variant
+    and max_shard_size to its components.
     is_main_process=False writes nothing: the main process writes the whole checkpoint (the class method
     would have every process write the weights, and each would then swap in its own directory).
     push_to_hub=True is forwarded with the hub arguments; the upload happens from the temporary
     directory, before the rename, with repo_id defaulting to the name of `save_directory` as in diffusers.
 
-    An instance attribute holding the model: deepcopy and pickling bind it to the copy; a shallow
-    copy.copy of the model would share it with the original (call mark_quantized on such a copy).
+    An instance attribute holding its owner: deepcopy and pickling bind it to the copy; a shallow
+    copy.copy would share it with the original (call mark_quantized on such a copy).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, owner):
+        from .checkpoint import DIFFUSERS_CONFIG, KIND_DIFFUSERS, KIND_PIPELINE, PIPELINE_INDEX
+        self.model = owner
+        pipeline = hasattr(owner, "components") and not isinstance(owner, torch.nn.Module)
+        self.kind, self.manifest = (KIND_PIPELINE, PIPELINE_INDEX) if pipeline else (KIND_DIFFUSERS, DIFFUSERS_CONFIG)
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -302,25 +309,26 @@ class AtomicSavePretrained:
         return method.replace(parameters=params)
 
     def __call__(self, save_directory: str | os.PathLike, *args, overwrite: bool = False, **kwargs) -> None:
-        from .checkpoint import DIFFUSERS_CONFIG, KIND_DIFFUSERS, new_checkpoint_dir
+        from .checkpoint import new_checkpoint_dir
         call = self.__signature__.bind(save_directory, *args, **kwargs)  # a TypeError names a wrong argument
         if not call.arguments.get("is_main_process", True):
             return
         target = Path(save_directory)
         if call.arguments.get("push_to_hub"):
             call.arguments.setdefault("kwargs", {}).setdefault("repo_id", target.name)
-        with new_checkpoint_dir(target, kind=KIND_DIFFUSERS, overwrite=overwrite, manifest=DIFFUSERS_CONFIG) as tmp:
+        with new_checkpoint_dir(target, kind=self.kind, overwrite=overwrite, manifest=self.manifest) as tmp:
             call.arguments["save_directory"] = str(tmp)
             type(self.model).save_pretrained(self.model, *call.args, **call.kwargs)
-            if not (tmp / DIFFUSERS_CONFIG).is_file():
-                raise RuntimeError(f"save_pretrained wrote no {DIFFUSERS_CONFIG}: nothing was saved to {target}")
+            if not (tmp / self.manifest).is_file():
+                raise RuntimeError(f"save_pretrained wrote no {self.manifest}: nothing was saved to {target}")
 
 
-def make_save_atomic(model: torch.nn.Module) -> None:
-    """Give a dtq-quantized diffusers model the atomic, refusing save_pretrained (AtomicSavePretrained)."""
-    bound = model.__dict__.get("save_pretrained")
-    if not (isinstance(bound, AtomicSavePretrained) and bound.model is model):
-        model.save_pretrained = AtomicSavePretrained(model)
+def make_save_atomic(owner) -> None:
+    """Give a dtq-quantized diffusers model, or a pipeline holding one, the atomic, refusing
+    save_pretrained (AtomicSavePretrained)."""
+    bound = owner.__dict__.get("save_pretrained")
+    if not (isinstance(bound, AtomicSavePretrained) and bound.model is owner):
+        owner.save_pretrained = AtomicSavePretrained(owner)
 
 
 def mark_quantized(model: torch.nn.Module, quantize_attention: bool = True, fuse: bool = True) -> DtqConfig:

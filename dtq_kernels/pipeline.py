@@ -1,7 +1,7 @@
 """dtq.quantize_pipeline: quantize a diffusers pipeline's transformer in one call.
 
     pipe = dtq.quantize_pipeline(pipe, "viditq-w8a8")
-    pipe.save_pretrained(out_dir)     # the transformer saves packed, with the dtq config in its config.json
+    pipe.save_pretrained(out_dir)     # atomic; the transformer saves packed, with the dtq config in its config.json
 
 A recipe that calibrates on data runs the pipeline itself first (dtq.calibrate: num_samples samples,
 num_inference_steps steps, pipe_kwargs such as class_labels or prompt); a data-free recipe or a ready
@@ -33,6 +33,7 @@ def quantize_pipeline(pipe, recipe: str | QuantPlan, *, num_samples: int = 32, n
         raise TypeError(f"recipe must be a recipe name (dtq.recipes()) or a QuantPlan, got {type(recipe).__name__}")
     quantize(transformer, plan, progress=progress, attention=attention)
     if hasattr(transformer, "register_to_config"):  # a diffusers model: save_pretrained / from_pretrained know it
-        from .diffusers_quantizer import mark_quantized
+        from .diffusers_quantizer import make_save_atomic, mark_quantized
         mark_quantized(transformer, quantize_attention=attention)
+        make_save_atomic(pipe)  # pipe.save_pretrained: atomic and refusing, like the transformer's
     return pipe

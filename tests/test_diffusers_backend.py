@@ -348,13 +348,32 @@ def test_save_pretrained_keeps_the_class_signature_and_survives_copies(fp_dir, t
     assert not (tmp_path / "hub").exists() and _leftovers(tmp_path / "hub") == []
 
 
-def test_pipeline_save_pretrained_saves_the_transformer_atomically(accelerate, tmp_path):
+def test_pipeline_save_pretrained_is_atomic_and_refusing(accelerate, tmp_path, monkeypatch):
     pipe = dtq.quantize_pipeline(tiny_dit_pipeline(), "viditq-w8a8", progress=False)
-    pipe.save_pretrained(tmp_path / "pipe", variant="v1")
-    assert (tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.v1.safetensors").is_file()
-    assert _leftovers(tmp_path / "pipe" / "transformer") == []
-    again = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", variant="v1")
+    target = tmp_path / "pipe"
+    pipe.save_pretrained(target, variant="v1")
+    assert (target / "transformer" / "diffusion_pytorch_model.v1.safetensors").is_file()
+    assert _leftovers(target) == [] and _leftovers(target / "transformer") == []
+    again = diffusers.DiTPipeline.from_pretrained(target, variant="v1")
     assert isinstance(again.transformer.transformer_blocks[0].attn1.to_qkv, QuantLinear)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     from dtq_kernels.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="overwrite=True"):  # a pipeline passes no overwrite flag
-        pipe.save_pretrained(tmp_path / "pipe", variant="v1")
+    with pytest.raises(CheckpointError, match="overwrite=True"):  # refused before any component is written
+        pipe.save_pretrained(target, variant="v1")
+    vae_save = type(pipe.vae).save_pretrained
+
+    def dies_mid_save(self, save_directory, *args, **kwargs):  # the VAE is written, then the save dies
+        vae_save(self, save_directory, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(pipe.vae), "save_pretrained", dies_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.save_pretrained(target, variant="v1", overwrite=True)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert _leftovers(target) == []
+    monkeypatch.undo()
+    pipe.save_pretrained(target, variant="v1", overwrite=True)
+    assert _leftovers(target) == []
+    (tmp_path / "fp").mkdir()
+    tiny_dit_pipeline().save_pretrained(tmp_path / "fp")
+    with pytest.raises(CheckpointError, match="dtq did not write"):  # a float pipeline is not replaced
+        pipe.save_pretrained(tmp_path / "fp", overwrite=True)
