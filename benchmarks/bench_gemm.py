@@ -40,8 +40,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
   decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * int8_gemm, int8_gemm_static and fp8_gemm on the CUDA backend ("[cuda]" rows; CUTLASS: sm_90a TMA +
-  wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), skipped with the reason where the
-  extension is not built or not usable;
+  wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), and w4a16_gemm per channel (CUTLASS
+  mixed-input GEMM, sm_90a only), skipped with the reason where the extension is not built or not usable;
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -239,10 +239,12 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
     def fp8_rowwise(a, w, sa, sb, b):
         return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=BF16, use_fast_accum=True)
 
-    def needs_cuda_backend(make):
+    def needs_cuda_backend(make, sm90_only=False):
         def mk(M, K, N):
             if device.type != "cuda" or not cuda.available():
                 raise common.Skip(f"the CUDA backend cannot run here: {cuda.unavailable_reason() or 'no GPU'}")
+            if sm90_only and torch.cuda.get_device_capability(device) != (9, 0):
+                raise common.Skip("this CUDA kernel is built for sm_90a (Hopper) only")
             return make(M, K, N)
         return mk
 
@@ -256,6 +258,8 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
         ("dtq int8_gemm, per-group g128 int4 weights (W4A8-g128)", _dtq("int8_gemm", dtq_backend), mk_w4_g128),
         ("dtq w4a16_gemm, per-channel int4 (W4A16)", _dtq("w4a16_gemm", dtq_backend), mk_w4a16),
+        ("dtq w4a16_gemm, per-channel int4 (W4A16) [cuda]", _dtq("w4a16_gemm", "cuda"),
+         needs_cuda_backend(mk_w4a16, sm90_only=True)),
         ("dtq w4a16_gemm, g128 int4 (W4A16-g128)", _dtq("w4a16_gemm", dtq_backend),
          lambda M, K, N: mk_w4a16(M, K, N, 128)),
         ("dtq fp8_gemm (E4M3, row-wise scales)", _dtq("fp8_gemm", dtq_backend), mk_dtq_fp8),
@@ -348,14 +352,18 @@ def check_correct(device, M, K, N) -> None:
     checks = [("int8_gemm", (a, a_s, w4, ws_g, None, torch.float32),
                reference.group_scaled_matmul(a.abs(), c4, ws_g) * a_s[:, None], 2 * (K + 4) * 2.0 ** -24),
               ("w4a16_gemm", (x, w4, ws_g, None, torch.float32),
-               reference.group_scaled_matmul(x.float().abs(), c4, ws_g), 2 * (K + 4) * 2.0 ** -24)]
+               reference.group_scaled_matmul(x.float().abs(), c4, ws_g), 2 * (K + 4) * 2.0 ** -24),
+              ("w4a16_gemm", (x, w4, w_s, None, torch.float32),
+               (x.float().abs() @ c4.T) * w_s, 2 * (K + 4) * 2.0 ** -24)]
     if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9):
         a8, w8 = formats.quantize_fp8_e4m3(a.float()), formats.quantize_fp8_e4m3(w.float())
         mag = (a8.float().abs() @ w8.float().abs().T) * a_s[:, None] * w_s
         checks.append(("fp8_gemm", (a8, a_s, w8, w_s, None, torch.float32), mag, 2.0 ** -13))
     for op, args, mag, rel_bound in checks:
         ref = getattr(reference, op)(*args)
-        backends = ["triton"] + (["cuda"] if op == "fp8_gemm" and device.type == "cuda" and cuda.available() else [])
+        cuda_kernel = op == "fp8_gemm" or (op == "w4a16_gemm" and args[2].dim() == 1 and device.type == "cuda"
+                                           and torch.cuda.get_device_capability(device) == (9, 0))
+        backends = ["triton"] + (["cuda"] if cuda_kernel and device.type == "cuda" and cuda.available() else [])
         for backend in backends:
             out = _dtq(op, backend)(*args)
             excess = float(((out - ref).abs() - rel_bound * mag).max())

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "scaled_gemm.h"
+#include "w4a16_gemm.h"
 
 namespace py = pybind11;
 
@@ -123,6 +124,41 @@ void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a
   check(cudaGetLastError(), "scaled_gemm launch");
 }
 
+// The weight-only int4 GEMM of w4a16_gemm.h: sm_90 only (CUTLASS 3.x mixed-input collective, sm_90a SASS).
+void w4a16_gemm(uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
+                int64_t K, int x_dtype, int out_dtype, uintptr_t stream) {
+  require_cuda();
+  if (x_dtype != dtq::kFloat16 && x_dtype != dtq::kBFloat16)
+    throw std::invalid_argument("w4a16_gemm: x must be fp16 or bf16");
+  if (out_dtype < dtq::kFloat32 || out_dtype > dtq::kBFloat16) throw std::invalid_argument("unsupported out_dtype code");
+  if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 32)
+    throw std::invalid_argument("w4a16_gemm: bad shape (need M >= 0, N a positive multiple of 16, K of 32)");
+  if (M == 0) return;  // nothing to compute (an empty tensor may have a null data pointer)
+  if (!x || !w || !w_scale || !out) throw std::invalid_argument("w4a16_gemm: null operand pointer");
+  dtq::W4A16GemmParams p;
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const void*>(w);
+  p.w_scale = reinterpret_cast<const float*>(w_scale);
+  p.bias = reinterpret_cast<const float*>(bias);
+  p.out = reinterpret_cast<void*>(out);
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.x_dtype = x_dtype;
+  p.out_dtype = out_dtype;
+  const int cc = current_compute_capability();
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = cc == 90 ? dtq::w4a16_gemm_sm90(p, reinterpret_cast<cudaStream_t>(stream))
+                     : "no W4A16 kernel for this GPU (sm_90a only)";
+  }
+  if (error)
+    throw std::runtime_error("dtq_kernels._C.w4a16_gemm on sm_" + std::to_string(cc) + ": " + error +
+                             " (built for " DTQ_BUILT_ARCHS ")");
+  check(cudaGetLastError(), "w4a16_gemm launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -137,4 +173,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kind"), py::arg("a"), py::arg("a_scale"), py::arg("a_scale_per_token"), py::arg("group_idx"),
         py::arg("groups"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("w4a16_gemm", &w4a16_gemm,
+        "out = (x . codes^T) * w_scale + bias, packed int4 weights, with CUTLASS on sm_90a (csrc/w4a16_gemm.h)",
+        py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("x_dtype"), py::arg("out_dtype"), py::arg("stream"));
 }

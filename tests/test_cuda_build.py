@@ -115,13 +115,36 @@ def test_cutlass_gemms_use_the_tensor_core_instruction_of_their_arch(arch):
         assert not any(OPERAND_MANGLING["fp8"] in name and "15VisitorActScale" in name for name in kernels)
 
 
+# The W4A16 kernels (csrc/sm90/w4a16_gemm.cu, CUTLASS's mixed-input collective): sm_90a only, one per activation
+# dtype (bf16, fp16) and output dtype (fp32, fp16, bf16); the int4 codes are converted in registers and fed to
+# the 16-bit warpgroup MMA (HGMMA, A from registers) with fp32 accumulation.
+MIXED_INPUT = "MixedInput"
+W4A16_MMA = {"BF16BF16": r"\bHGMMA\.64x128x16\.F32\.BF16\b", "F16F16": r"\bHGMMA\.64x128x16\.F32\s"}
+
+
+@needs_build
+def test_w4a16_kernels_use_warpgroup_mma_on_sm90a_only():
+    kernels = {name: sass for name, sass in _functions(_all_sass()["sm_90a"]).items() if MIXED_INPUT in name}
+    assert len(kernels) == 6, sorted(kernels)
+    for operands, mma in W4A16_MMA.items():
+        mine = {name: sass for name, sass in kernels.items() if f"_F32{operands}_RS" in name}
+        assert len(mine) == 3, (operands, sorted(mine))
+        assert all("integer_subbyteILi4ELb1E" in name for name in mine)  # signed int4 (cutlass::int4b_t)
+        for name, sass in mine.items():
+            assert re.search(mma, sass), (operands, name[:120], mma)
+    for arch in ("sm_80", "sm_89"):
+        assert not any(MIXED_INPUT in name for name in _functions(_all_sass()[arch]))
+
+
 @needs_build
 def test_cutlass_gemms_do_not_spill():
     """ptxas's resource report per kernel: a stack frame or local memory in a GEMM means registers spilled."""
     usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
                        _cuobjdump("-res-usage"))
-    gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage if "ActScale" in name]
-    assert len(gemms) == 15, len(gemms)  # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes
+    gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage
+             if "ActScale" in name or MIXED_INPUT in name]
+    # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes, and W4A16: 2 activation x 3 out dtypes
+    assert len(gemms) == 15 + 6, len(gemms)
     spilled = [(name[:100], reg, stack, local) for name, reg, stack, local in gemms if stack or local]
     assert not spilled, spilled
 
@@ -143,6 +166,8 @@ def test_extension_imports_without_gpu_and_reports_why():
         _C.quantize_per_token(0, 0, 0, 1, 8, 0, 8, 0)
     with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
         _C.scaled_gemm("int8", 0, 0, True, 0, 1, 0, 0, 0, 0, 16, 16, 16, 0, 0)
+    with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
+        _C.w4a16_gemm(0, 0, 0, 0, 0, 16, 16, 32, 2, 2, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

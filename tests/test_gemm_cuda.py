@@ -1,11 +1,12 @@
-"""The CUTLASS backend ("cuda") of dtq::int8_gemm and dtq::int8_gemm_static.
+"""The CUTLASS backend ("cuda") of dtq::int8_gemm, dtq::int8_gemm_static, dtq::fp8_gemm and dtq::w4a16_gemm.
 
 Without a GPU: the argument validation the CUTLASS kernels need (checked on CPU tensors: it runs before
 any device check) and the dispatch defaults. On a GPU (@pytest.mark.gpu): every kernel against the
 reference on DiT-XL/2, PixArt and Flux layer shapes, ragged M, every output dtype, with and without bias,
 per-token and per-tensor activation scales, and the static kernel under CUDA-graph replay. Tolerance:
 tests/test_gemm_int8.py's assert_matches (exact int32 accumulation; the fp32 epilogue in the reference's
-order, up to FMA contraction; one rounding to the output dtype).
+order, up to FMA contraction; one rounding to the output dtype); W4A16: tests/test_gemm_lowbit.py's
+assert_close_sum (exact products, fp32 sums in another order).
 """
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch
 import dtq_kernels.ops as ops
 from dtq_kernels.ops import cuda, reference
 from dtq_kernels.ops._dispatch import CUDA_DEFAULTS
+from dtq_kernels import formats
 from test_gemm_int8 import OUT_DTYPES, ULP, assert_matches, make_args, run
+from test_gemm_lowbit import assert_close_sum, w4a16_args, w4a16_mag
 
 
 def _int8_args(m=32, k=64, n=48, device="cpu"):
@@ -96,9 +99,74 @@ def test_kernel_validates_before_it_needs_a_gpu():
 
 
 def test_triton_stays_the_default_until_measured():
-    for op in ("int8_gemm", "int8_gemm_static", "fp8_gemm"):
+    for op in ("int8_gemm", "int8_gemm_static", "fp8_gemm", "w4a16_gemm"):
         assert "cuda" in ops.kernels_for(op)
         assert CUDA_DEFAULTS[op] == {"any": "triton"}
+
+
+# W4A16 (CUTLASS mixed-input GEMM, sm_90a): validation on CPU
+
+def _w4a16_cpu_args(m=32, k=64, n=48, group=None):
+    args, _ = w4a16_args(m, k, n, group, torch.bfloat16, torch.bfloat16)
+    return list(args)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("x_dtype", TypeError, r"x must be torch.float16 or torch.bfloat16, got torch.float32"),
+    ("w_int8", TypeError, r"w must be packed int4 codes, uint8 \[N, K/2\], got torch.int8"),
+    ("k_not_32", ValueError, r"K=48 must be a positive multiple of 32"),
+    ("n_not_16", ValueError, r"N=40 must be a positive multiple of 16"),
+    ("grouped_w_scale", ValueError, r"per-group weight scales have no CUDA kernel .* use the triton backend"),
+    ("scale_dtype", TypeError, r"w_scale must be float32"),
+    ("w_scale_len", ValueError, r"w_scale and bias must have N=48 entries"),
+    ("out_dtype", TypeError, r"out_dtype torch.int8 is not one of"),
+    ("misaligned_x", ValueError, r"x must start on a 16-byte boundary"),
+    ("strided_w_scale", ValueError, r"w_scale must be contiguous"),
+    ("cpu", ValueError, r"x must be a CUDA tensor, got cpu"),
+])
+def test_w4a16_validation_names_the_argument(case, exc, match):
+    x, w, w_s, b, out_dtype = _w4a16_cpu_args(group=64 if case == "grouped_w_scale" else None)
+    if case == "x_dtype":
+        x = x.float()
+    elif case == "w_int8":
+        w = w.view(torch.int8)
+    elif case == "k_not_32":
+        x, w = x[:, :48].contiguous(), w[:, :24].contiguous()
+    elif case == "n_not_16":
+        w, w_s, b = w[:40].contiguous(), w_s[:40].contiguous(), b[:40].contiguous()
+    elif case == "scale_dtype":
+        w_s = w_s.double()
+    elif case == "w_scale_len":
+        w_s = torch.rand(47)
+    elif case == "out_dtype":
+        out_dtype = torch.int8
+    elif case == "misaligned_x":
+        x = _misaligned(x)
+    elif case == "strided_w_scale":
+        w_s = torch.rand(2 * w.shape[0])[::2]
+    with pytest.raises(exc, match=match):
+        cuda.validate_w4a16_gemm(x, w, w_s, b, out_dtype)
+
+
+def test_w4a16_kernel_validates_before_it_needs_a_gpu():
+    x, w, w_s, b, out_dtype = _w4a16_cpu_args(k=48)
+    with pytest.raises(ValueError, match="K=48"):
+        cuda.w4a16_gemm(x, w, w_s, b, out_dtype)
+    x, w, w_s, b, out_dtype = _w4a16_cpu_args()
+    with pytest.raises(ValueError, match="CUDA tensor"):  # everything else is valid: only the device fails
+        cuda.validate_w4a16_gemm(x, w, w_s, b.half(), out_dtype)
+
+
+def test_packed_int4_is_cutlass_int4b_order():
+    """The kernel reads formats.pack_int4's bytes as CUTLASS int4b_t arrays without a repack: element 2i in the
+    low nibble, 2i + 1 in the high nibble, two's complement (-8..7)."""
+    codes = torch.tensor([[-8, 7, -1, 0, 1, -2, 3, -4]], dtype=torch.int8)
+    packed = formats.pack_int4(codes)
+    assert packed.tolist() == [[0x78, 0x0F, 0xE1, 0xC3]]
+    low = (packed & 0xF).to(torch.int16)
+    high = (packed >> 4).to(torch.int16)
+    as_int4b = torch.stack([low, high], -1).flatten(-2)
+    assert torch.equal(torch.where(as_int4b >= 8, as_int4b - 16, as_int4b).to(torch.int8), codes)
 
 
 # ------------------------------------------------------------------------------- on a GPU
@@ -208,3 +276,44 @@ def test_gpu_cuda_fp8_matches_reference(m, k, n):
             out = run("fp8_gemm", args, "cuda")
             ref = reference.fp8_gemm(*args)
             assert_fp8_matches(out, ref, mag + (0 if args[4] is None else args[4].abs()), k_)
+
+
+# W4A16: sm_90a only (the CUTLASS mixed-input collective is a Hopper kernel).
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the CUTLASS W4A16 kernel is built for sm_90a only")
+
+
+def _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias, seed):
+    args, codes = w4a16_args(m, k, n, None, x_dtype, out_dtype, seed=seed, bias=bias)
+    args = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args)
+    return args, w4a16_mag(args, codes.cuda())
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gpu_cuda_w4a16_matches_reference(m, k, n):
+    for i, out_dtype in enumerate(OUT_DTYPES):
+        for j, x_dtype in enumerate((torch.bfloat16, torch.float16)):
+            args, mag = _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias=(i + j) % 2 == 0, seed=3 * i + j)
+            assert_close_sum(run("w4a16_gemm", args, "cuda"), run("w4a16_gemm", args, "reference"), mag, k)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("m,k,n", [(5, 160, 48), (130, 96, 272), (1, 4128, 144)])  # K tails past the 64-wide tile
+def test_gpu_cuda_w4a16_ragged_k_and_narrow_n(m, k, n):
+    for j, x_dtype in enumerate((torch.bfloat16, torch.float16)):
+        args, mag = _w4a16_gpu_args(m, k, n, x_dtype, torch.float32, bias=j == 0, seed=j)
+        assert_close_sum(run("w4a16_gemm", args, "cuda"), run("w4a16_gemm", args, "reference"), mag, k)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_cuda_w4a16_empty_m_and_per_group_refusal():
+    args, _ = _w4a16_gpu_args(0, 64, 32, torch.bfloat16, torch.bfloat16, bias=True, seed=0)
+    assert run("w4a16_gemm", args, "cuda").shape == (0, 32)
+    grouped, _ = w4a16_args(16, 256, 32, 128, torch.bfloat16, torch.bfloat16)
+    grouped = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in grouped)
+    with ops.use_backend("cuda"), pytest.raises(ValueError, match="per-group weight scales have no CUDA kernel"):
+        ops.w4a16_gemm(*grouped)

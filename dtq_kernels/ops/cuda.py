@@ -5,7 +5,7 @@ Importing this module never fails: without the built extension, or without a usa
 The op layer (gemm_ops.py, quantize_ops.py) validates what every backend needs; these wrappers then
 check what the raw-pointer interface and the CUTLASS kernels need on top of it (dtype, contiguity,
 16-byte alignment, K and N multiples of 16, one CUDA device) before any pointer reaches C++.
-`validate_scaled_gemm` runs without a GPU, so those errors are tested on CPU.
+`validate_scaled_gemm` and `validate_w4a16_gemm` run without a GPU, so those errors are tested on CPU.
 """
 from __future__ import annotations
 
@@ -111,11 +111,18 @@ def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: tor
         check(a_scale.shape[0] >= 1, op, "cuda backend: the scale table is empty")
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
-    named = {"a": a, "a_scale": a_scale, "w": w, "w_scale": w_scale, "bias": bias, "group_idx": group_idx}
+    _check_memory(op, {"a": a, "a_scale": a_scale, "w": w, "w_scale": w_scale, "bias": bias, "group_idx": group_idx},
+                  aligned=("a", "w", "w_scale", "bias"))
+    return bias
+
+
+def _check_memory(op: str, named: dict[str, torch.Tensor | None], aligned: tuple[str, ...]) -> None:
+    """Every given tensor contiguous, those in `aligned` on a 16-byte boundary, all on one CUDA device
+    (checked last, so the other errors are testable on CPU)."""
     for name, t in named.items():
         if t is not None:
             check(t.is_contiguous(), op, f"cuda backend: {name} must be contiguous")
-    for name in ("a", "w", "w_scale", "bias"):
+    for name in aligned:
         t = named[name]
         if t is not None:
             check(t.data_ptr() % GEMM_ALIGN_BYTES == 0, op, f"cuda backend: {name} must start on a "
@@ -125,7 +132,6 @@ def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: tor
             check(t.device.type == "cuda", op, f"cuda backend: {name} must be a CUDA tensor, got {t.device}")
     check(len({t.device for t in named.values() if t is not None}) == 1, op,
           "cuda backend: all tensors must be on one CUDA device")
-    return bias
 
 
 _KIND_CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -177,3 +183,66 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
                            f"got sm_{cap[0]}{cap[1]}")
     per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
     return _scaled_gemm("fp8", "fp8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
+
+
+# ------------------------------------------------------------ CUTLASS mixed-input W4A16 (sm_90a)
+
+W4A16_K_MULTIPLE = 32  # 16-byte rows of packed int4 codes (32 per row chunk) for the weights' TMA loads
+
+
+def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype) -> torch.Tensor | None:
+    """What the CUTLASS W4A16 kernel needs beyond w4a16_gemm's own checks (gemm_ops.py): fp16/bf16 x [M, K],
+    packed int4 w uint8 [N, K/2], per-channel fp32 w_scale [N], K a multiple of 32, N of 16, 16-byte-aligned
+    contiguous operands on one CUDA device. Returns bias as contiguous fp32, or None. Raises
+    TypeError/ValueError naming the argument; the device check comes last, so it is testable on CPU."""
+    op = "w4a16_gemm"
+    check(x.dtype in (torch.float16, torch.bfloat16), op,
+          f"cuda backend: x must be torch.float16 or torch.bfloat16, got {x.dtype}", TypeError)
+    check(w.dtype == torch.uint8, op, f"cuda backend: w must be packed int4 codes, uint8 [N, K/2], got {w.dtype}",
+          TypeError)
+    check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == 2 * w.shape[1], op,
+          f"cuda backend: x [M, K] and w [N, K/2] must share K, got {tuple(x.shape)} and {tuple(w.shape)}")
+    check(w_scale.dim() == 1, op, f"cuda backend: w_scale must be per channel [N], got {tuple(w_scale.shape)}: "
+          "per-group weight scales have no CUDA kernel (CUTLASS's mixed-input GEMM scales the weights before "
+          "the 16-bit MMA, rounding code x scale to 16 bits, while the op scales each group's exact fp32 sum); "
+          "use the triton backend")
+    check(out_dtype in _DTYPE_CODES, op, f"cuda backend: out_dtype {out_dtype} is not one of "
+          f"{list(_DTYPE_CODES)}", TypeError)
+    M, K = x.shape
+    N = w.shape[0]
+    check(K > 0 and K % W4A16_K_MULTIPLE == 0, op,
+          f"cuda backend: K={K} must be a positive multiple of {W4A16_K_MULTIPLE} (16-byte rows of packed codes)")
+    check(N % GEMM_DIM_MULTIPLE == 0 and N > 0, op,
+          f"cuda backend: N={N} must be a positive multiple of {GEMM_DIM_MULTIPLE}")
+    check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
+    check(w_scale.dtype == torch.float32, op, "cuda backend: w_scale must be float32", TypeError)
+    check(w_scale.shape[0] == N and (bias is None or tuple(bias.shape) == (N,)), op,
+          f"cuda backend: w_scale and bias must have N={N} entries")
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    _check_memory(op, {"x": x, "w": w, "w_scale": w_scale, "bias": bias}, aligned=("x", "w", "w_scale", "bias"))
+    return bias
+
+
+@register_kernel("w4a16_gemm", "cuda")
+def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """CUTLASS mixed-input W4A16 on sm_90a (TMA + wgmma; int4 converted exactly to x's 16-bit type in registers,
+    fp32 accumulation), per-channel scale and bias fused in the epilogue. Other GPUs get a BackendError; per-group
+    scales are refused (validate_w4a16_gemm says why)."""
+    bias = validate_w4a16_gemm(x, w, w_scale, bias, out_dtype)
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"dtq cuda backend: {reason}")
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap != (9, 0):
+        raise BackendError(f"dtq.w4a16_gemm: the cuda kernel is built for sm_90a (Hopper) only, got "
+                           f"sm_{cap[0]}{cap[1]}; use the triton backend")
+    M, N = x.shape[0], w.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        _C.w4a16_gemm(x.data_ptr(), w.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                      out.data_ptr(), M, N, x.shape[1], _DTYPE_CODES[x.dtype], _DTYPE_CODES[out_dtype],
+                      torch.cuda.current_stream(x.device).cuda_stream)
+    return out
