@@ -40,8 +40,9 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
   decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * int8_gemm, int8_gemm_static and fp8_gemm on the CUDA backend ("[cuda]" rows; CUTLASS: sm_90a TMA +
-  wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), and w4a16_gemm per channel (CUTLASS
-  mixed-input GEMM, sm_90a only), skipped with the reason where the extension is not built or not usable;
+  wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), and int8_gemm with packed int4 weights
+  (W4A8) and w4a16_gemm, per channel (CUTLASS mixed-input GEMM, sm_90a only), skipped with the reason where
+  the extension is not built or not usable;
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -255,6 +256,8 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq int8_gemm_static [cuda]", _dtq("int8_gemm_static", "cuda"), needs_cuda_backend(mk_static)),
         ("dtq int8_gemm_two_region", _dtq("int8_gemm_two_region", dtq_backend), mk_two),
         ("dtq int8_gemm, packed int4 weights (W4A8)", _dtq("int8_gemm", dtq_backend), mk_w4),
+        ("dtq int8_gemm, packed int4 weights (W4A8) [cuda]", _dtq("int8_gemm", "cuda"),
+         needs_cuda_backend(mk_w4, sm90_only=True)),
         ("dtq quantize_per_token + int8_gemm", quant_gemm, mk_quant),
         ("dtq int8_gemm, per-group g128 int4 weights (W4A8-g128)", _dtq("int8_gemm", dtq_backend), mk_w4_g128),
         ("dtq w4a16_gemm, per-channel int4 (W4A16)", _dtq("w4a16_gemm", dtq_backend), mk_w4a16),
@@ -332,8 +335,9 @@ def check_correct(device, M, K, N) -> None:
         else:
             ref = getattr(reference, op)(*args)
             runs = {"triton": lambda: _dtq(op, "triton")(*args)}
-            if device.type == "cuda" and cuda.available() and op == "int8_gemm" and args[2].dtype == torch.int8:
-                runs["cuda"] = lambda: _dtq(op, "cuda")(*args)
+            if device.type == "cuda" and cuda.available() and op == "int8_gemm" and (
+                    args[2].dtype == torch.int8 or torch.cuda.get_device_capability(device) == (9, 0)):
+                runs["cuda"] = lambda: _dtq(op, "cuda")(*args)  # packed int4 (W4A8): sm_90a only
         # fp32 epilogue differs only by FMA contraction: a few fp32 roundings (tests/test_gemm_int8.py);
         # w4a4_gemm may contract once per block of 32, K/32 + 2 roundings of terms that partly cancel
         # (tests/test_w4a4.py), so it gets 10x the room

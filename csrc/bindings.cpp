@@ -76,13 +76,16 @@ int current_compute_capability() {
 
 // The scaled GEMM of scaled_gemm.h on the current device, with the kernel built for its architecture:
 // sm_90 -> CUTLASS 3.x (sm_90a SASS); int8: sm_80..sm_89 -> CUTLASS 2.x (sm_80 / sm_89 SASS); fp8: sm_89 ->
-// CUTLASS 2.x (sm_89 SASS).
+// CUTLASS 2.x (sm_89 SASS); w4a8 (int8 activations, packed int4 weights [N, K/2]): sm_90 only (CUTLASS 3.x
+// mixed-input GEMM).
 void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a_scale_per_token,
                  uintptr_t group_idx, int groups, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uintptr_t out,
                  int64_t M, int64_t N, int64_t K, int out_dtype, uintptr_t stream) {
   require_cuda();
-  if (kind != "int8" && kind != "fp8")
-    throw std::invalid_argument("scaled_gemm: unknown kind '" + kind + "' (expected 'int8' or 'fp8')");
+  if (kind != "int8" && kind != "fp8" && kind != "w4a8")
+    throw std::invalid_argument("scaled_gemm: unknown kind '" + kind + "' (expected 'int8', 'fp8' or 'w4a8')");
+  if (kind == "w4a8" && (K % 32 || group_idx))
+    throw std::invalid_argument("scaled_gemm(w4a8): K must be a multiple of 32 and group_idx null");
   if (out_dtype < dtq::kFloat32 || out_dtype > dtq::kBFloat16) throw std::invalid_argument("unsupported out_dtype code");
   if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 16)
     throw std::invalid_argument("scaled_gemm: bad shape (need M >= 0, N and K positive multiples of 16)");
@@ -112,6 +115,8 @@ void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a
       if (cc == 90) error = dtq::int8_gemm_sm90(p, s);
       else if (cc >= 80 && cc < 90) error = dtq::int8_gemm_sm80(p, s);
       else error = "no INT8 kernel for this GPU";
+    } else if (kind == "w4a8") {
+      error = cc == 90 ? dtq::int8_gemm_w4_sm90(p, s) : "no W4A8 kernel for this GPU (sm_90a only)";
     } else {
       if (cc == 90) error = dtq::fp8_gemm_sm90(p, s);
       else if (cc == 89) error = dtq::fp8_gemm_sm89(p, s);
@@ -169,7 +174,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("K"), py::arg("dtype"), py::arg("bits"), py::arg("stream"));
   m.def("compute_capability", &current_compute_capability, "10 * major + minor of the current CUDA device");
   m.def("scaled_gemm", &scaled_gemm,
-        "out = ((a . w^T) * act_scale * w_scale) + bias with CUTLASS (csrc/scaled_gemm.h); kind 'int8' or 'fp8'",
+        "out = ((a . w^T) * act_scale * w_scale) + bias with CUTLASS (csrc/scaled_gemm.h); kind 'int8', 'fp8' or "
+        "'w4a8' (packed int4 w)",
         py::arg("kind"), py::arg("a"), py::arg("a_scale"), py::arg("a_scale_per_token"), py::arg("group_idx"),
         py::arg("groups"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("out_dtype"), py::arg("stream"));

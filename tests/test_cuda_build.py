@@ -115,19 +115,21 @@ def test_cutlass_gemms_use_the_tensor_core_instruction_of_their_arch(arch):
         assert not any(OPERAND_MANGLING["fp8"] in name and "15VisitorActScale" in name for name in kernels)
 
 
-# The W4A16 kernels (csrc/sm90/w4a16_gemm.cu, CUTLASS's mixed-input collective): sm_90a only, one per activation
-# dtype (bf16, fp16) and output dtype (fp32, fp16, bf16); the int4 codes are converted in registers and fed to
-# the 16-bit warpgroup MMA (HGMMA, A from registers) with fp32 accumulation.
+# The packed-int4 kernels on CUTLASS's mixed-input collective (csrc/sm90/w4a16_gemm.cu, w4a8_gemm.cu): sm_90a
+# only, one per output dtype (fp32, fp16, bf16) and, for W4A16, activation dtype (bf16, fp16). The int4 codes are
+# converted in registers and fed to the warpgroup MMA with A from registers: HGMMA with fp32 accumulation
+# (W4A16), IGMMA with int32 accumulation (W4A8). Keyed by the MMA atom's operand types in the kernel's name.
 MIXED_INPUT = "MixedInput"
-W4A16_MMA = {"BF16BF16": r"\bHGMMA\.64x128x16\.F32\.BF16\b", "F16F16": r"\bHGMMA\.64x128x16\.F32\s"}
+MIXED_MMA = {"F32BF16BF16": r"\bHGMMA\.64x128x16\.F32\.BF16\b", "F32F16F16": r"\bHGMMA\.64x128x16\.F32\s",
+             "S32S8S8": r"\bIGMMA\.64x128x32\.S8\.S8\b"}
 
 
 @needs_build
-def test_w4a16_kernels_use_warpgroup_mma_on_sm90a_only():
+def test_int4_weight_kernels_use_warpgroup_mma_on_sm90a_only():
     kernels = {name: sass for name, sass in _functions(_all_sass()["sm_90a"]).items() if MIXED_INPUT in name}
-    assert len(kernels) == 6, sorted(kernels)
-    for operands, mma in W4A16_MMA.items():
-        mine = {name: sass for name, sass in kernels.items() if f"_F32{operands}_RS" in name}
+    assert len(kernels) == 9, sorted(kernels)
+    for operands, mma in MIXED_MMA.items():
+        mine = {name: sass for name, sass in kernels.items() if f"_{operands}_RS" in name}
         assert len(mine) == 3, (operands, sorted(mine))
         assert all("integer_subbyteILi4ELb1E" in name for name in mine)  # signed int4 (cutlass::int4b_t)
         for name, sass in mine.items():
@@ -143,8 +145,8 @@ def test_cutlass_gemms_do_not_spill():
                        _cuobjdump("-res-usage"))
     gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage
              if "ActScale" in name or MIXED_INPUT in name]
-    # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes, and W4A16: 2 activation x 3 out dtypes
-    assert len(gemms) == 15 + 6, len(gemms)
+    # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes; W4A16: 2 activation x 3 out; W4A8: 3 out
+    assert len(gemms) == 15 + 6 + 3, len(gemms)
     spilled = [(name[:100], reg, stack, local) for name, reg, stack, local in gemms if stack or local]
     assert not spilled, spilled
 

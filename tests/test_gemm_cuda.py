@@ -1,4 +1,5 @@
-"""The CUTLASS backend ("cuda") of dtq::int8_gemm, dtq::int8_gemm_static, dtq::fp8_gemm and dtq::w4a16_gemm.
+"""The CUTLASS backend ("cuda") of dtq::int8_gemm (8-bit or, on sm_90a, packed int4 weights),
+dtq::int8_gemm_static, dtq::fp8_gemm and dtq::w4a16_gemm.
 
 Without a GPU: the argument validation the CUTLASS kernels need (checked on CPU tensors: it runs before
 any device check) and the dispatch defaults. On a GPU (@pytest.mark.gpu): every kernel against the
@@ -38,7 +39,9 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case,exc,match", [
     ("k_not_16", ValueError, r"K=40 must be a positive multiple of 16"),
     ("n_not_16", ValueError, r"N=40 must be a positive multiple of 16"),
-    ("packed_int4", TypeError, r"packed int4 weights .* use the triton backend"),
+    ("packed_int4_static", TypeError, r"packed int4 weights .* use the triton backend"),
+    ("w4a8_k_not_32", ValueError, r"K=48 must be a positive multiple of 32 \(rows of 16-byte chunks of packed"),
+    ("w4a8_k_mismatch", ValueError, r"a \[M, K\] and w \[N, K/2\] \(packed int4\) must share K"),
     ("a_dtype", TypeError, r"a must be torch.int8, got torch.int16"),
     ("grouped_w_scale", ValueError, r"per-group weight scales have no CUDA kernel"),
     ("scale_dtype", TypeError, r"a_scale and w_scale must be float32"),
@@ -55,8 +58,15 @@ def test_validation_names_the_argument(case, exc, match):
         a, w = a[:, :40].contiguous(), w[:, :40].contiguous()
     elif case == "n_not_16":
         w, w_s, b = w[:40].contiguous(), w_s[:40].contiguous(), b[:40].contiguous()
-    elif case == "packed_int4":
-        w = w[:, :32].contiguous().view(torch.uint8)
+    elif case == "packed_int4_static":  # W4A8 has a CUDA kernel in int8_gemm only
+        with pytest.raises(exc, match=match):
+            cuda.validate_scaled_gemm("int8_gemm_static", a, a_s, w[:, :32].contiguous().view(torch.uint8), w_s, b,
+                                      torch.zeros(1, dtype=torch.int32))
+        return
+    elif case == "w4a8_k_not_32":
+        a, w = a[:, :48].contiguous(), w[:, :24].contiguous().view(torch.uint8)
+    elif case == "w4a8_k_mismatch":
+        w = w.view(torch.uint8)
     elif case == "a_dtype":
         a = a.to(torch.int16)
     elif case == "grouped_w_scale":
@@ -74,13 +84,23 @@ def test_validation_names_the_argument(case, exc, match):
     elif case == "w_scale_len":
         w_s = torch.rand(47)
     with pytest.raises(exc, match=match):
-        cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b)
+        cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b, packed_ok=case.startswith("w4a8"))
 
 
 def test_valid_cpu_arguments_fail_only_on_the_device():
     a, a_s, w, w_s, b = _int8_args()
     with pytest.raises(ValueError, match="CUDA tensor"):  # everything else is valid: only the device fails
         cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b.to(torch.bfloat16))
+
+
+def test_w4a8_packed_weights_pass_validation_up_to_the_device():
+    args, _ = make_args("int8_gemm", 32, 64, 48, torch.bfloat16, w4=True)
+    a, a_s, w, w_s, b, _ = args
+    assert w.dtype == torch.uint8 and w.shape == (48, 32)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b, packed_ok=True)
+    with pytest.raises(ValueError, match="CUDA tensor"):  # the cuda kernel validates before it needs a GPU
+        cuda.int8_gemm(a, a_s, w, w_s, b, torch.bfloat16)
 
 
 def test_fp8_validation_wants_e4m3_codes():
@@ -171,6 +191,10 @@ def test_packed_int4_is_cutlass_int4b_order():
 
 # ------------------------------------------------------------------------------- on a GPU
 
+# The CUTLASS mixed-input kernels (W4A8, W4A16) are Hopper kernels: sm_90a only.
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the CUTLASS mixed-input kernels are built for sm_90a only")
+
 SHAPES = [(1, 1152, 1152), (77, 1152, 4608), (300, 4608, 1152), (1029, 1152, 6912),  # DiT-XL/2 / PixArt
           (4096, 1152, 4608), (333, 3072, 3072), (4103, 3072, 12288), (260, 12288, 3072)]  # Flux
 
@@ -183,6 +207,20 @@ def test_gpu_cuda_matches_reference(op, m, k, n):
         for bias in (True, False):
             args, mag = make_args(op, m, k, n, dtype, bias=bias, seed=i, device="cuda")
             assert_matches(run(op, args, "cuda"), run(op, args, "reference"), mag)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("m,k,n", SHAPES + [(5, 160, 48), (130, 96, 272)])  # and K tails past the 128-wide tile
+def test_gpu_cuda_w4a8_matches_reference(m, k, n):
+    """Packed int4 weights on sm_90a: int4 -> int8 in registers, int32 accumulation, both exact; the int8
+    epilogue's tolerance."""
+    for i, dtype in enumerate(OUT_DTYPES):
+        for bias in (True, False):
+            args, mag = make_args("int8_gemm", m, k, n, dtype, bias=bias, seed=i, per_tensor=i == 1 and bias,
+                                  device="cuda", w4=True)
+            assert args[2].dtype == torch.uint8
+            assert_matches(run("int8_gemm", args, "cuda"), run("int8_gemm", args, "reference"), mag)
 
 
 @pytest.mark.gpu
@@ -278,9 +316,7 @@ def test_gpu_cuda_fp8_matches_reference(m, k, n):
             assert_fp8_matches(out, ref, mag + (0 if args[4] is None else args[4].abs()), k_)
 
 
-# W4A16: sm_90a only (the CUTLASS mixed-input collective is a Hopper kernel).
-needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                                reason="the CUTLASS W4A16 kernel is built for sm_90a only")
+# W4A16: sm_90a only.
 
 
 def _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias, seed):

@@ -73,28 +73,33 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 
 GEMM_ALIGN_BYTES = 16  # TMA (sm_90a) and cp.async (sm_80/89) move 16-byte chunks of every row
 GEMM_DIM_MULTIPLE = 16  # K: 16 int8 codes per 16-byte chunk; N: 16-byte output rows for TMA stores, any dtype
+W4_K_MULTIPLE = 32  # K with packed int4 weights: 32 codes per 16-byte chunk of a weight row (TMA loads)
 
 
 def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, group_idx: torch.Tensor | None = None,
-                         codes: torch.dtype = torch.int8) -> torch.Tensor | None:
+                         codes: torch.dtype = torch.int8, packed_ok: bool = False) -> torch.Tensor | None:
     """What the CUTLASS kernels need beyond the op's own checks (gemm_ops.py); `codes` is the operand dtype
-    (int8 or float8_e4m3fn). Returns bias as contiguous fp32 (the kernels read fp32; the reference adds
-    bias.float() too), or None. Raises TypeError/ValueError naming the argument. Runs on any device: the
-    device check comes last, so it is testable on CPU."""
+    (int8 or float8_e4m3fn); with packed_ok, w may also be packed int4 codes uint8 [N, K/2] (W4A8, K a multiple
+    of 32). Returns bias as contiguous fp32 (the kernels read fp32; the reference adds bias.float() too), or
+    None. Raises TypeError/ValueError naming the argument. Runs on any device: the device check comes last, so
+    it is testable on CPU."""
+    packed = packed_ok and w.dtype == torch.uint8
     check(a.dtype == codes, op, f"cuda backend: a must be {codes}, got {a.dtype}", TypeError)
-    check(w.dtype == codes, op, f"cuda backend: w must be {codes} [N, K]" + (
+    check(w.dtype == codes or packed, op, f"cuda backend: w must be {codes} [N, K]" + (
         "; packed int4 weights (uint8 [N, K/2]) have no CUDA kernel in this op, use the triton backend"
         if w.dtype == torch.uint8 else f", got {w.dtype}"), TypeError)
     check(w_scale.dim() == 1 and a_scale.dim() == 1, op, "cuda backend: a_scale and w_scale must be 1-D "
           f"(got {tuple(a_scale.shape)} and {tuple(w_scale.shape)}): per-group weight scales have no CUDA "
           "kernel, use the triton backend")
-    check(a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], op,
-          f"cuda backend: a [M, K] and w [N, K] must share K, got {tuple(a.shape)} and {tuple(w.shape)}")
+    w_k = 2 * w.shape[1] if packed else w.shape[1]
+    check(a.dim() == 2 and w.dim() == 2 and a.shape[1] == w_k, op, f"cuda backend: a [M, K] and w "
+          f"{'[N, K/2] (packed int4)' if packed else '[N, K]'} must share K, got {tuple(a.shape)} and {tuple(w.shape)}")
     M, K = a.shape
     N = w.shape[0]
-    check(K > 0 and K % GEMM_DIM_MULTIPLE == 0, op,
-          f"cuda backend: K={K} must be a positive multiple of {GEMM_DIM_MULTIPLE} (rows of 16-byte chunks)")
+    k_multiple = W4_K_MULTIPLE if packed else GEMM_DIM_MULTIPLE
+    check(K > 0 and K % k_multiple == 0, op, f"cuda backend: K={K} must be a positive multiple of {k_multiple} "
+          f"(rows of 16-byte chunks{' of packed int4 codes' if packed else ''})")
     check(N % GEMM_DIM_MULTIPLE == 0 and N > 0, op,
           f"cuda backend: N={N} must be a positive multiple of {GEMM_DIM_MULTIPLE}")
     check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
@@ -134,12 +139,13 @@ def _check_memory(op: str, named: dict[str, torch.Tensor | None], aligned: tuple
           "cuda backend: all tensors must be on one CUDA device")
 
 
-_KIND_CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_KIND_CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "w4a8": torch.int8}  # kind -> activation codes
 
 
 def _scaled_gemm(kind: str, op: str, a, a_scale, a_scale_per_token: bool, group_idx, groups: int, w, w_scale, bias,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    bias = validate_scaled_gemm(op, a, a_scale, w, w_scale, bias, group_idx, _KIND_CODES[kind])
+    bias = validate_scaled_gemm(op, a, a_scale, w, w_scale, bias, group_idx, _KIND_CODES[kind],
+                                packed_ok=kind == "w4a8")
     check(out_dtype in _DTYPE_CODES, op, f"cuda backend: out_dtype {out_dtype} is not one of "
           f"{list(_DTYPE_CODES)}", TypeError)
     reason = unavailable_reason()
@@ -158,8 +164,16 @@ def _scaled_gemm(kind: str, op: str, a, a_scale, a_scale_per_token: bool, group_
 @register_kernel("int8_gemm", "cuda")
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """CUTLASS W8A8: sm_90a TMA + wgmma (3.x), sm_80/sm_89 IMMA (2.x); scales and bias fused in the epilogue."""
+    """CUTLASS W8A8: sm_90a TMA + wgmma (3.x), sm_80/sm_89 IMMA (2.x); scales and bias fused in the epilogue.
+    Packed int4 weights (W4A8, per-channel scales): sm_90a only, CUTLASS's mixed-input GEMM (int4 converted
+    exactly to int8 in registers, the same int32 accumulation and epilogue); other GPUs get a BackendError."""
     per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
+    if w.dtype == torch.uint8:
+        if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) != (9, 0):
+            cap = torch.cuda.get_device_capability(a.device)
+            raise BackendError(f"dtq.int8_gemm: the cuda kernel for packed int4 weights is built for sm_90a "
+                               f"(Hopper) only, got sm_{cap[0]}{cap[1]}; use the triton backend")
+        return _scaled_gemm("w4a8", "int8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
     return _scaled_gemm("int8", "int8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
 
 
@@ -187,9 +201,6 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
 
 # ------------------------------------------------------------ CUTLASS mixed-input W4A16 (sm_90a)
 
-W4A16_K_MULTIPLE = 32  # 16-byte rows of packed int4 codes (32 per row chunk) for the weights' TMA loads
-
-
 def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                         out_dtype: torch.dtype) -> torch.Tensor | None:
     """What the CUTLASS W4A16 kernel needs beyond w4a16_gemm's own checks (gemm_ops.py): fp16/bf16 x [M, K],
@@ -211,8 +222,8 @@ def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
           f"{list(_DTYPE_CODES)}", TypeError)
     M, K = x.shape
     N = w.shape[0]
-    check(K > 0 and K % W4A16_K_MULTIPLE == 0, op,
-          f"cuda backend: K={K} must be a positive multiple of {W4A16_K_MULTIPLE} (16-byte rows of packed codes)")
+    check(K > 0 and K % W4_K_MULTIPLE == 0, op,
+          f"cuda backend: K={K} must be a positive multiple of {W4_K_MULTIPLE} (16-byte rows of packed codes)")
     check(N % GEMM_DIM_MULTIPLE == 0 and N > 0, op,
           f"cuda backend: N={N} must be a positive multiple of {GEMM_DIM_MULTIPLE}")
     check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
