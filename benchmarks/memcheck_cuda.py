@@ -32,7 +32,8 @@ def main() -> int:
         from dtq_kernels import formats
         w4 = formats.pack_int4(torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=g)).cuda()
         for dt in (torch.float32, torch.float16, torch.bfloat16):
-            calls += [("int8_gemm", (a, a_s, w4, w_s, bias, dt)), ("int8_gemm", (a, a_s[:1], w4, w_s, None, dt))]
+            calls += [("int8_gemm", (a, a_s, w4, w_s, bias, dt)), ("int8_gemm", (a, a_s[:1], w4, w_s, None, dt)),
+                      ("int8_gemm_static", (a, table, gi, w4, w_s, bias, dt))]
             calls += [("w4a16_gemm", (x.to(x_dt), w4, w_s, bias if x_dt == dt else None, dt))
                       for x_dt in (torch.float16, torch.bfloat16)]
     with ops.use_backend("cuda"):

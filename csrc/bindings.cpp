@@ -84,8 +84,7 @@ void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a
   require_cuda();
   if (kind != "int8" && kind != "fp8" && kind != "w4a8")
     throw std::invalid_argument("scaled_gemm: unknown kind '" + kind + "' (expected 'int8', 'fp8' or 'w4a8')");
-  if (kind == "w4a8" && (K % 32 || group_idx))
-    throw std::invalid_argument("scaled_gemm(w4a8): K must be a multiple of 32 and group_idx null");
+  if (kind == "w4a8" && K % 32) throw std::invalid_argument("scaled_gemm(w4a8): K must be a multiple of 32");
   if (out_dtype < dtq::kFloat32 || out_dtype > dtq::kBFloat16) throw std::invalid_argument("unsupported out_dtype code");
   if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 16)
     throw std::invalid_argument("scaled_gemm: bad shape (need M >= 0, N and K positive multiples of 16)");

@@ -38,7 +38,7 @@ const char* int8_gemm_sm90(const ScaledGemmParams& p, cudaStream_t stream);  // 
 const char* fp8_gemm_sm89(const ScaledGemmParams& p, cudaStream_t stream);   // sm_89 (mma.sync e4m3)
 const char* fp8_gemm_sm90(const ScaledGemmParams& p, cudaStream_t stream);   // sm_90a (TMA + wgmma)
 // W4A8: w holds packed int4 codes [N, K/2] (dtq_kernels.formats.pack_int4: the even k in the low nibble, which is
-// CUTLASS's int4b_t order), K a multiple of 32; per-token or per-tensor a_scale, no group_idx.
+// CUTLASS's int4b_t order), K a multiple of 32; the same activation scales as above.
 const char* int8_gemm_w4_sm90(const ScaledGemmParams& p, cudaStream_t stream);  // sm_90a (mixed-input wgmma)
 
 }  // namespace dtq

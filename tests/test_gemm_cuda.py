@@ -39,7 +39,7 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case,exc,match", [
     ("k_not_16", ValueError, r"K=40 must be a positive multiple of 16"),
     ("n_not_16", ValueError, r"N=40 must be a positive multiple of 16"),
-    ("packed_int4_static", TypeError, r"packed int4 weights .* use the triton backend"),
+    ("packed_int4_fp8", TypeError, r"packed int4 weights .* use the triton backend"),
     ("w4a8_k_not_32", ValueError, r"K=48 must be a positive multiple of 32 \(rows of 16-byte chunks of packed"),
     ("w4a8_k_mismatch", ValueError, r"a \[M, K\] and w \[N, K/2\] \(packed int4\) must share K"),
     ("a_dtype", TypeError, r"a must be torch.int8, got torch.int16"),
@@ -58,10 +58,10 @@ def test_validation_names_the_argument(case, exc, match):
         a, w = a[:, :40].contiguous(), w[:, :40].contiguous()
     elif case == "n_not_16":
         w, w_s, b = w[:40].contiguous(), w_s[:40].contiguous(), b[:40].contiguous()
-    elif case == "packed_int4_static":  # W4A8 has a CUDA kernel in int8_gemm only
+    elif case == "packed_int4_fp8":  # packed int4 weights have CUDA kernels with int8 activations only
         with pytest.raises(exc, match=match):
-            cuda.validate_scaled_gemm("int8_gemm_static", a, a_s, w[:, :32].contiguous().view(torch.uint8), w_s, b,
-                                      torch.zeros(1, dtype=torch.int32))
+            cuda.validate_scaled_gemm("fp8_gemm", a.to(torch.float8_e4m3fn), a_s,
+                                      w[:, :32].contiguous().view(torch.uint8), w_s, b, codes=torch.float8_e4m3fn)
         return
     elif case == "w4a8_k_not_32":
         a, w = a[:, :48].contiguous(), w[:, :24].contiguous().view(torch.uint8)
@@ -99,8 +99,13 @@ def test_w4a8_packed_weights_pass_validation_up_to_the_device():
     assert w.dtype == torch.uint8 and w.shape == (48, 32)
     with pytest.raises(ValueError, match="CUDA tensor"):
         cuda.validate_scaled_gemm("int8_gemm", a, a_s, w, w_s, b, packed_ok=True)
-    with pytest.raises(ValueError, match="CUDA tensor"):  # the cuda kernel validates before it needs a GPU
+    with pytest.raises(ValueError, match="CUDA tensor"):  # the cuda kernels validate before they need a GPU
         cuda.int8_gemm(a, a_s, w, w_s, b, torch.bfloat16)
+    (a, table, gi, w, w_s, b, dt), _ = make_args("int8_gemm_static", 32, 64, 48, torch.float32, w4=True)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cuda.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+    with pytest.raises(ValueError, match="K=48 must be a positive multiple of 32"):
+        cuda.int8_gemm_static(a[:, :48].contiguous(), table, gi, w[:, :24].contiguous(), w_s, b, dt)
 
 
 def test_fp8_validation_wants_e4m3_codes():
@@ -211,16 +216,35 @@ def test_gpu_cuda_matches_reference(op, m, k, n):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("op", ["int8_gemm", "int8_gemm_static"])
 @pytest.mark.parametrize("m,k,n", SHAPES + [(5, 160, 48), (130, 96, 272)])  # and K tails past the 128-wide tile
-def test_gpu_cuda_w4a8_matches_reference(m, k, n):
+def test_gpu_cuda_w4a8_matches_reference(op, m, k, n):
     """Packed int4 weights on sm_90a: int4 -> int8 in registers, int32 accumulation, both exact; the int8
     epilogue's tolerance."""
     for i, dtype in enumerate(OUT_DTYPES):
         for bias in (True, False):
-            args, mag = make_args("int8_gemm", m, k, n, dtype, bias=bias, seed=i, per_tensor=i == 1 and bias,
+            args, mag = make_args(op, m, k, n, dtype, bias=bias, seed=i, per_tensor=i == 1 and bias,
                                   device="cuda", w4=True)
-            assert args[2].dtype == torch.uint8
-            assert_matches(run("int8_gemm", args, "cuda"), run("int8_gemm", args, "reference"), mag)
+            assert args[-4].dtype == torch.uint8
+            assert_matches(run(op, args, "cuda"), run(op, args, "reference"), mag)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_cuda_w4a8_static_under_cuda_graph_follows_the_group_index():
+    args, _ = make_args("int8_gemm_static", 1029, 1152, 4608, torch.bfloat16, device="cuda", w4=True)
+    a, table, gi, w, w_s, b, dt = args
+    run("int8_gemm_static", args, "cuda")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with ops.use_backend("cuda"), torch.cuda.graph(graph):
+        out = torch.ops.dtq.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+    codes = formats.unpack_int4(w)
+    for g in (0, 2, 1):
+        gi.fill_(g)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.int8_gemm_static(a, table, gi, w, w_s, b, dt)
+        assert_matches(out, ref, reference.int_matmul(a.abs(), codes.abs()).float() * table[g] * w_s + b.abs())
 
 
 @pytest.mark.gpu

@@ -7,12 +7,12 @@
 #pragma once
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
 #include "cutlass_glue.hpp"
+#include "sm90/epilogue.hpp"
 
 namespace dtq::sm90 {
 
@@ -23,14 +23,14 @@ using namespace cute;
 template <class ElementAct>
 using MixedTileShape = Shape<_128, _128, Int<128 * 8 / cutlass::sizeof_bits<ElementAct>::value>>;
 
-// Epilogue: a struct with `template <class TileShape> using Tree` (an Sm90EVT over outᵀ; the weight channel n
-// is its row, the token m its column) and `static Tree::Arguments arguments(Params const&)`.
-template <class ElementAct, class ElementAcc, class ElementOut, class Epilogue, class Params>
+// Epilogue<TileShape, ElementOut>: `Tree`, an Sm90EVT over outᵀ (the weight channel n is its row, the token m its
+// column), and `static Tree::Arguments arguments(Params const&)`.
+template <class ElementAct, class ElementAcc, class ElementOut, template <class, class> class Epilogue, class Params>
 const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act, void* out, cudaStream_t stream) {
   using ElementW = cutlass::int4b_t;
   using TileShape = MixedTileShape<ElementAct>;
   using ClusterShape = Shape<_1, _1, _1>;
-  using Tree = typename Epilogue::template Tree<TileShape, ElementOut>;
+  using Tree = typename Epilogue<TileShape, ElementOut>::Tree;
   constexpr int kAlignmentW = 128 / cutlass::sizeof_bits<ElementW>::value;      // 32 codes = 16 bytes
   constexpr int kAlignmentAct = 128 / cutlass::sizeof_bits<ElementAct>::value;  // 16 bytes
   constexpr int kAlignmentOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
@@ -60,15 +60,8 @@ const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act
       cutlass::gemm::GemmUniversalMode::kGemm,
       {p.N, p.M, p.K, 1},
       {static_cast<ElementW const*>(w), stride_w, static_cast<ElementAct const*>(act), stride_act},
-      {Epilogue::template arguments<TileShape, ElementOut>(p), nullptr, {}, static_cast<ElementOut*>(out), stride_out}};
+      {Epilogue<TileShape, ElementOut>::arguments(p), nullptr, {}, static_cast<ElementOut*>(out), stride_out}};
   return run_without_workspace<Gemm>(args, stream);
 }
-
-// A per-weight-channel fp32 vector [N] (a row of outᵀ): 16-byte aligned (Python checks); nullptr reads as 0.
-template <class TileShape>
-using ChannelVector = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, _0>>;
-
-template <template <class> class Fn, class Out>
-using Compute = cutlass::epilogue::fusion::Sm90Compute<Fn, Out, float, cutlass::FloatRoundStyle::round_to_nearest>;
 
 }  // namespace dtq::sm90

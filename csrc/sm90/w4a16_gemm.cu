@@ -10,16 +10,14 @@ namespace {
 using namespace cute;
 
 // (acc * w_scale[n]) + bias[n] in fp32, rounded once to ElementOut.
+template <class TileShape, class ElementOut>
 struct ChannelScaledEpilogue {
-  template <class TileShape>
+  using Channel = sm90::ChannelVector<TileShape, /*Transposed=*/true>;
   using TimesW = cutlass::epilogue::fusion::Sm90EVT<sm90::Compute<cutlass::multiplies, float>,
-                                                    cutlass::epilogue::fusion::Sm90AccFetch, sm90::ChannelVector<TileShape>>;
-  template <class TileShape, class ElementOut>
-  using Tree = cutlass::epilogue::fusion::Sm90EVT<sm90::Compute<cutlass::plus, ElementOut>, TimesW<TileShape>,
-                                                  sm90::ChannelVector<TileShape>>;
+                                                    cutlass::epilogue::fusion::Sm90AccFetch, Channel>;
+  using Tree = cutlass::epilogue::fusion::Sm90EVT<sm90::Compute<cutlass::plus, ElementOut>, TimesW, Channel>;
 
-  template <class TileShape, class ElementOut>
-  static typename Tree<TileShape, ElementOut>::Arguments arguments(W4A16GemmParams const& p) {
+  static typename Tree::Arguments arguments(W4A16GemmParams const& p) {
     return {
         {                          // TimesW
             {},                    //   acc

@@ -39,7 +39,7 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "gelu_quantize": {"any": "triton"},
     "quantize_two_region": {"any": "triton"},
     # Not measured yet on a GPU: int8_gemm and int8_gemm_static also have CUTLASS kernels ("cuda": sm_80,
-    # sm_89, sm_90a; int8_gemm with packed int4 weights: sm_90a), but no committed measurement shows them faster, so Triton stays the default
+    # sm_89, sm_90a; with packed int4 weights: sm_90a), but no committed measurement shows them faster, so Triton stays the default
     # (benchmarks/bench_gemm.py times both beside cuBLAS bf16, torch._int_mm and FP8 _scaled_mm);
     # DTQ_BACKEND=cuda selects them.
     "int8_gemm": {"any": "triton"},

@@ -161,6 +161,14 @@ def _scaled_gemm(kind: str, op: str, a, a_scale, a_scale_per_token: bool, group_
     return out
 
 
+def _require_hopper_for_packed_int4(a: torch.Tensor, op: str) -> None:
+    """The packed-int4 (mixed-input) kernels exist for sm_90a only; CPU tensors fall through to the device check."""
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) != (9, 0):
+        cap = torch.cuda.get_device_capability(a.device)
+        raise BackendError(f"dtq.{op}: the cuda kernel for packed int4 weights is built for sm_90a (Hopper) only, "
+                           f"got sm_{cap[0]}{cap[1]}; use the triton backend")
+
+
 @register_kernel("int8_gemm", "cuda")
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -169,10 +177,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     exactly to int8 in registers, the same int32 accumulation and epilogue); other GPUs get a BackendError."""
     per_token = a_scale.shape[0] == a.shape[0] and a.shape[0] != 1
     if w.dtype == torch.uint8:
-        if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) != (9, 0):
-            cap = torch.cuda.get_device_capability(a.device)
-            raise BackendError(f"dtq.int8_gemm: the cuda kernel for packed int4 weights is built for sm_90a "
-                               f"(Hopper) only, got sm_{cap[0]}{cap[1]}; use the triton backend")
+        _require_hopper_for_packed_int4(a, "int8_gemm")
         return _scaled_gemm("w4a8", "int8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
     return _scaled_gemm("int8", "int8_gemm", a, a_scale, per_token, None, 1, w, w_scale, bias, out_dtype)
 
@@ -181,7 +186,12 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
 def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torch.Tensor, w: torch.Tensor,
                      w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """int8_gemm with the per-tensor scale scale_table[group_idx[0]], which the epilogue reads on the device
-    (index clamped to the table): no host sync, so it can be captured in a CUDA graph and replayed."""
+    (index clamped to the table): no host sync, so it can be captured in a CUDA graph and replayed. Packed int4
+    weights (W4A8): sm_90a only, as in int8_gemm."""
+    if w.dtype == torch.uint8:
+        _require_hopper_for_packed_int4(a, "int8_gemm_static")
+        return _scaled_gemm("w4a8", "int8_gemm_static", a, scale_table, False, group_idx, scale_table.shape[0], w,
+                            w_scale, bias, out_dtype)
     return _scaled_gemm("int8", "int8_gemm_static", a, scale_table, False, group_idx, scale_table.shape[0], w,
                         w_scale, bias, out_dtype)
 
