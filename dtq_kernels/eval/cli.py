@@ -44,10 +44,13 @@ CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
 NOISE_SEEDS = 3          # the noise floor: the FP model sampled again with seeds seed+1 .. seed+NOISE_SEEDS
-# TQ-DiT ablations: one of the paper's components switched off, calibrated the same way.
+# Ablations: one of a paper's components switched off, calibrated the same way.
 ABLATIONS = {"tqdit-w6a6-g1": ("tqdit-w6a6", {"time_groups": 1}, "tqdit-w6a6 with ONE time group (TGQ off)"),
              "tqdit-w6a6-nomrq": ("tqdit-w6a6", {"mrq": False},
-                                  "tqdit-w6a6 without MRQ (uniform post-softmax/post-GELU quantizers)")}
+                                  "tqdit-w6a6 without MRQ (uniform post-softmax/post-GELU quantizers)"),
+             "hqdit-w4a4-int4": ("hqdit-w4a4-fp4", {"weight": "int4", "act": "int4"},
+                                 "hqdit-w4a4-fp4 on the INT4 grid (same rotation, clip search, GPTQ and blocks "
+                                 "of 32; FP4 off)")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
