@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -124,13 +125,21 @@ def available_recipes(dtq) -> dict[str, str]:
     return out
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
+class LogCollector(logging.Handler):
+    """A logging handler keeping the messages of level >= `level` in `messages`; `select(message)`, when
+    given, returns the text to keep (e.g. shortened) or None to drop the message."""
+
+    def __init__(self, level: int = logging.WARNING, select: Callable[[str], str | None] | None = None):
+        super().__init__(level)
+        self.select = select
         self.messages: list[str] = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        msg = record.getMessage()
+        if self.select is not None:
+            msg = self.select(msg)
+        if msg is not None:
+            self.messages.append(msg)
 
 
 def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: float, progress: bool = False):
@@ -150,7 +159,7 @@ def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: f
             sample_fn(transformer, labels[i:i + CALIB_BATCH], steps, torch.Generator().manual_seed(CALIB_SEED + b),
                       guidance)
 
-    handler = _Collect()
+    handler = LogCollector()
     logger = logging.getLogger("dtq_kernels")
     logger.addHandler(handler)
     try:
