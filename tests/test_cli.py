@@ -183,22 +183,14 @@ def test_every_bad_argument_is_refused_before_any_model_loads(argv, message, pla
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.png").exists()
 
 
-def test_a_read_only_place_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    import os
+def test_a_read_only_place_is_refused_before_any_model_loads(read_only_dir, monkeypatch, capsys):
+    ro = read_only_dir
     monkeypatch.setattr(cli, "_build_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    ro = tmp_path / "ro"
-    (ro / "empty").mkdir(parents=True)
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that permissions do not restrict (root)")
-        # a new directory, and an existing writable one: the checkpoint is built next to it, in ro
-        for out in (ro / "new", ro / "empty"):
-            for command in (Q, C):
-                with pytest.raises(SystemExit) as e:
-                    cli.run(command + ["--out", str(out)])
-                err = capsys.readouterr().err.strip().splitlines()[-1]
-                assert e.value.code == 2 and err.startswith(f"dtq {command[0]}: error:") and "no permission" in err, err
-        assert sorted(p.name for p in ro.iterdir()) == ["empty"]
-    finally:
-        ro.chmod(0o755)
+    # a new directory, and an existing writable one: the checkpoint is built next to it, in ro
+    for out in (ro / "new", ro / "empty"):
+        for command in (Q, C):
+            with pytest.raises(SystemExit) as e:
+                cli.run(command + ["--out", str(out)])
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert e.value.code == 2 and err.startswith(f"dtq {command[0]}: error:") and "no permission" in err, err
+    assert sorted(p.name for p in ro.iterdir()) == ["empty"]

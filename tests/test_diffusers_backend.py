@@ -2,7 +2,6 @@
 checkpoints, save_pretrained round trips, pipelines, torch.compile, and the bad inputs."""
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -307,23 +306,16 @@ def test_save_pretrained_refuses_foreign_directories_and_files(fp_dir, tmp_path)
     assert (empty / "config.json").is_file()
 
 
-def test_save_pretrained_refuses_a_read_only_place(fp_dir, tmp_path):
+def test_save_pretrained_refuses_a_read_only_place(fp_dir, read_only_dir):
     from dtq_kernels.checkpoint import CheckpointError
+    ro = read_only_dir
     model = _quantized_from(fp_dir)
-    ro = tmp_path / "ro"
-    (ro / "empty").mkdir(parents=True)
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that permissions do not restrict (root)")
-        for target in (ro / "new", ro / "empty"):  # the new save is built next to the target: ro must be writable
-            with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
-                model.save_pretrained(target)
-            with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
-                dtq.save_quantized(dtq.quantize(tiny_dit(), "viditq-w8a8"), target)
-        assert sorted(p.name for p in ro.iterdir()) == ["empty"] and not any((ro / "empty").iterdir())
-    finally:
-        ro.chmod(0o755)
+    for target in (ro / "new", ro / "empty"):  # the new save is built next to the target: ro must be writable
+        with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
+            model.save_pretrained(target)
+        with pytest.raises(CheckpointError, match=f"no permission to write in {ro}"):
+            dtq.save_quantized(dtq.quantize(tiny_dit(), "viditq-w8a8"), target)
+    assert sorted(p.name for p in ro.iterdir()) == ["empty"] and not any((ro / "empty").iterdir())
 
 
 def test_save_pretrained_keeps_the_class_signature_and_survives_copies(fp_dir, tmp_path, monkeypatch):

@@ -243,3 +243,23 @@ def test_kept_fp_layers_are_told_apart_from_quantized_ones():
     kept = set(harness.kept_fp_layers(q, names))
     assert "proj_out_2" in kept and "transformer_blocks.0.norm1.linear" in kept
     assert not any(".attn1.to_q" in n or ".ff.net.2" in n for n in kept)
+
+
+def test_log_collector_keeps_messages_from_its_level_up_and_applies_select():
+    import logging
+
+    from dtq_kernels.eval.cli import LogCollector
+    log = logging.getLogger("dtq_kernels.test_log_collector")
+    log.setLevel(logging.DEBUG)
+    plain, selective = LogCollector(), LogCollector(logging.INFO, lambda m: m[:4] if "fall" in m else None)
+    for h in (plain, selective):
+        log.addHandler(h)
+    try:
+        log.info("falls back to the reference")
+        log.warning("fallback %d", 2)
+        log.warning("something else")
+    finally:
+        for h in (plain, selective):
+            log.removeHandler(h)
+    assert plain.messages == ["fallback 2", "something else"]
+    assert selective.messages == ["fall", "fall"]

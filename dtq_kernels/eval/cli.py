@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -44,10 +45,13 @@ CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
 NOISE_SEEDS = 3          # the noise floor: the FP model sampled again with seeds seed+1 .. seed+NOISE_SEEDS
-# TQ-DiT ablations: one of the paper's components switched off, calibrated the same way.
+# Ablations: one of a paper's components switched off, calibrated the same way.
 ABLATIONS = {"tqdit-w6a6-g1": ("tqdit-w6a6", {"time_groups": 1}, "tqdit-w6a6 with ONE time group (TGQ off)"),
              "tqdit-w6a6-nomrq": ("tqdit-w6a6", {"mrq": False},
-                                  "tqdit-w6a6 without MRQ (uniform post-softmax/post-GELU quantizers)")}
+                                  "tqdit-w6a6 without MRQ (uniform post-softmax/post-GELU quantizers)"),
+             "hqdit-w4a4-int4": ("hqdit-w4a4-fp4", {"weight": "int4", "act": "int4"},
+                                 "hqdit-w4a4-fp4 on the INT4 grid (same rotation, clip search, GPTQ and blocks "
+                                 "of 32; FP4 off)")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,13 +125,21 @@ def available_recipes(dtq) -> dict[str, str]:
     return out
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
+class LogCollector(logging.Handler):
+    """A logging handler keeping the messages of level >= `level` in `messages`; `select(message)`, when
+    given, returns the text to keep (e.g. shortened) or None to drop the message."""
+
+    def __init__(self, level: int = logging.WARNING, select: Callable[[str], str | None] | None = None):
+        super().__init__(level)
+        self.select = select
         self.messages: list[str] = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        msg = record.getMessage()
+        if self.select is not None:
+            msg = self.select(msg)
+        if msg is not None:
+            self.messages.append(msg)
 
 
 def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: float, progress: bool = False):
@@ -147,7 +159,7 @@ def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: f
             sample_fn(transformer, labels[i:i + CALIB_BATCH], steps, torch.Generator().manual_seed(CALIB_SEED + b),
                       guidance)
 
-    handler = _Collect()
+    handler = LogCollector()
     logger = logging.getLogger("dtq_kernels")
     logger.addHandler(handler)
     try:

@@ -29,6 +29,12 @@ CLAIMS = [
     ("dynamic W8A8 beats static min-max W8A8", "ViDiT-Q", "viditq-w8a8", "rtn-w8a8", "beats"),
     ("mixed precision rescues W4A8", "ViDiT-Q", "viditq-w4a8-mp", "viditq-w4a8", "beats"),
     ("channel balancing + dynamic activations beat RTN at W4A8", "ViDiT-Q", "viditq-w4a8", "rtn-w4a8", "beats"),
+    ("salience calibration + channel balancing beat RTN at W8A8", "PTQ4DiT", "ptq4dit-w8a8", "rtn-w8a8", "beats"),
+    ("salience calibration + channel balancing beat RTN at W4A8", "PTQ4DiT", "ptq4dit-w4a8", "rtn-w4a8", "beats"),
+    ("PTQ4DiT W8A8 is close to FP", "PTQ4DiT", "ptq4dit-w8a8", "fp", "near"),
+    ("time-grouped scales + MRQ beat PTQ4DiT at W8A8", "TQ-DiT", "tqdit-w8a8", "ptq4dit-w8a8", "beats"),
+    ("FP4 beats INT4 at W4A4 (same pipeline)", "HQ-DiT", "hqdit-w4a4-fp4", "hqdit-w4a4-int4", "beats"),
+    ("weight dilation beats ViDiT-Q at W4A8", "DilateQuant", "dilatequant-w4a8", "viditq-w4a8", "beats"),
 ]
 
 

@@ -193,6 +193,18 @@ def _diffusers_forward_reason(block, joint_attention_kwargs, hidden_states, proc
     return reason
 
 
+def _fast_flux_class(base: type, name: str, fast_forward, doc: str) -> type:
+    """A subclass of the Flux block class `base` whose forward runs fast_forward(block, ...) unless this
+    call needs diffusers' forward (the double- and single-stream blocks share the signature)."""
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        if _diffusers_forward_reason(self, joint_attention_kwargs, hidden_states, QuantFluxAttnProcessor):
+            return base.forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                joint_attention_kwargs)
+        return fast_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+
+    return type(name, (base,), {"__doc__": doc, "dtq_fast_block": True, "forward": forward})
+
+
 def _make_classes() -> dict[type, tuple[type, object]]:
     """{diffusers block class: (its fast subclass, its obstacle function)} for the classes this
     diffusers has."""
@@ -213,29 +225,12 @@ def _make_classes() -> dict[type, tuple[type, object]]:
     except ImportError:  # a diffusers without these Flux blocks
         FluxTransformerBlock = None
     if FluxTransformerBlock is not None:
-
-        class FastFluxTransformerBlock(FluxTransformerBlock):
-            """A Flux double-stream block (same modules and state dict) running this module's fast path."""
-            dtq_fast_block = True
-
-            def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                        joint_attention_kwargs=None):
-                if _diffusers_forward_reason(self, joint_attention_kwargs, hidden_states, QuantFluxAttnProcessor):
-                    return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                           joint_attention_kwargs)
-                return _flux_double_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-
-        class FastFluxSingleTransformerBlock(FluxSingleTransformerBlock):
-            """A Flux single-stream block (same modules and state dict) running this module's fast path."""
-            dtq_fast_block = True
-
-            def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                        joint_attention_kwargs=None):
-                if _diffusers_forward_reason(self, joint_attention_kwargs, hidden_states, QuantFluxAttnProcessor):
-                    return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                           joint_attention_kwargs)
-                return _flux_single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-
+        FastFluxTransformerBlock = _fast_flux_class(
+            FluxTransformerBlock, "FastFluxTransformerBlock", _flux_double_forward,
+            "A Flux double-stream block (same modules and state dict) running this module's fast path.")
+        FastFluxSingleTransformerBlock = _fast_flux_class(
+            FluxSingleTransformerBlock, "FastFluxSingleTransformerBlock", _flux_single_forward,
+            "A Flux single-stream block (same modules and state dict) running this module's fast path.")
         classes[FluxTransformerBlock] = (FastFluxTransformerBlock, _joint_obstacle)
         classes[FluxSingleTransformerBlock] = (FastFluxSingleTransformerBlock, _single_obstacle)
     for fast, _ in classes.values():

@@ -46,6 +46,14 @@ def check_out_dtype(dtype: torch.dtype, op: str) -> None:
           TypeError)
 
 
+def check_bias_out(op: str, bias: torch.Tensor | None, n: int, out_dtype: torch.dtype) -> None:
+    """A GEMM epilogue's arguments: bias float [N] or None, and a float out_dtype."""
+    if bias is not None:
+        check_tensor(bias, op, "bias", FLOAT_DTYPES, ndim=1)
+        check(bias.shape[0] == n, op, f"bias must have N={n} entries, got {bias.shape[0]}")
+    check_out_dtype(out_dtype, op)
+
+
 def check_group_idx(op, group_idx) -> None:
     check_tensor(group_idx, op, "group_idx", (torch.int32,), ndim=1)
     check(group_idx.shape[0] == 1, op, f"group_idx must have 1 entry, got {group_idx.shape[0]}")

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._checks import (FLOAT_DTYPES, check, check_group_idx, check_group_in_range, check_out_dtype,
-                      check_same_device, check_tensor)
+from ._checks import (check, check_bias_out, check_group_idx, check_group_in_range, check_same_device,
+                      check_tensor)
 from ._dispatch import dispatch, register_kernel
 
 register_kernel("int8_gemm", "reference")(reference.int8_gemm)
@@ -41,7 +41,7 @@ def _check_operands(op, a, w, w_scale, bias, out_dtype, grouped_ok: bool = False
     check_tensor(w, op, "w", (torch.int8, torch.uint8), ndim=2)
     _check_weight_k(op, a, w)
     _check_w_scale(op, a, w, w_scale, grouped_ok)
-    _check_bias_out(op, w, bias, out_dtype)
+    check_bias_out(op, bias, w.shape[0], out_dtype)
 
 
 def _check_weight_k(op, a, w) -> None:
@@ -66,13 +66,6 @@ def _check_w_scale(op, a, w, w_scale, grouped_ok: bool) -> None:
     check(w_scale.dim() == 1, op, f"w_scale must be 1-D [N={n}] (one scale per output channel)"
           + (" or 2-D [N, K/G] (per group)" if grouped_ok else "") + f", got shape {tuple(w_scale.shape)}")
     check(w_scale.shape[0] == n, op, f"w_scale must have N={n} entries, got {w_scale.shape[0]}")
-
-
-def _check_bias_out(op, w, bias, out_dtype) -> None:
-    if bias is not None:
-        check_tensor(bias, op, "bias", FLOAT_DTYPES, ndim=1)
-        check(bias.shape[0] == w.shape[0], op, f"bias must have N={w.shape[0]} entries, got {bias.shape[0]}")
-    check_out_dtype(out_dtype, op)
 
 
 def _check_a_scale(op, a, a_scale) -> None:
@@ -196,7 +189,7 @@ def _check_w4a16_gemm(x, w, w_scale, bias, out_dtype) -> None:
     check_tensor(w, op, "w", (torch.uint8,), ndim=2)
     _check_weight_k(op, x, w)
     _check_w_scale(op, x, w, w_scale, grouped_ok=True)
-    _check_bias_out(op, w, bias, out_dtype)
+    check_bias_out(op, bias, w.shape[0], out_dtype)
     check_same_device(op, x=x, w=w, w_scale=w_scale, bias=bias)
 
 
@@ -226,7 +219,7 @@ def _check_fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype) -> None:
     _check_weight_k(op, a, w)
     _check_a_scale(op, a, a_scale)
     _check_w_scale(op, a, w, w_scale, grouped_ok=False)
-    _check_bias_out(op, w, bias, out_dtype)
+    check_bias_out(op, bias, w.shape[0], out_dtype)
     check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import formats, hadamard
 from . import reference
-from ._checks import FLOAT_DTYPES, check, check_out_dtype, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check, check_bias_out, check_same_device, check_tensor
 from ._dispatch import dispatch, register_kernel
 
 register_kernel("w4a4_gemm", "reference")(reference.w4a4_gemm)
@@ -60,12 +60,9 @@ def _check_w4a4_gemm(a, a_scale, w, w_scale, bias, group_size, a_fmt, w_fmt, out
         check_tensor(scale, op, name, (torch.float32,), ndim=2)
         check(tuple(scale.shape) == (rows, groups), op, f"{name} must be [{rows}, K/group_size={groups}] "
               f"(K={k}, group_size={group_size}), got {tuple(scale.shape)}")
-    if bias is not None:
-        check_tensor(bias, op, "bias", FLOAT_DTYPES, ndim=1)
-        check(bias.shape[0] == w.shape[0], op, f"bias must have N={w.shape[0]} entries, got {bias.shape[0]}")
+    check_bias_out(op, bias, w.shape[0], out_dtype)
     _check_format(op, "a_fmt", a_fmt)
     _check_format(op, "w_fmt", w_fmt)
-    check_out_dtype(out_dtype, op)
     check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias)
 
 

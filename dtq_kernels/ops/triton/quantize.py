@@ -107,6 +107,22 @@ def _gelu(x, TANH: tl.constexpr):
 
 
 @triton.jit
+def load_row_tile(x_ptr, M, K, stride_xm, MFAC: tl.constexpr, MPAD: tl.constexpr, P: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M whole rows of x as a [BLOCK_M, MPAD, P] fp32 tile in the layout above
+    (padding 0). Returns (rows [BLOCK_M], col [MPAD, P] the column of each tile element, col_ok [MPAD, P]
+    the real columns, mask [BLOCK_M, MPAD, P] the real elements, the tile)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    a = tl.arange(0, MPAD)
+    b = tl.arange(0, P)
+    col = a[:, None] * P + b[None, :]
+    col_ok = (a[:, None] < MFAC) & (col < K)
+    mask = (rows < M)[:, None, None] & col_ok[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + col[None, :, :], mask=mask, other=0.0)
+    return rows, col, col_ok, mask, x.to(tl.float32)
+
+
+@triton.jit
 def hadamard_rows(x, hm_ptr, MFAC: tl.constexpr, MPAD: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr,
                   BLOCK_M: tl.constexpr):
     """x [BLOCK_M, MPAD, P] (row tiles in the Kronecker layout above) -> H_MFACᵀ · X · H_P per row, the
@@ -140,14 +156,7 @@ def act_quant_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, shift_ptr, mod
                      PRE: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, MFAC: tl.constexpr,
                      MPAD: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, MODE: tl.constexpr,
                      QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    a = tl.arange(0, MPAD)
-    b = tl.arange(0, P)
-    col = a[:, None] * P + b[None, :]                                   # [MPAD, P]
-    col_ok = (a[:, None] < MFAC) & (col < K)
-    mask = (rows < M)[:, None, None] & col_ok[None, :, :]               # [BLOCK_M, MPAD, P]
-    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + col[None, :, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    rows, col, col_ok, mask, x = load_row_tile(x_ptr, M, K, stride_xm, MFAC, MPAD, P, BLOCK_M)
 
     if PRE == 1:  # DiT adaLN modulate: LN(x, no affine) * (1 + scale[b]) + shift[b]
         mean = tl.sum(tl.sum(x, axis=2), axis=1) / K

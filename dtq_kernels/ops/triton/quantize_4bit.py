@@ -19,7 +19,7 @@ import triton.language as tl
 from ... import formats
 from .._dispatch import register_kernel
 from .common import rne
-from .quantize import hadamard_rows, plan_rows  # the row tiling and rotation of quantize_act
+from .quantize import hadamard_rows, load_row_tile, plan_rows  # the row tiling and rotation of quantize_act
 
 
 @triton.jit
@@ -28,13 +28,7 @@ def act_quant_4bit_kernel(x_ptr, q_ptr, scale_ptr, smooth_ptr, hm_ptr, mid_ptr, 
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, MFAC: tl.constexpr, MPAD: tl.constexpr,
                           P: tl.constexpr, LOG2P: tl.constexpr, INT4: tl.constexpr, MAXVAL: tl.constexpr,
                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    a = tl.arange(0, MPAD)
-    b = tl.arange(0, P)
-    col = a[:, None] * P + b[None, :]                                   # [MPAD, P]
-    col_ok = (a[:, None] < MFAC) & (col < K)
-    mask = (rows < M)[:, None, None] & col_ok[None, :, :]
-    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + col[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    rows, col, col_ok, _, x = load_row_tile(x_ptr, M, K, stride_xm, MFAC, MPAD, P, BLOCK_M)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + col, mask=col_ok, other=1.0)
         x = tl.math.div_rn(x, s[None, :, :])
