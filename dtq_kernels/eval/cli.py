@@ -39,8 +39,9 @@ from . import activation_stats, harness, hooks, report
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
-CPU_COST_NOTE = ("two CPU threads (shared machine): sampling ~0.42 s/image fp32, ~0.71 s/image quantized "
-                 "(reference ops), Inception ~0.15 s/image; calibration ~1 min (rtn) to ~5 min (tqdit, hqdit)")
+CPU_COST_NOTE = ("one CPU thread (shared machine), measured in the 2026-12-04 run: sampling ~0.56 s/image fp32, "
+                 "~1.1-1.3 s/image quantized (reference ops; ~1.7 s for the two-region TQ-DiT models), Inception "
+                 "~0.25 s/image; calibration 27 s (rtn) to 206 s (tqdit-w8a8)")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
