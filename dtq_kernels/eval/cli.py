@@ -241,8 +241,10 @@ def print_table(rows: list[dict], fp16_bytes: int | None = None, legend: bool = 
         print()
         for key, header, unit, text, _ in cols:
             print(f"  {header}{f' ({unit})' if unit else ''}: {text}")
-        print("  weights: bytes of every stored tensor (codes, scales, layers kept in floating point)"
-              + (", and that size as a multiple of the model in FP16" if fp16_bytes else ""))
+        print("  weights: bytes of every tensor in memory (codes, scales, and the layers kept in floating point, "
+              "which stay in the model's dtype)" + (", and that size as a multiple of the model in FP16" if fp16_bytes
+                                                  else "")
+              + "; a saved checkpoint stores the kept layers in fp16/bf16 and is smaller (dtq info DIR)")
 
 
 def fp16_bytes_of(model: torch.nn.Module) -> int:
