@@ -153,7 +153,8 @@ def recover(target: str | Path, *, clean: bool = False) -> None:
 def _existing_kind(path: Path, manifest: str) -> str | None:
     """The kind of an existing checkpoint: the "kind" its manifest records, KIND_DIFFUSERS for a diffusers
     config.json whose quantization_config has quant_method "dtq", KIND_PIPELINE for a pipeline's
-    model_index.json with such a component; None when unreadable or neither."""
+    model_index.json with such a component, the kind a version-1 plan.json implies; None when unreadable
+    or neither."""
     try:
         meta = json.loads((path / manifest).read_text())
     except (OSError, ValueError):
@@ -167,6 +168,9 @@ def _existing_kind(path: Path, manifest: str) -> str | None:
     if manifest == DIFFUSERS_CONFIG:
         quant = meta.get("quantization_config")
         return KIND_DIFFUSERS if isinstance(quant, dict) and quant.get("quant_method") == "dtq" else None
+    if "kind" not in meta and meta.get("format_version") == 1 and "plan" in meta:
+        # written by an older dtq_kernels (no "kind" yet): still ours, so overwrite=True may replace it
+        return KIND_MODEL if (path / MODEL_FILE).is_file() else KIND_PLAN
     return meta.get("kind")
 
 

@@ -55,6 +55,26 @@ def test_refuses_to_overwrite_without_the_flag_and_replaces_with_it(tmp_path):
     assert _leftovers(ck) == []
 
 
+def test_a_checkpoint_from_the_older_format_counts_as_ours(tmp_path):
+    """A version-1 checkpoint (plan.json without "kind") is still a dtq checkpoint: refused without the flag,
+    replaced with it (a demo re-run over its own older output must not fail as "someone else's files")."""
+    ck = tmp_path / "ck"
+    dtq.save_quantized(_quantized(0), ck)
+    meta = json.loads((ck / checkpoint.PLAN_FILE).read_text())
+    old = {k: v for k, v in meta.items() if k not in ("kind", "files", "checksum")} | {"format_version": 1}
+    (ck / checkpoint.PLAN_FILE).chmod(0o644)
+    (ck / checkpoint.PLAN_FILE).write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        dtq.save_quantized(_quantized(1), ck)
+    second = _quantized(1)
+    dtq.save_quantized(second, ck, overwrite=True)
+    assert torch.equal(_output(ck), run_dit(second, **dit_inputs(t=300)))
+    (ck / checkpoint.MODEL_FILE).unlink()  # a version-1 plan-only directory: never replaced by a full save
+    (ck / checkpoint.PLAN_FILE).write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="plan-only"):
+        dtq.save_quantized(second, ck, overwrite=True)
+
+
 def test_refuses_foreign_directories_files_and_mixing_plan_and_model(tmp_path):
     m = _quantized()
     users = tmp_path / "users_dir"
