@@ -60,7 +60,9 @@ def q_dir(fp_dir, tmp_path_factory):
 
 
 def _digest(d):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+    """SHA-256 of every file under d, by relative path (a pipeline save holds a folder per component)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
 
 
 def test_data_free_recipe_quantizes_an_fp_checkpoint(fp_dir):
@@ -348,7 +350,7 @@ def test_pipeline_save_pretrained_is_atomic_and_refusing(accelerate, tmp_path, m
     assert _leftovers(target) == [] and _leftovers(target / "transformer") == []
     again = diffusers.DiTPipeline.from_pretrained(target, variant="v1")
     assert isinstance(again.transformer.transformer_blocks[0].attn1.to_qkv, QuantLinear)
-    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    before = _digest(target)
     from dtq_kernels.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="overwrite=True"):  # refused before any component is written
         pipe.save_pretrained(target, variant="v1")
@@ -360,7 +362,7 @@ def test_pipeline_save_pretrained_is_atomic_and_refusing(accelerate, tmp_path, m
     monkeypatch.setattr(type(pipe.vae), "save_pretrained", dies_mid_save)
     with pytest.raises(KeyboardInterrupt):
         pipe.save_pretrained(target, variant="v1", overwrite=True)
-    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert _digest(target) == before
     assert _leftovers(target) == []
     monkeypatch.undo()
     pipe.save_pretrained(target, variant="v1", overwrite=True)
