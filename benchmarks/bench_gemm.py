@@ -41,8 +41,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
   decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * int8_gemm, int8_gemm_static and fp8_gemm on the CUDA backend ("[cuda]" rows; CUTLASS: sm_90a TMA +
   wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), and int8_gemm with packed int4 weights
-  (W4A8) and w4a16_gemm, per channel (CUTLASS mixed-input GEMM, sm_90a only), skipped with the reason where
-  the extension is not built or not usable;
+  (W4A8, per channel) and w4a16_gemm, per channel and g128 (CUTLASS mixed-input GEMM, sm_90a only), skipped
+  with the reason where the extension is not built or not usable;
 * torch.matmul bf16 (cuBLAS, via F.linear), torch._int_mm alone (int32 out) and with the scaling as
   separate eager kernels, torch._scaled_mm FP8 E4M3 with row-wise scales, torchao's int8 dynamic-
   activation config when `import torchao` works (otherwise a printed reason).
@@ -265,6 +265,8 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
          needs_cuda_backend(mk_w4a16, sm90_only=True)),
         ("dtq w4a16_gemm, g128 int4 (W4A16-g128)", _dtq("w4a16_gemm", dtq_backend),
          lambda M, K, N: mk_w4a16(M, K, N, 128)),
+        ("dtq w4a16_gemm, g128 int4 (W4A16-g128) [cuda]", _dtq("w4a16_gemm", "cuda"),
+         needs_cuda_backend(lambda M, K, N: mk_w4a16(M, K, N, 128), sm90_only=True)),
         ("dtq fp8_gemm (E4M3, row-wise scales)", _dtq("fp8_gemm", dtq_backend), mk_dtq_fp8),
         ("dtq fp8_gemm (E4M3, row-wise scales) [cuda]", _dtq("fp8_gemm", "cuda"), needs_cuda_backend(mk_dtq_fp8)),
         ("dtq quantize_act_fp8 + fp8_gemm", fp8_linear, mk_fp8_linear),
@@ -355,8 +357,9 @@ def check_correct(device, M, K, N) -> None:
     c4 = formats.unpack_int4(w4).float().abs()
     checks = [("int8_gemm", (a, a_s, w4, ws_g, None, torch.float32),
                reference.group_scaled_matmul(a.abs(), c4, ws_g) * a_s[:, None], 2 * (K + 4) * 2.0 ** -24),
-              ("w4a16_gemm", (x, w4, ws_g, None, torch.float32),
-               reference.group_scaled_matmul(x.float().abs(), c4, ws_g), 2 * (K + 4) * 2.0 ** -24),
+              ("w4a16_gemm", (x, w4, ws_g, None, torch.float32),  # per group: x times the bf16-rounded weights
+               x.float().abs() @ reference.dequantize_w4_groups(formats.unpack_int4(w4), ws_g, BF16).float().abs().T,
+               2 * (K + 4) * 2.0 ** -24),
               ("w4a16_gemm", (x, w4, w_s, None, torch.float32),
                (x.float().abs() @ c4.T) * w_s, 2 * (K + 4) * 2.0 ** -24)]
     if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9):
@@ -365,7 +368,7 @@ def check_correct(device, M, K, N) -> None:
         checks.append(("fp8_gemm", (a8, a_s, w8, w_s, None, torch.float32), mag, 2.0 ** -13))
     for op, args, mag, rel_bound in checks:
         ref = getattr(reference, op)(*args)
-        cuda_kernel = op == "fp8_gemm" or (op == "w4a16_gemm" and args[2].dim() == 1 and device.type == "cuda"
+        cuda_kernel = op == "fp8_gemm" or (op == "w4a16_gemm" and device.type == "cuda"
                                            and torch.cuda.get_device_capability(device) == (9, 0))
         backends = ["triton"] + (["cuda"] if cuda_kernel and device.type == "cuda" and cuda.available() else [])
         for backend in backends:

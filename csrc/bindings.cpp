@@ -130,13 +130,15 @@ void scaled_gemm(const std::string& kind, uintptr_t a, uintptr_t a_scale, bool a
 
 // The weight-only int4 GEMM of w4a16_gemm.h: sm_90 only (CUTLASS 3.x mixed-input collective, sm_90a SASS).
 void w4a16_gemm(uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
-                int64_t K, int x_dtype, int out_dtype, uintptr_t stream) {
+                int64_t K, int64_t group_size, int x_dtype, int out_dtype, uintptr_t stream) {
   require_cuda();
   if (x_dtype != dtq::kFloat16 && x_dtype != dtq::kBFloat16)
     throw std::invalid_argument("w4a16_gemm: x must be fp16 or bf16");
   if (out_dtype < dtq::kFloat32 || out_dtype > dtq::kBFloat16) throw std::invalid_argument("unsupported out_dtype code");
   if (M < 0 || N <= 0 || K <= 0 || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff || N % 16 || K % 32)
     throw std::invalid_argument("w4a16_gemm: bad shape (need M >= 0, N a positive multiple of 16, K of 32)");
+  if (group_size != 0 && (group_size < 0 || group_size % 64 || K % group_size))
+    throw std::invalid_argument("w4a16_gemm: group_size must be 0 (per channel) or a multiple of 64 dividing K");
   if (M == 0) return;  // nothing to compute (an empty tensor may have a null data pointer)
   if (!x || !w || !w_scale || !out) throw std::invalid_argument("w4a16_gemm: null operand pointer");
   dtq::W4A16GemmParams p;
@@ -148,14 +150,16 @@ void w4a16_gemm(uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uin
   p.M = static_cast<int>(M);
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(K);
+  p.group_size = static_cast<int>(group_size);
   p.x_dtype = x_dtype;
   p.out_dtype = out_dtype;
   const int cc = current_compute_capability();
   const char* error = nullptr;
   {
     py::gil_scoped_release release;
-    error = cc == 90 ? dtq::w4a16_gemm_sm90(p, reinterpret_cast<cudaStream_t>(stream))
-                     : "no W4A16 kernel for this GPU (sm_90a only)";
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    error = cc != 90 ? "no W4A16 kernel for this GPU (sm_90a only)"
+            : group_size ? dtq::w4a16_gemm_grouped_sm90(p, s) : dtq::w4a16_gemm_sm90(p, s);
   }
   if (error)
     throw std::runtime_error("dtq_kernels._C.w4a16_gemm on sm_" + std::to_string(cc) + ": " + error +
@@ -179,7 +183,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("groups"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("out_dtype"), py::arg("stream"));
   m.def("w4a16_gemm", &w4a16_gemm,
-        "out = (x . codes^T) * w_scale + bias, packed int4 weights, with CUTLASS on sm_90a (csrc/w4a16_gemm.h)",
+        "out = x . (codes x w_scale)^T + bias, packed int4 weights, per-channel or per-group (MN-major [K/G, N]) "
+        "scales, with CUTLASS on sm_90a (csrc/w4a16_gemm.h)",
         py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("x_dtype"), py::arg("out_dtype"), py::arg("stream"));
+        py::arg("K"), py::arg("group_size"), py::arg("x_dtype"), py::arg("out_dtype"), py::arg("stream"));
 }

@@ -115,23 +115,30 @@ def test_cutlass_gemms_use_the_tensor_core_instruction_of_their_arch(arch):
         assert not any(OPERAND_MANGLING["fp8"] in name and "15VisitorActScale" in name for name in kernels)
 
 
-# The packed-int4 kernels on CUTLASS's mixed-input collective (csrc/sm90/w4a16_gemm.cu, w4a8_gemm.cu): sm_90a
-# only, one per output dtype (fp32, fp16, bf16) and, for W4A16, activation dtype (bf16, fp16). The int4 codes are
-# converted in registers and fed to the warpgroup MMA with A from registers: HGMMA with fp32 accumulation
-# (W4A16), IGMMA with int32 accumulation (W4A8). Keyed by the MMA atom's operand types in the kernel's name.
+# The packed-int4 kernels on CUTLASS's mixed-input collective (csrc/sm90/w4a16_gemm.cu, w4a16_grouped_gemm.cu,
+# w4a8_gemm.cu): sm_90a only, one per output dtype (fp32, fp16, bf16) and, for W4A16, activation dtype (bf16, fp16)
+# and scale granularity (per channel; per group, where the collective multiplies each converted weight by its
+# group's fp32 scale before the MMA). The int4 codes are converted in registers and fed to the warpgroup MMA with A
+# from registers: HGMMA with fp32 accumulation (W4A16), IGMMA with int32 accumulation (W4A8). Keyed by the MMA
+# atom's operand types in the kernel's name: operands -> (instruction, kernels per-channel, kernels per-group).
 MIXED_INPUT = "MixedInput"
-MIXED_MMA = {"F32BF16BF16": r"\bHGMMA\.64x128x16\.F32\.BF16\b", "F32F16F16": r"\bHGMMA\.64x128x16\.F32\s",
-             "S32S8S8": r"\bIGMMA\.64x128x32\.S8\.S8\b"}
+MIXED_MMA = {"F32BF16BF16": (r"\bHGMMA\.64x128x16\.F32\.BF16\b", 3, 3),
+             "F32F16F16": (r"\bHGMMA\.64x128x16\.F32\s", 3, 3),
+             "S32S8S8": (r"\bIGMMA\.64x128x32\.S8\.S8\b", 3, 0)}
+INT4 = "integer_subbyteILi4ELb1E"  # signed int4 (cutlass::int4b_t) in a mangled name
+GROUP_SCALED_INT4 = "integer_subbyteILi4ELb1EEEfE"  # int4b_t then float: the collective's tuple<int4b_t, float>
 
 
 @needs_build
 def test_int4_weight_kernels_use_warpgroup_mma_on_sm90a_only():
     kernels = {name: sass for name, sass in _functions(_all_sass()["sm_90a"]).items() if MIXED_INPUT in name}
-    assert len(kernels) == 9, sorted(kernels)
-    for operands, mma in MIXED_MMA.items():
+    assert len(kernels) == sum(per_channel + per_group for _, per_channel, per_group in MIXED_MMA.values()), \
+        sorted(kernels)
+    for operands, (mma, per_channel, per_group) in MIXED_MMA.items():
         mine = {name: sass for name, sass in kernels.items() if f"_{operands}_RS" in name}
-        assert len(mine) == 3, (operands, sorted(mine))
-        assert all("integer_subbyteILi4ELb1E" in name for name in mine)  # signed int4 (cutlass::int4b_t)
+        grouped = [name for name in mine if GROUP_SCALED_INT4 in name]
+        assert len(mine) == per_channel + per_group and len(grouped) == per_group, (operands, sorted(mine))
+        assert all(INT4 in name for name in mine)
         for name, sass in mine.items():
             assert re.search(mma, sass), (operands, name[:120], mma)
     for arch in ("sm_80", "sm_89"):
@@ -145,8 +152,9 @@ def test_cutlass_gemms_do_not_spill():
                        _cuobjdump("-res-usage"))
     gemms = [(name, int(reg), int(stack), int(local)) for name, reg, stack, local in usage
              if "ActScale" in name or MIXED_INPUT in name]
-    # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes; W4A16: 2 activation x 3 out; W4A8: 3 out
-    assert len(gemms) == 15 + 6 + 3, len(gemms)
+    # (int8: sm_80, sm_89, sm_90a; fp8: sm_89, sm_90a) x 3 out dtypes; W4A16: 2 scale kinds x 2 activation x 3 out;
+    # W4A8: 3 out
+    assert len(gemms) == 15 + 12 + 3, len(gemms)
     spilled = [(name[:100], reg, stack, local) for name, reg, stack, local in gemms if stack or local]
     assert not spilled, spilled
 
@@ -169,7 +177,7 @@ def test_extension_imports_without_gpu_and_reports_why():
     with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
         _C.scaled_gemm("int8", 0, 0, True, 0, 1, 0, 0, 0, 0, 16, 16, 16, 0, 0)
     with pytest.raises(RuntimeError, match="cannot run here: " + re.escape(status)):
-        _C.w4a16_gemm(0, 0, 0, 0, 0, 16, 16, 32, 2, 2, 0)
+        _C.w4a16_gemm(0, 0, 0, 0, 0, 16, 16, 32, 0, 2, 2, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

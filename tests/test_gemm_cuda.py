@@ -141,16 +141,16 @@ def _w4a16_cpu_args(m=32, k=64, n=48, group=None):
     ("w_int8", TypeError, r"w must be packed int4 codes, uint8 \[N, K/2\], got torch.int8"),
     ("k_not_32", ValueError, r"K=48 must be a positive multiple of 32"),
     ("n_not_16", ValueError, r"N=40 must be a positive multiple of 16"),
-    ("grouped_w_scale", ValueError, r"per-group weight scales have no CUDA kernel .* use the triton backend"),
+    ("group_32", ValueError, r"group size that is a multiple of 64 \(the kernel's K tile\), got w_scale \(48, 2\)"),
     ("scale_dtype", TypeError, r"w_scale must be float32"),
-    ("w_scale_len", ValueError, r"w_scale and bias must have N=48 entries"),
+    ("w_scale_len", ValueError, r"w_scale \[N\] or \[N, K/G\] and bias \[N\] must have N=48 rows, got \(47,\)"),
     ("out_dtype", TypeError, r"out_dtype torch.int8 is not one of"),
     ("misaligned_x", ValueError, r"x must start on a 16-byte boundary"),
     ("strided_w_scale", ValueError, r"w_scale must be contiguous"),
     ("cpu", ValueError, r"x must be a CUDA tensor, got cpu"),
 ])
 def test_w4a16_validation_names_the_argument(case, exc, match):
-    x, w, w_s, b, out_dtype = _w4a16_cpu_args(group=64 if case == "grouped_w_scale" else None)
+    x, w, w_s, b, out_dtype = _w4a16_cpu_args(group=32 if case == "group_32" else None)
     if case == "x_dtype":
         x = x.float()
     elif case == "w_int8":
@@ -177,9 +177,10 @@ def test_w4a16_kernel_validates_before_it_needs_a_gpu():
     x, w, w_s, b, out_dtype = _w4a16_cpu_args(k=48)
     with pytest.raises(ValueError, match="K=48"):
         cuda.w4a16_gemm(x, w, w_s, b, out_dtype)
-    x, w, w_s, b, out_dtype = _w4a16_cpu_args()
-    with pytest.raises(ValueError, match="CUDA tensor"):  # everything else is valid: only the device fails
-        cuda.validate_w4a16_gemm(x, w, w_s, b.half(), out_dtype)
+    for group in (None, 64, 128):
+        x, w, w_s, b, out_dtype = _w4a16_cpu_args(k=256, group=group)
+        with pytest.raises(ValueError, match="CUDA tensor"):  # everything else is valid: only the device fails
+            cuda.validate_w4a16_gemm(x, w, w_s, b.half(), out_dtype)
 
 
 def test_packed_int4_is_cutlass_int4b_order():
@@ -343,8 +344,8 @@ def test_gpu_cuda_fp8_matches_reference(m, k, n):
 # W4A16: sm_90a only.
 
 
-def _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias, seed):
-    args, codes = w4a16_args(m, k, n, None, x_dtype, out_dtype, seed=seed, bias=bias)
+def _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias, seed, group=None):
+    args, codes = w4a16_args(m, k, n, group, x_dtype, out_dtype, seed=seed, bias=bias)
     args = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args)
     return args, w4a16_mag(args, codes.cuda())
 
@@ -353,10 +354,13 @@ def _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias, seed):
 @needs_sm90
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_gpu_cuda_w4a16_matches_reference(m, k, n):
+    # per channel and per group of 64 / 128 (dequantized weights rounded identically: only the fp32 sums differ)
     for i, out_dtype in enumerate(OUT_DTYPES):
         for j, x_dtype in enumerate((torch.bfloat16, torch.float16)):
-            args, mag = _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias=(i + j) % 2 == 0, seed=3 * i + j)
-            assert_close_sum(run("w4a16_gemm", args, "cuda"), run("w4a16_gemm", args, "reference"), mag, k)
+            for group in (None, 64, 128):
+                args, mag = _w4a16_gpu_args(m, k, n, x_dtype, out_dtype, bias=(i + j) % 2 == 0, seed=3 * i + j,
+                                            group=group)
+                assert_close_sum(run("w4a16_gemm", args, "cuda"), run("w4a16_gemm", args, "reference"), mag, k)
 
 
 @pytest.mark.gpu
@@ -370,10 +374,9 @@ def test_gpu_cuda_w4a16_ragged_k_and_narrow_n(m, k, n):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_gpu_cuda_w4a16_empty_m_and_per_group_refusal():
-    args, _ = _w4a16_gpu_args(0, 64, 32, torch.bfloat16, torch.bfloat16, bias=True, seed=0)
-    assert run("w4a16_gemm", args, "cuda").shape == (0, 32)
-    grouped, _ = w4a16_args(16, 256, 32, 128, torch.bfloat16, torch.bfloat16)
-    grouped = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in grouped)
-    with ops.use_backend("cuda"), pytest.raises(ValueError, match="per-group weight scales have no CUDA kernel"):
-        ops.w4a16_gemm(*grouped)
+def test_gpu_cuda_w4a16_empty_m_and_grouped_m1():
+    for group in (None, 128):
+        args, _ = _w4a16_gpu_args(0, 256, 32, torch.bfloat16, torch.bfloat16, bias=True, seed=0, group=group)
+        assert run("w4a16_gemm", args, "cuda").shape == (0, 32)
+        args, mag = _w4a16_gpu_args(1, 4608, 1152, torch.bfloat16, torch.bfloat16, bias=True, seed=1, group=group)
+        assert_close_sum(run("w4a16_gemm", args, "cuda"), run("w4a16_gemm", args, "reference"), mag, 4608)

@@ -6,7 +6,8 @@ Tolerances, by format:
 * per-group W4A8: every group's int32 product is exact and the kernel adds the scaled groups in the
   reference's order, so the interpreter is bit-identical (torch.equal); a GPU may contract each
   multiply-add into an FMA, one rounding (2^-24 of the terms) per group plus the epilogue's.
-* W4A16 and FP8: the products are exact in fp32 (16-bit x int4 codes; e4m3 x e4m3) but their sums are
+* W4A16 and FP8: the products are exact in fp32 (16-bit x int4 codes, or per group 16-bit x the 16-bit
+  dequantized weights, which every backend rounds identically; e4m3 x e4m3) but their sums are
   rounded in the kernel's order, which differs from the fp32 matmul's: each sum of n terms is off by at
   most n·2^-24·Σ|terms| for either, so |Δ| ≤ 2·(K + 4)·2^-24·mag (mag = the same sum of |terms|), plus
   one unit in the last place of a fp16/bf16 output. When every partial sum is an exact fp32 integer
@@ -123,8 +124,8 @@ def w4a16_mag(args, codes):
     x, _, w_s, b, _ = args
     if w_s.dim() == 1:
         mag = (x.float().abs() @ codes.float().abs().T) * w_s
-    else:
-        mag = reference.group_scaled_matmul(x.abs(), codes.abs(), w_s)
+    else:  # per group: the sum runs over x times the 16-bit dequantized weights
+        mag = x.float().abs() @ reference.dequantize_w4_groups(codes, w_s, x.dtype).float().abs().T
     return mag if b is None else mag + b.abs()
 
 
@@ -153,12 +154,20 @@ def test_w4a16_split_k_matches_reference():
     assert_close_sum(out, reference.w4a16_gemm(*args), w4a16_mag(args, codes), 1024)
 
 
-def test_w4a16_is_x_times_dequantized_weight():
-    args, codes = w4a16_args(20, 256, 64, 64, torch.float16, torch.float32, seed=6)
+@pytest.mark.parametrize("x_dtype,unit", [(torch.float16, 2.0 ** -11), (torch.bfloat16, 2.0 ** -8)])
+def test_w4a16_is_x_times_dequantized_weight(x_dtype, unit):
+    # independent of the reference: formats' fp32 dequantization, rounded to x's 16-bit type (per group),
+    # in float64; and that rounding moves each weight by at most half a unit of its 16-bit value, far
+    # below the int4 step itself
+    args, codes = w4a16_args(20, 256, 64, 64, x_dtype, torch.float32, seed=6)
     x, w, w_s, b, _ = args
     dq = formats.dequantize_weight(formats.QuantizedWeight(codes, w_s, "int4", 64))
-    expected = x.double() @ dq.double().T + b.double()
-    assert torch.allclose(run("w4a16_gemm", args).double(), expected, rtol=1e-5, atol=1e-4)
+    out = run("w4a16_gemm", args).double()
+    expected = x.double() @ dq.to(x_dtype).double().T + b.double()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4)
+    exact = x.double() @ dq.double().T + b.double()
+    mag = x.double().abs() @ dq.double().abs().T
+    assert bool(((out - exact).abs() <= unit / 2 * mag + 1e-4).all())
 
 
 # -------------------------------------------------------------------------------------- FP8

@@ -90,11 +90,12 @@ def test_spec_without_a_kernel_runs_the_logged_simulation_on_cpu(caplog):
 
 
 def test_dequantized_weight_is_what_the_layer_multiplies_by():
-    # W4A16: the activations are 16-bit (fp32 inputs rounded to bf16), the weights the dequantized codes
+    # W4A16 per group: the activations are 16-bit (fp32 inputs rounded to bf16), the weights the dequantized
+    # codes rounded to the same 16-bit type (the op's contract, docs/formats.md)
     lin, x = layer(), gaussian()
     q = QuantLinear.from_linear(lin, S(weight="int4", act=None, group_size=64))
     assert q.path == "w4a16_gemm"
-    expected = x.bfloat16().double() @ q.dequantized_weight().double().T + lin.bias.double()
+    expected = x.bfloat16().double() @ q.dequantized_weight().bfloat16().double().T + lin.bias.double()
     assert torch.allclose(q(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (192, 128)  # two codes per byte
 
@@ -291,6 +292,8 @@ def _fake_quant_reference(lin, x, spec):
         wg = wd.reshape(wd.shape[0], -1, g)
         ws = (wg.abs().amax(-1, keepdim=True) / 7).float().double()
         wq = (torch.round(wg / ws).clamp(-7, 7) * ws).reshape(wd.shape)
+        if spec.act is None and spec.group_size:  # per-group W4A16 multiplies 16-bit (bf16) dequantized weights
+            wq = wq.float().bfloat16().double()
     return xq @ wq.T + lin.bias.double()
 
 

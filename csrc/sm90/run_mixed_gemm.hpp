@@ -2,8 +2,10 @@
 // kernels in w4a16_gemm.cu and w4a8_gemm.cu. The int4 operand must be the collective's A, so the kernel
 // computes the transposed product outᵀ [N, M] = codes [N, K] · aᵀ: the packed weights [N, K/2] are a K-major A,
 // the row-major activations [M, K] a K-major B and the row-major out [M, N] a column-major D, all without
-// copies. DirectConvert mode (no scales in the mainloop: the conversion of every int4 code is exact), TMA loads
-// and stores, warp-specialized cooperative schedule, persistent tile scheduler without workspace.
+// copies. Without group scales: DirectConvert mode (the conversion of every int4 code is exact, per-channel scales
+// go to the epilogue). With them (W4A16 per group): ConvertAndScale mode with fp32 scales, each code times its
+// group's scale in fp32, rounded once to the 16-bit activation type before the MMA. TMA loads and stores,
+// warp-specialized cooperative schedule, persistent tile scheduler without workspace.
 #pragma once
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -23,11 +25,22 @@ using namespace cute;
 template <class ElementAct>
 using MixedTileShape = Shape<_128, _128, Int<128 * 8 / cutlass::sizeof_bits<ElementAct>::value>>;
 
+// Per-group weight scales for ConvertAndScale: fp32, MN-major [K/G, N] (the collective's layout: the weight
+// channel n is contiguous), G a multiple of the tile's K.
+struct GroupScales {
+  float const* ptr = nullptr;
+  int group_size = 0;
+};
+
 // Epilogue<TileShape, ElementOut>: `Tree`, an Sm90EVT over outᵀ (the weight channel n is its row, the token m its
 // column), and `static Tree::Arguments arguments(Params const&)`.
-template <class ElementAct, class ElementAcc, class ElementOut, template <class, class> class Epilogue, class Params>
-const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act, void* out, cudaStream_t stream) {
+template <class ElementAct, class ElementAcc, class ElementOut, template <class, class> class Epilogue,
+          bool kGroupScaled = false, class Params>
+const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act, void* out, cudaStream_t stream,
+                                 GroupScales scales = {}) {
   using ElementW = cutlass::int4b_t;
+  // A tuple (operand, scale) selects the collective's ConvertAndScale mode.
+  using ElementWOperand = cute::conditional_t<kGroupScaled, cute::tuple<ElementW, float>, ElementW>;
   using TileShape = MixedTileShape<ElementAct>;
   using ClusterShape = Shape<_1, _1, _1>;
   using Tree = typename Epilogue<TileShape, ElementOut>::Tree;
@@ -41,7 +54,7 @@ const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act
       cutlass::epilogue::TmaWarpSpecializedCooperative, Tree>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      ElementW, cutlass::layout::RowMajor, kAlignmentW, ElementAct, cutlass::layout::ColumnMajor, kAlignmentAct,
+      ElementWOperand, cutlass::layout::RowMajor, kAlignmentW, ElementAct, cutlass::layout::ColumnMajor, kAlignmentAct,
       ElementAcc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
@@ -50,16 +63,23 @@ const char* run_mixed_input_gemm(Params const& p, void const* w, void const* act
 
   // Problem (N, M, K): codes [N, K] and activations [M, K] are K-major with row length K (in elements), outᵀ is
   // column-major with column length N; batch count 1.
-  typename Kernel::StrideA stride_w{};
-  typename Kernel::StrideB stride_act{};
+  typename CollectiveMainloop::Arguments mainloop{};
+  mainloop.ptr_A = static_cast<ElementW const*>(w);
+  get<0>(mainloop.dA) = int64_t(p.K);
+  mainloop.ptr_B = static_cast<ElementAct const*>(act);
+  get<0>(mainloop.dB) = int64_t(p.K);
+  if constexpr (kGroupScaled) {  // scales (n, g, batch) at n + g·N
+    mainloop.ptr_S = scales.ptr;
+    get<1>(mainloop.dS) = int64_t(p.N);
+    get<2>(mainloop.dS) = int64_t(p.N) * (p.K / scales.group_size);
+    mainloop.group_size = scales.group_size;
+  }
   typename Kernel::StrideD stride_out{};
-  get<0>(stride_w) = int64_t(p.K);
-  get<0>(stride_act) = int64_t(p.K);
   get<1>(stride_out) = int64_t(p.N);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {p.N, p.M, p.K, 1},
-      {static_cast<ElementW const*>(w), stride_w, static_cast<ElementAct const*>(act), stride_act},
+      mainloop,
       {Epilogue<TileShape, ElementOut>::arguments(p), nullptr, {}, static_cast<ElementOut*>(out), stride_out}};
   return run_without_workspace<Gemm>(args, stream);
 }

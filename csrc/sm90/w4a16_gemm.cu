@@ -1,6 +1,7 @@
-// W4A16 (w4a16_gemm.h) for sm_90a on CUTLASS's Hopper mixed-input GEMM (run_mixed_gemm.hpp): int4 -> fp16/bf16
-// in registers (exact), 16-bit wgmma with fp32 accumulation; the per-channel scale and the bias, per row of outᵀ,
-// fused in the epilogue.
+// W4A16 with per-channel scales (w4a16_gemm.h) for sm_90a on CUTLASS's Hopper mixed-input GEMM
+// (run_mixed_gemm.hpp): int4 -> fp16/bf16 in registers (exact), 16-bit wgmma with fp32 accumulation; the
+// per-channel scale and the bias, per row of outᵀ, fused in the epilogue. Per-group scales:
+// w4a16_grouped_gemm.cu.
 #include "sm90/run_mixed_gemm.hpp"
 #include "w4a16_gemm.h"
 
@@ -36,6 +37,7 @@ const char* run(W4A16GemmParams const& p, cudaStream_t stream) {
 }  // namespace
 
 const char* w4a16_gemm_sm90(const W4A16GemmParams& p, cudaStream_t stream) {
+  if (p.group_size) return "w4a16: per-group scales run w4a16_gemm_grouped_sm90";
   return with_out_element(p.out_dtype, [&](auto out) -> const char* {
     using ElementOut = decltype(out);
     switch (p.x_dtype) {

@@ -48,8 +48,8 @@ CUDA_DEFAULTS: dict[str, dict[str, str]] = {
     "int8_gemm_wzp": {"any": "triton"},
     "int8_gemm_two_region": {"any": "triton"},
     # Not measured yet on a GPU: the Triton kernels (gemm_int8.py) are the only fast ones, except fp8_gemm,
-    # which also has CUTLASS kernels ("cuda": sm_89, sm_90a), and w4a16_gemm with per-channel scales (CUTLASS
-    # mixed-input kernel, sm_90a only); DTQ_BACKEND=cuda selects them, not yet shown faster. fp8_gemm and
+    # which also has CUTLASS kernels ("cuda": sm_89, sm_90a), and w4a16_gemm, per channel and per group
+    # (CUTLASS mixed-input kernels, sm_90a only); DTQ_BACKEND=cuda selects them, not yet shown faster. fp8_gemm and
     # quantize_act_fp8 feed FP8 tensor cores: the kernel refuses sm_80 with a BackendError.
     "w4a16_gemm": {"any": "triton"},
     "fp8_gemm": {"any": "triton"},

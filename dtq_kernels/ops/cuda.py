@@ -74,6 +74,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 GEMM_ALIGN_BYTES = 16  # TMA (sm_90a) and cp.async (sm_80/89) move 16-byte chunks of every row
 GEMM_DIM_MULTIPLE = 16  # K: 16 int8 codes per 16-byte chunk; N: 16-byte output rows for TMA stores, any dtype
 W4_K_MULTIPLE = 32  # K with packed int4 weights: 32 codes per 16-byte chunk of a weight row (TMA loads)
+W4A16_GROUP_MULTIPLE = 64  # per-group W4A16: the scaled mainloop's K tile (128 bytes of 16-bit activations)
 
 
 def validate_scaled_gemm(op: str, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -212,11 +213,14 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
 # ------------------------------------------------------------ CUTLASS mixed-input W4A16 (sm_90a)
 
 def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                        out_dtype: torch.dtype) -> torch.Tensor | None:
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """What the CUTLASS W4A16 kernel needs beyond w4a16_gemm's own checks (gemm_ops.py): fp16/bf16 x [M, K],
-    packed int4 w uint8 [N, K/2], per-channel fp32 w_scale [N], K a multiple of 32, N of 16, 16-byte-aligned
-    contiguous operands on one CUDA device. Returns bias as contiguous fp32, or None. Raises
-    TypeError/ValueError naming the argument; the device check comes last, so it is testable on CPU."""
+    packed int4 w uint8 [N, K/2], fp32 w_scale per channel [N] or per group [N, K/G] with G a multiple of 64,
+    K a multiple of 32, N of 16, 16-byte-aligned contiguous operands on one CUDA device. Returns the scales
+    as the kernel reads them (per group: MN-major [K/G, N], the collective's layout; a copy unless w_scale
+    is already the transpose of such a tensor), the group size (0 per channel) and the bias as contiguous
+    fp32 or None. Raises TypeError/ValueError naming the argument; the device check comes last, so it is
+    testable on CPU."""
     op = "w4a16_gemm"
     check(x.dtype in (torch.float16, torch.bfloat16), op,
           f"cuda backend: x must be torch.float16 or torch.bfloat16, got {x.dtype}", TypeError)
@@ -224,10 +228,6 @@ def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
           TypeError)
     check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == 2 * w.shape[1], op,
           f"cuda backend: x [M, K] and w [N, K/2] must share K, got {tuple(x.shape)} and {tuple(w.shape)}")
-    check(w_scale.dim() == 1, op, f"cuda backend: w_scale must be per channel [N], got {tuple(w_scale.shape)}: "
-          "per-group weight scales have no CUDA kernel (CUTLASS's mixed-input GEMM scales the weights before "
-          "the 16-bit MMA, rounding code x scale to 16 bits, while the op scales each group's exact fp32 sum); "
-          "use the triton backend")
     check(out_dtype in _DTYPE_CODES, op, f"cuda backend: out_dtype {out_dtype} is not one of "
           f"{list(_DTYPE_CODES)}", TypeError)
     M, K = x.shape
@@ -238,21 +238,30 @@ def validate_w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
           f"cuda backend: N={N} must be a positive multiple of {GEMM_DIM_MULTIPLE}")
     check(M < 2 ** 31, op, f"cuda backend: M={M} must be below 2^31")
     check(w_scale.dtype == torch.float32, op, "cuda backend: w_scale must be float32", TypeError)
-    check(w_scale.shape[0] == N and (bias is None or tuple(bias.shape) == (N,)), op,
-          f"cuda backend: w_scale and bias must have N={N} entries")
+    check(w_scale.dim() in (1, 2) and w_scale.shape[0] == N and (bias is None or tuple(bias.shape) == (N,)), op,
+          f"cuda backend: w_scale [N] or [N, K/G] and bias [N] must have N={N} rows, got {tuple(w_scale.shape)}")
+    group = 0
+    if w_scale.dim() == 2:
+        groups = w_scale.shape[1]
+        group = K // groups if groups and K % groups == 0 else 0
+        check(group > 0 and group % W4A16_GROUP_MULTIPLE == 0, op,
+              f"cuda backend: per-group scales need a group size that is a multiple of {W4A16_GROUP_MULTIPLE} "
+              f"(the kernel's K tile), got w_scale {tuple(w_scale.shape)} for K={K}")
+        w_scale = w_scale.t().contiguous()  # [K/G, N]
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     _check_memory(op, {"x": x, "w": w, "w_scale": w_scale, "bias": bias}, aligned=("x", "w", "w_scale", "bias"))
-    return bias
+    return w_scale, group, bias
 
 
 @register_kernel("w4a16_gemm", "cuda")
 def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """CUTLASS mixed-input W4A16 on sm_90a (TMA + wgmma; int4 converted exactly to x's 16-bit type in registers,
-    fp32 accumulation), per-channel scale and bias fused in the epilogue. Other GPUs get a BackendError; per-group
-    scales are refused (validate_w4a16_gemm says why)."""
-    bias = validate_w4a16_gemm(x, w, w_scale, bias, out_dtype)
+    """CUTLASS mixed-input W4A16 on sm_90a (TMA + wgmma, fp32 accumulation). Per channel: int4 converted exactly to
+    x's 16-bit type in registers, scale and bias fused in the epilogue. Per group: each code times its group's
+    scale in fp32, rounded once to x's type in registers (the collective's scaled mode), bias in the epilogue.
+    Other GPUs get a BackendError."""
+    w_scale, group, bias = validate_w4a16_gemm(x, w, w_scale, bias, out_dtype)
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"dtq cuda backend: {reason}")
@@ -264,6 +273,6 @@ def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     with torch.cuda.device(x.device):
         _C.w4a16_gemm(x.data_ptr(), w.data_ptr(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                      out.data_ptr(), M, N, x.shape[1], _DTYPE_CODES[x.dtype], _DTYPE_CODES[out_dtype],
+                      out.data_ptr(), M, N, x.shape[1], group, _DTYPE_CODES[x.dtype], _DTYPE_CODES[out_dtype],
                       torch.cuda.current_stream(x.device).cuda_stream)
     return out

@@ -197,9 +197,10 @@ def _check_w4a16_gemm(x, w, w_scale, bias, out_dtype) -> None:
 def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                out_dtype: torch.dtype) -> torch.Tensor:
     """Weight-only int4: x fp16/bf16 [M, K] times int4 codes packed two per byte w uint8 [N, K/2]
-    (formats.pack_int4), w_scale f32 [N] or per group [N, K/G]. out = Σ_g (x_g · codes_gᵀ in fp32) ·
-    w_scale[:, g] + bias (per channel: (x · codesᵀ) · w_scale + bias), in out_dtype. The codes are exact
-    in 16 bits, so the kernel multiplies them on the 16-bit MMA and applies the scales in fp32."""
+    (formats.pack_int4), w_scale f32 [N] or per group [N, K/G]. Per channel: out = (x · codesᵀ in fp32) ·
+    w_scale + bias (the codes are exact in 16 bits). Per group: out = x · w16ᵀ in fp32 + bias with
+    w16 = code · w_scale[n, k / G] in fp32 rounded once to x.dtype (reference.dequantize_w4_groups; why:
+    docs/formats.md). In out_dtype."""
     _check_w4a16_gemm(x, w, w_scale, bias, out_dtype)
     return dispatch("w4a16_gemm", x.device)(x, w, w_scale, bias, out_dtype)
 

@@ -119,16 +119,23 @@ def int8_gemm_two_region(a: torch.Tensor, coef_table: torch.Tensor, group_idx: t
 
 def w4a16_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """Weight-only int4 (see gemm_ops.w4a16_gemm): Σ_g (x_g · codes_gᵀ) · w_scale[:, g] + bias in fp32, or
-    (x · codesᵀ) · w_scale + bias with per-channel scales."""
+    """Weight-only int4 (see gemm_ops.w4a16_gemm). Per channel: (x · codesᵀ) · w_scale + bias in fp32. Per
+    group: the weights are dequantized first, x · dequantize_w4_groups(codes, w_scale, x.dtype)ᵀ + bias in fp32."""
     codes = weight_codes(w)
     if w_scale.dim() == 2:
-        out = group_scaled_matmul(x, codes, w_scale)
+        out = x.float() @ dequantize_w4_groups(codes, w_scale, x.dtype).float().T
     else:
         out = (x.float() @ codes.float().T) * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def dequantize_w4_groups(codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit weights of a per-group w4a16_gemm: code · w_scale[n, k // G] in fp32, rounded once to dtype
+    (fp16/bf16, round to nearest even), as every kernel computes them before its 16-bit MMA."""
+    group = codes.shape[1] // w_scale.shape[1]
+    return (codes.float() * w_scale.float().repeat_interleave(group, dim=1)).to(dtype)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

@@ -18,8 +18,10 @@ contraction (the integer part is exact). W6A6 and narrower codes are the same op
 W4A8: every variant also takes int4 weights packed two per byte (uint8 [N, K/2], formats.pack_int4);
 constexpr W_INT4 loads the packed tile (half the weight bytes) and unpacks it in registers to int8
 for the same int8 dot, so 4-bit weights are never expanded in memory.
-W_GROUPED: per-group weight scales [N, K/G] with BLOCK_K = G: each K-tile's dot starts from zero and is
-added to an fp32 accumulator times its group's scales (the per-group rescale inside the K loop).
+W_GROUPED: per-group weight scales [N, K/G] with BLOCK_K = G. Integer activations: each K-tile's dot
+starts from zero and is added to an fp32 accumulator times its group's scales (the per-group rescale
+inside the K loop). W4A16: each tile's codes are dequantized (code · scale in fp32, rounded once to x's
+16-bit type) before the 16-bit MMA, as the op's contract says (docs/formats.md).
 SPLIT_K > 1 (W4A16 and W4A8 at M <= 16): programs also split K; each writes its fp32 partial (scales applied)
 to a workspace that splitk_reduce_kernel sums in order, adds the bias to and casts.
 
@@ -116,7 +118,7 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if W_GROUPED:
+    if W_GROUPED and A_KIND == 0:
         acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TWO_REGION:
         acc_neg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -140,6 +142,12 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
         if W_INT4:
             w = unpack_int4(w, BLOCK_N, BLOCK_K)
+        if W_GROUPED and A_KIND == 1:  # W4A16 per group: this tile's 16-bit weights, rounded once
+            w_s_group = tl.load(w_scale_ptr + rwn * (K // BLOCK_K) + k0 // BLOCK_K)
+            w = w.to(tl.float32) * w_s_group[:, None]
+            if a.dtype == tl.bfloat16:
+                w = round_to_bf16(w)  # exact from here: the interpreter's fp32 -> bf16 cast truncates
+            w = w.to(a.dtype)
         if DOT_F32:  # the interpreter's bf16 dot (and int8 -> bf16 cast) is wrong: same values in fp32
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -149,11 +157,8 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
             a_pos = tl.maximum(a, tl.zeros_like(a))  # stays int8 (a literal 0 would promote to int32)
             acc = tl.dot(a_pos, tl.trans(w), acc, out_dtype=tl.int32)
             acc_neg = tl.dot(a - a_pos, tl.trans(w), acc_neg, out_dtype=tl.int32)
-        elif W_GROUPED:
-            if A_KIND == 0:
-                part = tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
-            else:
-                part = tl.dot(a, tl.trans(w), out_dtype=tl.float32)
+        elif W_GROUPED and A_KIND == 0:
+            part = tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
             w_s_group = tl.load(w_scale_ptr + rwn * (K // BLOCK_K) + k0 // BLOCK_K)
             acc_f = acc_f + part * w_s_group[None, :]
         elif A_KIND == 0:
@@ -185,7 +190,7 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     else:
         if W_ZERO:
             acc = acc - rowsum[:, None] * tl.load(w_zero_ptr + rwn)[None, :]
-        if W_GROUPED:
+        if W_GROUPED and A_KIND == 0:
             out = acc_f
         else:
             out = acc.to(tl.float32)
