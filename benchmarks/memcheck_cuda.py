@@ -31,11 +31,12 @@ def main() -> int:
     if torch.cuda.get_device_capability() == (9, 0):  # the mixed-input (packed int4) kernels: sm_90a only
         from dtq_kernels import formats
         w4 = formats.pack_int4(torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=g)).cuda()
+        w_s_g128 = torch.rand(N, K // 128).cuda() * 1e-3  # per-group W4A16 (the scaled mainloop)
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             calls += [("int8_gemm", (a, a_s, w4, w_s, bias, dt)), ("int8_gemm", (a, a_s[:1], w4, w_s, None, dt)),
                       ("int8_gemm_static", (a, table, gi, w4, w_s, bias, dt))]
-            calls += [("w4a16_gemm", (x.to(x_dt), w4, w_s, bias if x_dt == dt else None, dt))
-                      for x_dt in (torch.float16, torch.bfloat16)]
+            calls += [("w4a16_gemm", (x.to(x_dt), w4, scale, bias if x_dt == dt else None, dt))
+                      for x_dt in (torch.float16, torch.bfloat16) for scale in (w_s, w_s_g128)]
     with ops.use_backend("cuda"):
         for op, args in calls:
             out = getattr(ops, op)(*args)
