@@ -57,4 +57,16 @@ const char* with_out_element(int out_dtype, Fn&& fn) {
   }
 }
 
+// fn(ElementAct{}, ElementOut{}) for a 16-bit activation dtype code and an output dtype code (the W4A16 kernels).
+template <class Fn>
+const char* with_16bit_act_and_out_elements(int act_dtype, int out_dtype, Fn&& fn) {
+  return with_out_element(out_dtype, [&](auto out) -> const char* {
+    switch (act_dtype) {
+      case kBFloat16: return fn(cutlass::bfloat16_t{}, out);
+      case kFloat16: return fn(cutlass::half_t{}, out);
+      default: return "unsupported activation dtype code (fp16 or bf16)";
+    }
+  });
+}
+
 }  // namespace dtq

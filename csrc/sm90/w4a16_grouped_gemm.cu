@@ -36,13 +36,8 @@ const char* run(W4A16GemmParams const& p, cudaStream_t stream) {
 const char* w4a16_gemm_grouped_sm90(const W4A16GemmParams& p, cudaStream_t stream) {
   if (p.group_size <= 0 || p.group_size % 64 || p.K % p.group_size)
     return "w4a16 per group: the group size must be a multiple of 64 that divides K";
-  return with_out_element(p.out_dtype, [&](auto out) -> const char* {
-    using ElementOut = decltype(out);
-    switch (p.x_dtype) {
-      case kBFloat16: return run<cutlass::bfloat16_t, ElementOut>(p, stream);
-      case kFloat16: return run<cutlass::half_t, ElementOut>(p, stream);
-      default: return "w4a16: unsupported activation dtype code (fp16 or bf16)";
-    }
+  return with_16bit_act_and_out_elements(p.x_dtype, p.out_dtype, [&](auto act, auto out) {
+    return run<decltype(act), decltype(out)>(p, stream);
   });
 }
 
