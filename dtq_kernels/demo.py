@@ -29,11 +29,12 @@ def positive_int(text: str) -> int:
 
 
 def main(argv=None) -> None:
+    from dtq_kernels.models.reference_dit.model import DEFAULT_GUIDANCE
     p = argparse.ArgumentParser(prog="dtq demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default="viditq-w8a8,viditq-w4a8")
     p.add_argument("--samples", type=positive_int, default=20, help="images per model (labels i mod 10)")
     p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale (1: no guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = p.parse_args(argv)

@@ -71,6 +71,28 @@ def test_sample_is_deterministic_and_in_range(model):
     assert a.std() > 0.1  # not a constant image
 
 
+def test_guidance_one_runs_only_the_conditional_half(model):
+    """guidance 1 is eps_u + 1 * (eps_c - eps_u) = eps_c: the sampler skips the unconditional batch (half the
+    transformer calls' work) and gets the conditional model's images."""
+    batches, forward = [], model.forward
+
+    def counting(hidden_states, *args, **kwargs):
+        batches.append((hidden_states.shape[0], kwargs["class_labels"].tolist()))
+        return forward(hidden_states, *args, **kwargs)
+
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.forward = counting
+    try:
+        plain = ref.sample(model, [1, 7], num_inference_steps=3, guidance_scale=1.0, noise=noise)
+        assert batches == [(2, [1, 7])] * 3
+        batches.clear()
+        guided = ref.sample(model, [1, 7], num_inference_steps=3, guidance_scale=1.0 + 1e-6, noise=noise)
+        assert batches == [(4, [1, 7, ref.NULL_CLASS, ref.NULL_CLASS])] * 3
+    finally:
+        del model.forward
+    torch.testing.assert_close(plain, guided, atol=1e-3, rtol=0)  # 1e-6 of (eps_c - eps_u) apart
+
+
 def test_scheduler_matches_training_schedule():
     from dtq_kernels.models.reference_dit.train import ddpm_alphas_cumprod
     s = ref.reference_scheduler()

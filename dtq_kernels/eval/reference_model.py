@@ -18,14 +18,14 @@ import torch
 
 from ..models.reference_dit import load_fashion_mnist, load_reference_dit, sample
 from ..models.reference_dit.images import save_grid
-from ..models.reference_dit.model import WEIGHTS_DIR
+from ..models.reference_dit.model import DEFAULT_GUIDANCE, WEIGHTS_DIR
 from . import classifier as clf
 from .inception import InceptionFeatures
 from .metrics import fid_from_features
 
 
 def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int = 25,
-                       guidance: float = 3.0) -> dict:
+                       guidance: float = DEFAULT_GUIDANCE) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = load_reference_dit(export)
     labels = torch.arange(10).repeat(per_class)  # label i mod 10: one grid column per class
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     p.add_argument("--export", type=Path, default=WEIGHTS_DIR, help="the exported weights (default: the shipped ones)")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--out", type=Path, default=Path("runs/reference_dit_train/eval"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
