@@ -1,5 +1,6 @@
 """The quality harness: metrics on inputs with known answers, the shipped classifier, and the harness
 end to end on a tiny random DiT (8 samples, 2 steps)."""
+import json
 import math
 import os
 
@@ -263,3 +264,26 @@ def test_log_collector_keeps_messages_from_its_level_up_and_applies_select():
             log.removeHandler(h)
     assert plain.messages == ["fallback 2", "something else"]
     assert selective.messages == ["fall", "fall"]
+
+
+def test_merge_previous_keeps_rows_only_from_the_same_configuration_and_fp_weights(tmp_path):
+    from dtq_kernels.eval.cli import merge_previous, weights_digest
+    model = torch.nn.Linear(4, 4)
+    config = {"n_samples": 8, "seed": 0, "steps": 2, "guidance": 1.25, "fid": False, "fid_ref_n": 16, "cls_ref_n": 16,
+              "sqnr_samples": 0, "batch_size": 4, "fp_weights_sha256": weights_digest(model)}
+    old_row = {"model": "rtn-w8a8", "class_acc": 0.5}
+    path = tmp_path / "quality.json"
+
+    def merged(old_config):
+        path.write_text(json.dumps({"config": old_config, "rows": [old_row], "meta": {}}))
+        ev = harness.Evaluation(rows=[{"model": "fp"}], images={}, labels=torch.zeros(0), config=dict(config))
+        merge_previous(str(path), ev, {})
+        return [r["model"] for r in ev.rows]
+
+    assert merged(config) == ["fp", "rtn-w8a8"]
+    with torch.no_grad():
+        model.weight[0, 0] += 1  # a retrained model: same configuration, other weights
+    assert weights_digest(model) != config["fp_weights_sha256"]
+    assert merged({**config, "fp_weights_sha256": weights_digest(model)}) == ["fp"]
+    assert merged({k: v for k, v in config.items() if k != "fp_weights_sha256"}) == ["fp"]  # unknown provenance
+    assert merged({**config, "guidance": 3.0}) == ["fp"]

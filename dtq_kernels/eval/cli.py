@@ -39,9 +39,11 @@ from . import activation_stats, harness, hooks, report
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
-CPU_COST_NOTE = ("one CPU thread (shared machine), measured in the 2026-12-04 run: sampling ~0.56 s/image fp32, "
-                 "~1.1-1.3 s/image quantized (reference ops; ~1.7 s for the two-region TQ-DiT models), Inception "
-                 "~0.25 s/image; calibration 27 s (rtn) to 206 s (tqdit-w8a8)")
+CPU_COST_NOTE = ("two CPU threads of a 2-core machine (a low-priority compile job beside it), measured in the "
+                 "2026-12-04 10:48 run: sampling ~0.25-0.34 s/image fp32 (guidance 1.25: two transformer passes "
+                 "per step), ~0.6-0.8 s/image quantized (reference ops; ~1.1 s for the two-region TQ-DiT models, "
+                 "2.4-3.7 s for the W4A4 HQ-DiT models), Inception ~0.15 s/image; calibration 12 s (rtn) to "
+                 "108 s (tqdit-w6a6)")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
@@ -174,13 +176,25 @@ def build_quantized(dtq, fp_model, name: str, sample_fn, steps: int, guidance: f
     return model.eval(), handler.messages
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's state dict (names and bytes, in order): which floating-point model a report measured."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def merge_previous(path: str, evaluation, descriptions: dict) -> None:
-    """Keep the rows (and SQNR) of an earlier report that used the same configuration."""
+    """Keep the rows (and SQNR) of an earlier report that used the same configuration and the same FP weights
+    (after a retrain, the old rows measured another model)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
         old = json.load(f)
-    keys = ("n_samples", "seed", "steps", "guidance", "fid", "fid_ref_n", "cls_ref_n", "sqnr_samples", "batch_size")
+    keys = ("n_samples", "seed", "steps", "guidance", "fid", "fid_ref_n", "cls_ref_n", "sqnr_samples", "batch_size",
+            "fp_weights_sha256")
     if any(old["config"].get(k) != evaluation.config[k] for k in keys):
         print(f"{path} used another configuration: its rows are not kept", flush=True)
         return
@@ -306,6 +320,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
                   cls_ref_n=args.cls_ref_n, device=args.device)
     ev = harness.evaluate(models, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples, **common)
+    ev.config["fp_weights_sha256"] = weights_digest(fp)
     if args.out_dir:
         noise = [harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0, **common).rows[0]
                  for k in range(1, NOISE_SEEDS + 1)]
