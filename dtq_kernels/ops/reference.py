@@ -135,7 +135,7 @@ def dequantize_w4_groups(codes: torch.Tensor, w_scale: torch.Tensor, dtype: torc
     """The 16-bit weights of a per-group w4a16_gemm: code · w_scale[n, k // G] in fp32, rounded once to dtype
     (fp16/bf16, round to nearest even), as every kernel computes them before its 16-bit MMA."""
     group = codes.shape[1] // w_scale.shape[1]
-    return (codes.float() * w_scale.float().repeat_interleave(group, dim=1)).to(dtype)
+    return formats.dequantize_weight(formats.QuantizedWeight(codes, w_scale, "int4", group)).to(dtype)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

@@ -159,6 +159,8 @@ def int8_gemm_kernel(a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
             acc_neg = tl.dot(a - a_pos, tl.trans(w), acc_neg, out_dtype=tl.int32)
         elif W_GROUPED and A_KIND == 0:
             part = tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
+            # loaded after the dot, not once above for both per-group kinds: live across the MMA, the scales
+            # spill registers on sm_90 (W4A8-g64, 128x128x64 tile, tests/test_triton_offline.py)
             w_s_group = tl.load(w_scale_ptr + rwn * (K // BLOCK_K) + k0 // BLOCK_K)
             acc_f = acc_f + part * w_s_group[None, :]
         elif A_KIND == 0:
