@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "Format", "get_format", "FORMAT_NAMES", "check_finite", "int_qmax", "int_qrange", "absmax_scale",
+    "Format", "get_format", "FORMAT_NAMES", "check_finite", "all_finite", "int_qmax", "int_qrange", "absmax_scale",
     "quantize_int", "dequantize_int", "asymmetric_params", "fp4_grid", "fp4_table", "fp4_int_table",
     "quantize_fp4", "dequantize_fp4", "quantize_fp8_e4m3", "pack_nibbles", "unpack_nibbles",
     "pack_int4", "unpack_int4", "quantize_nvfp4", "dequantize_nvfp4", "quantize_mxfp4",
@@ -92,9 +92,15 @@ def get_format(name: str | Format) -> Format:
         raise ValueError(f"unknown format {name!r}; known formats: {', '.join(FORMAT_NAMES)}") from None
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x holds no NaN/±Inf, from its absmax (amax propagates NaN): one reduction, several times
+    faster on the CPU than reducing isfinite(x)."""
+    return x.numel() == 0 or bool(torch.isfinite(x.abs().amax()))
+
+
 def check_finite(x: torch.Tensor, what: str = "input") -> None:
     """Raise a clear error for NaN/Inf: a scale computed from them would silently poison every code."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{what} contains non-finite values ({n_nan} NaN, {n_inf} Inf); "
@@ -102,16 +108,23 @@ def check_finite(x: torch.Tensor, what: str = "input") -> None:
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """bool [...]: which rows (over the last dimension) of x hold a NaN or ±Inf."""
-    return ~torch.isfinite(x).all(dim=-1)
+    """bool [...]: which rows (over the last dimension) of x hold a NaN or ±Inf: those whose absmax is not
+    finite (amax propagates NaN), six times faster on the CPU than reducing isfinite(x)."""
+    if x.shape[-1] == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return ~torch.isfinite(x.abs().amax(dim=-1))
 
 
-def mark_nonfinite_rows(x: torch.Tensor, codes: torch.Tensor,
-                        scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mark_nonfinite_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                        row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scale) of a row-wise activation quantizer with every row of x that holds NaN/±Inf marked:
     its codes 0 and its scale NaN, so whatever consumes the row (dequantization, an INT8 GEMM's
-    epilogue) gives NaN for it. `scale` has x's row shape (x.shape[:-1])."""
-    bad = nonfinite_rows(x)
+    epilogue) gives NaN for it. `scale` has x's row shape (x.shape[:-1]). A caller that has the rows'
+    absmax passes it as row_absmax: it is non-finite exactly where the row is (amax propagates NaN),
+    which spares a pass over x; and when no row is bad, codes and scale come back as they are."""
+    bad = nonfinite_rows(x) if row_absmax is None else ~torch.isfinite(row_absmax)
+    if not bad.any():
+        return codes, scale
     return (torch.where(bad[..., None], torch.zeros_like(codes), codes),
             torch.where(bad, torch.full_like(scale, float("nan")), scale))
 
@@ -152,7 +165,9 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, bits: int,
     """
     qmin, qmax = int_qrange(bits, symmetric=zero_point is None)
     q = torch.round(_safe_div(x, scale))  # torch.round rounds half to even
-    q = torch.where(torch.as_tensor(scale).float() == 0, torch.zeros_like(q), q)
+    zero_scale = torch.as_tensor(scale).float() == 0
+    if zero_scale.any():  # (a pass over q only where some scale is 0)
+        q = torch.where(zero_scale, torch.zeros_like(q), q)
     if zero_point is not None:
         q = q + zero_point.float()
     return q.clamp(qmin, qmax).to(torch.int8)
@@ -211,12 +226,16 @@ def fp4_midpoints(fmt: str | Format) -> torch.Tensor:
 
 
 def _round_to_grid(mag: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest grid value to mag >= 0; ties go to the even index; saturates at the top.
-    (Kernels compute the same index as the number of midpoints below mag, plus one at an odd midpoint.)"""
-    mids = (grid[1:] + grid[:-1]) / 2
-    idx = torch.bucketize(mag, mids, right=False)  # number of midpoints strictly below mag
-    at_tie = (idx < len(mids)) & (mag == mids[idx.clamp(max=len(mids) - 1)])
-    return torch.where(at_tie & (idx % 2 == 1), idx + 1, idx)
+    """Index (uint8) of the nearest grid value to mag >= 0; ties go to the even index; saturates at the top.
+    Computed as the kernels do: the number of midpoints strictly below mag, plus one where mag sits exactly
+    on an odd midpoint (between grid[j] and grid[j + 1] for odd j, the tie goes up to j + 1). Seven
+    compares per element: three times faster on the CPU than torch.bucketize; a NaN gives index 0."""
+    idx = torch.zeros(mag.shape, dtype=torch.uint8, device=mag.device)
+    for j, mid in enumerate(((grid[1:] + grid[:-1]) / 2).tolist()):  # midpoints, exact in fp32
+        idx += mag > mid
+        if j % 2:
+            idx += mag == mid
+    return idx
 
 
 def quantize_fp4(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
@@ -225,8 +244,9 @@ def quantize_fp4(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> tor
     xs = _safe_div(x, scale)
     idx = _round_to_grid(xs.abs(), grid)
     sign = ((xs < 0) & (idx > 0)).to(torch.uint8)  # canonical zero: no -0 code
-    code = idx.to(torch.uint8) | (sign << 3)
-    return torch.where(scale.float() == 0, torch.zeros_like(code), code)
+    code = idx | (sign << 3)
+    zero_scale = torch.as_tensor(scale).float() == 0
+    return torch.where(zero_scale, torch.zeros_like(code), code) if zero_scale.any() else code
 
 
 def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:
@@ -386,8 +406,9 @@ def quantize_blockwise(x: torch.Tensor, fmt: str | Format, block: int) -> tuple[
     if not isinstance(block, int) or block <= 0 or block % 2:
         raise ValueError(f"block must be a positive even int, got {block!r}")
     xb = _blocks(x, block)
-    finite = torch.isfinite(xb).all(-1)
-    scale = absmax_scale(torch.where(finite, xb.abs().amax(-1), torch.zeros_like(finite, dtype=torch.float32)), f)
+    absmax = xb.abs().amax(-1)
+    finite = torch.isfinite(absmax)  # amax propagates NaN: non-finite exactly where the block is
+    scale = absmax_scale(torch.where(finite, absmax, torch.zeros_like(absmax, dtype=torch.float32)), f)
     codes = quantize_int(xb, scale[..., None], 4) if f.is_int else quantize_fp4(xb, scale[..., None], f)
     return codes.flatten(-2), torch.where(finite, scale, torch.full_like(scale, float("nan")))
 
@@ -529,7 +550,9 @@ def quantize_two_region(x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tenso
         q = torch.round(xf / torch.where(low, c_pos, c_neg))
         # a value just under p can round up to qmax + 1 in the low region: the high region then holds it
         q = torch.where(low & (q > qmax), torch.round(xf / c_neg), q)
-    q = torch.where(torch.isfinite(xf), q.clamp(-qmax, qmax), torch.full_like(q, NONFINITE_CODE))
+    q = q.clamp(-qmax, qmax)
+    if not all_finite(xf):
+        q = torch.where(torch.isfinite(xf), q, torch.full_like(q, NONFINITE_CODE))
     return q.to(torch.int8)
 
 

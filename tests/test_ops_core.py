@@ -46,6 +46,17 @@ def test_reference_int8_gemm_matches_float_math():
     assert torch.allclose(per_tensor.float(), acc.float() * a_s[0] * w_s[None], rtol=8e-3)
 
 
+def test_reference_int_matmul_exact_on_small_and_ragged_shapes():
+    # the CPU path is torch._int_mm (oneDNN), whose degenerate shapes have had bugs (K = 1 in torch 2.13)
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 1, 1), (1, 9, 1), (17, 65, 1), (1, 3, 2), (3, 7, 5), (17, 65, 33), (33, 8, 127), (2, 3, 1025)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        exact = a.long() @ w.long().T
+        assert torch.equal(reference.int_matmul(a, w), exact.to(torch.int32)), (m, n, k)
+        assert torch.equal(reference.int_matmul_float(a, w), exact.float()), (m, n, k)
+
+
 @pytest.mark.parametrize("k", [0, 1, 1024, 1025, 4608 + 77])
 def test_reference_int_matmul_exact_at_the_extremes(k):
     # -128 · -128 everywhere: each fp32 chunk sums to exactly 2^24 (the exactness bound), tails ragged

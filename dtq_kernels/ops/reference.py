@@ -17,8 +17,9 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
     """Per-row symmetric quantization: scale = absmax(row) / (2^(bits-1) - 1), codes round half to even;
     a row holding NaN/±Inf gets scale NaN and codes 0."""
     xf = x.float()
-    scale = formats.absmax_scale(xf.abs().amax(dim=-1), f"int{bits}")
-    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale[:, None], bits), scale)
+    absmax = xf.abs().amax(dim=-1)
+    scale = formats.absmax_scale(absmax, f"int{bits}")
+    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale[:, None], bits), scale, absmax)
 
 
 # Chunk of K for which fp32 BLAS is exact: |a·w| <= 2^14 per product, so every partial sum of up to
@@ -29,9 +30,14 @@ EXACT_FP32_K = 1024
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 a · wᵀ for int8 a [M, K], w [N, K].
 
-    fp32 BLAS on chunks of K <= EXACT_FP32_K (exact, see above), chunk results summed in int32: several
-    times faster on CPU than torch's integer matmul, and about twice as fast as float64 BLAS.
+    On the CPU torch._int_mm (oneDNN's int8 GEMM, VNNI/AMX where the CPU has them): 5-8x faster than fp32
+    BLAS on the reference DiT's layers; not for K = 1, where torch 2.13's CPU _int_mm returns garbage
+    (tests/test_ops_core.py checks the shapes against an int64 oracle). Elsewhere (the oracle on a GPU,
+    where _int_mm wants M > 16 and K, N multiples of 8) fp32 BLAS on chunks of K <= EXACT_FP32_K
+    (exact, see above) summed in int32.
     """
+    if a.device.type == "cpu" and a.shape[1] >= 2:
+        return torch._int_mm(a, w.T)
     af, wf = a.float(), w.float()
     out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.int32, device=a.device) if a.shape[1] == 0 else None
     for k0 in range(0, a.shape[1], EXACT_FP32_K):
@@ -41,9 +47,9 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def int_matmul_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """int_matmul(a, w).float() without the int32 round trip when K <= EXACT_FP32_K (one fp32 BLAS call
-    whose result is already the exact integer): the same values, two fewer passes over [M, N]."""
-    if a.shape[1] <= EXACT_FP32_K:
+    """int_matmul(a, w).float(), without the int32 round trip when fp32 BLAS runs it with K <=
+    EXACT_FP32_K (one call whose result is already the exact integer): the same values either way."""
+    if (a.device.type != "cpu" or a.shape[1] < 2) and a.shape[1] <= EXACT_FP32_K:
         return a.float() @ w.float().T
     return int_matmul(a, w).float()
 
@@ -55,14 +61,15 @@ def weight_codes(w: torch.Tensor) -> torch.Tensor:
 
 def group_scaled_matmul(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Σ_g (a_g · w_gᵀ) · w_scale[:, g] in fp32, groups in ascending K order (the kernels' order), for
-    w_scale [N, K/G]. Each group's product runs in fp32: exact for int8 codes (G <= EXACT_FP32_K), the
-    fp32 matmul's rounding for float activations."""
+    int8 codes a [M, K], w [N, K] and w_scale [N, K/G]. Each group's integer product is exact
+    (int_matmul; in fp32 for G <= EXACT_FP32_K)."""
     n_groups = w_scale.shape[1]
     g = a.shape[1] // n_groups
-    af, wf, ws = a.float(), w.float(), w_scale.float()
+    ws = w_scale.float()
     acc = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
     for i in range(n_groups):
-        acc = acc + (af[:, i * g:(i + 1) * g] @ wf[:, i * g:(i + 1) * g].T) * ws[None, :, i]
+        k = slice(i * g, (i + 1) * g)
+        acc = acc + int_matmul_float(a[:, k].contiguous(), w[:, k].contiguous()) * ws[None, :, i]
     return acc
 
 
@@ -90,9 +97,10 @@ def int8_gemm_static(a: torch.Tensor, scale_table: torch.Tensor, group_idx: torc
 def int8_gemm_wzp(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                   w_zero: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Asymmetric weights (formats.quantize_weight(..., symmetric=False): w ≈ w_scale·(q − z)):
-    (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias. Exact through float64: products
-    are < 2^15 and K · 2^15 < 2^53."""
-    acc = (a.double() @ (weight_codes(w).double() - w_zero.double()[:, None]).T).to(torch.int32)
+    (a · (w − z)ᵀ in int32) · a_scale · w_scale + bias, the integer part computed as
+    a · wᵀ exactly (int_matmul) minus rowsum(a) · z, the same integer as a · (w − z)ᵀ."""
+    zero_term = a.sum(dim=1, dtype=torch.int32)[:, None] * w_zero.to(torch.int32)[None, :]
+    acc = int_matmul(a, weight_codes(w)) - zero_term
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
@@ -166,7 +174,8 @@ def _quantize_rows(xf: torch.Tensor, bits: int, scale_table: torch.Tensor | None
     if scale_table is None:
         return quantize_per_token(xf, bits)
     scale = scale_table[group_idx.long()].float()  # [1]
-    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale, bits), scale.expand(xf.shape[0]))
+    rows = scale.expand(xf.shape[0]).contiguous()  # an op returns its own storage, never a stride-0 view
+    return formats.mark_nonfinite_rows(xf, formats.quantize_int(xf, scale, bits), rows)
 
 
 def quantize_act(x: torch.Tensor, bits: int, smooth: torch.Tensor | None, rotate: bool,
@@ -182,9 +191,11 @@ def quantize_act_fp8(x: torch.Tensor, smooth: torch.Tensor | None,
     ±Inf gets scale NaN and codes 0 (formats.mark_nonfinite_rows), so whatever consumes the codes with
     their scale yields NaN for that row: a broken input is never hidden."""
     xs = _smooth_rotate(x.float(), smooth, rotate)
-    scale = formats.absmax_scale(xs.abs().amax(dim=-1), "fp8_e4m3")
+    absmax = xs.abs().amax(dim=-1)
+    scale = formats.absmax_scale(absmax, "fp8_e4m3")
     # marked in fp32 (exact for every E4M3 value): torch.where has no float8 kernel on every device
-    codes, scale = formats.mark_nonfinite_rows(xs, formats.quantize_fp8_e4m3(xs, scale[:, None]).float(), scale)
+    codes, scale = formats.mark_nonfinite_rows(xs, formats.quantize_fp8_e4m3(xs, scale[:, None]).float(), scale,
+                                               absmax)
     return codes.to(torch.float8_e4m3fn), scale
 
 
@@ -217,6 +228,8 @@ def quantize_two_region(x: torch.Tensor, coef_table: torch.Tensor, group_idx: to
     xf = torch.nn.functional.gelu(x.float(), approximate=approximate) if gelu else x.float()
     c_pos, c_neg = coef_table[group_idx.long()].float().unbind(-1)  # each [1]
     q = formats.quantize_two_region(xf, c_pos, c_neg, bits, mode)
+    if formats.all_finite(xf):
+        return q
     return torch.where(formats.nonfinite_rows(xf)[:, None], torch.full_like(q, formats.NONFINITE_CODE), q)
 
 
@@ -283,10 +296,10 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     d = q.shape[-1]
     mult = (d ** -0.5 if scale is None else scale) * LOG2E
     kf = k.float() - attention_k_mean(k) if smooth_k else k.float()
-    q_scale = formats.absmax_scale(q.float().abs().amax(-1), "int8")  # per token and head
-    k_scale = formats.absmax_scale(kf.abs().amax(-1), "int8")
-    qc, q_scale = formats.mark_nonfinite_rows(q, formats.quantize_int(q, q_scale[..., None], 8), q_scale)
-    kc, k_scale = formats.mark_nonfinite_rows(kf, formats.quantize_int(kf, k_scale[..., None], 8), k_scale)
+    q_max, k_max = q.float().abs().amax(-1), kf.abs().amax(-1)  # per token and head
+    q_scale, k_scale = formats.absmax_scale(q_max, "int8"), formats.absmax_scale(k_max, "int8")
+    qc, q_scale = formats.mark_nonfinite_rows(q, formats.quantize_int(q, q_scale[..., None], 8), q_scale, q_max)
+    kc, k_scale = formats.mark_nonfinite_rows(kf, formats.quantize_int(kf, k_scale[..., None], 8), k_scale, k_max)
     p, l = _attn_probs(_attn_scores(qc, q_scale, kc, k_scale, mult, key_padding_mask), LOG2_P_SCALE)
     v_scale = attention_v_scale(v)  # [B, H, D]
     vs = v_scale[:, None]  # [B, 1, H, D] against v [B, S, H, D]
@@ -325,7 +338,9 @@ def quant_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     p = p * _safe_recip(l)[..., None]
     coef = p_table[g].float()[0]
     # a non-finite V element becomes a NaN code (the kernel's V codes are fp16): every row reading it is NaN
-    vcd = torch.where(torch.isfinite(v), vc.double(), torch.full_like(vc, float("nan"), dtype=torch.float64))
+    vcd = vc.double()
+    if not formats.all_finite(v):
+        vcd = torch.where(torch.isfinite(v), vcd, torch.full_like(vcd, float("nan")))
     if p_mode == "uniform":  # unsigned codes 0 .. 2^bits − 1: the asymmetric code with zero point −2^(bits−1)
         zero = torch.tensor(-(2 ** (bits - 1)), dtype=torch.int32)
         u = formats.quantize_int(p, coef[0], bits, zero).double() - zero
