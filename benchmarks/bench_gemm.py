@@ -354,14 +354,14 @@ def check_correct(device, M, K, N) -> None:
     # MMA adds within a K-tile at ≈14 bits: 2^-13 of the magnitude); tests/test_gemm_lowbit.py
     x = torch.randn(M, K, generator=g).to(device, BF16)
     ws_g = torch.rand(N, K // 128, device=device) * 1e-3
-    c4 = formats.unpack_int4(w4).float().abs()
+    c4 = formats.unpack_int4(w4).abs()  # int8 codes (group_scaled_matmul multiplies integers)
     checks = [("int8_gemm", (a, a_s, w4, ws_g, None, torch.float32),
                reference.group_scaled_matmul(a.abs(), c4, ws_g) * a_s[:, None], 2 * (K + 4) * 2.0 ** -24),
               ("w4a16_gemm", (x, w4, ws_g, None, torch.float32),  # per group: x times the bf16-rounded weights
                x.float().abs() @ reference.dequantize_w4_groups(formats.unpack_int4(w4), ws_g, BF16).float().abs().T,
                2 * (K + 4) * 2.0 ** -24),
               ("w4a16_gemm", (x, w4, w_s, None, torch.float32),
-               (x.float().abs() @ c4.T) * w_s, 2 * (K + 4) * 2.0 ** -24)]
+               (x.float().abs() @ c4.float().T) * w_s, 2 * (K + 4) * 2.0 ** -24)]
     if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9):
         a8, w8 = formats.quantize_fp8_e4m3(a.float()), formats.quantize_fp8_e4m3(w.float())
         mag = (a8.float().abs() @ w8.float().abs().T) * a_s[:, None] * w_s

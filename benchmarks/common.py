@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dtq_kernels.fileio import write_atomically
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -115,8 +117,8 @@ def write_results(name: str, header: dict[str, Any], rows: list[dict[str, Any]],
     md += [f"{n}" for n in notes] + ([""] if notes else [])
     md.append(to_markdown(rows, columns))
     md_path, json_path = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    md_path.write_text("\n".join(md) + "\n")
-    json_path.write_text(json.dumps({"header": header, "notes": list(notes), "rows": rows}, indent=1))
+    write_atomically(md_path, "\n".join(md) + "\n")
+    write_atomically(json_path, json.dumps({"header": header, "notes": list(notes), "rows": rows}, indent=1))
     return md_path, json_path
 
 

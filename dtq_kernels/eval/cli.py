@@ -39,11 +39,9 @@ from . import activation_stats, harness, hooks, report
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
-CPU_COST_NOTE = ("two CPU threads of a 2-core machine (a low-priority compile job beside it), measured in the "
-                 "2026-12-04 10:48 run: sampling ~0.25-0.34 s/image fp32 (guidance 1.25: two transformer passes "
-                 "per step), ~0.6-0.8 s/image quantized (reference ops; ~1.1 s for the two-region TQ-DiT models, "
-                 "2.4-3.7 s for the W4A4 HQ-DiT models), Inception ~0.15 s/image; calibration 12 s (rtn) to "
-                 "108 s (tqdit-w6a6)")
+CPU_COST_NOTE = ("two CPU threads of a 2-core machine; each model's sampling cost per image is in the table "
+                 "(reference ops on the CPU; guidance 1.25 runs two transformer passes per step); Inception "
+                 "~0.15 s/image; calibration 12 s (rtn) to 108 s (tqdit-w6a6), measured 2026-12-04")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds

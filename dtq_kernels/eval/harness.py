@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..fileio import replaced_atomically
 from . import fmnist, hooks
 from .metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
 
@@ -111,8 +112,8 @@ def inception_reference(extractor, n_ref: int) -> torch.Tensor:
         return torch.from_numpy(np.load(path))
     x, y = fmnist.load("test")
     feats = extractor(x[fmnist.balanced_subset(y, n_ref)])
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    np.save(path, feats.numpy())
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:  # an interrupted save leaves no torn cache
+        np.save(f, feats.numpy())
     return feats
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import replaced_atomically, write_atomically
 from ..models.reference_dit import load_fashion_mnist, load_reference_dit, sample
 from ..models.reference_dit.images import save_grid
 from ..models.reference_dit.model import DEFAULT_GUIDANCE, WEIGHTS_DIR
@@ -36,8 +37,10 @@ def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int 
     imgs = sample(model, labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                   guidance_scale=guidance, progress=True)
     t_sample = time.time() - t0
-    torch.save({"images": imgs, "labels": labels}, out / "samples.pt")
-    save_grid(imgs, out / "grid.png")
+    with replaced_atomically(out / "samples.pt") as tmp:
+        torch.save({"images": imgs, "labels": labels}, tmp)
+    with replaced_atomically(out / "grid.png") as tmp:
+        save_grid(imgs, tmp)
     res = {"n_samples": len(imgs), "ddim_steps": steps, "guidance": guidance, "sample_seconds": round(t_sample, 1)}
     c = clf.load_classifier()
     res["classifier_acc_on_samples"] = round((clf.predict(c, imgs)[0] == labels).float().mean().item(), 4)
@@ -55,7 +58,7 @@ def evaluate_reference(export: Path, out: Path, per_class: int = 10, steps: int 
         res["inception_seconds"] = round(time.time() - t0, 1)
         res[f"fid_samples_vs_{fid_ref_n}_test"] = round(fid_from_features(f_gen, f_ref), 2)
         res[f"fid_{len(real)}_real_train_vs_{fid_ref_n}_test"] = round(fid_from_features(f_real, f_ref), 2)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    write_atomically(out / "eval.json", json.dumps(res, indent=1))
     print(res, flush=True)
     return res
 

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..fileio import replaced_atomically, write_atomically
 from .classifier import TRAINED_TEST_ACCURACY
 from .fmnist import CLASSES
 
@@ -111,7 +112,8 @@ def write(out_dir: str, evaluation, *, descriptions: dict[str, str], noise_rows:
     grid_dir = os.path.join(out_dir, f"{basename}_grids")
     os.makedirs(grid_dir, exist_ok=True)
     for name, imgs in evaluation.images.items():
-        save_grid(imgs, os.path.join(grid_dir, f"{name}.png"))
+        with replaced_atomically(os.path.join(grid_dir, f"{name}.png")) as tmp:
+            save_grid(imgs, tmp)
     rows = {r["model"]: r for r in evaluation.rows}
     ref = evaluation.config["reference"]
     noise = noise_floor(rows[ref], noise_rows or [])
@@ -121,10 +123,9 @@ def write(out_dir: str, evaluation, *, descriptions: dict[str, str], noise_rows:
             "noise_floor": noise, "claims": claims, "sqnr_by_phase": sqnr_summary,
             "sqnr_timesteps": evaluation.sqnr_timesteps, "sqnr_per_layer": evaluation.sqnr,
             "activation_stats": act_stats}
-    with open(os.path.join(out_dir, f"{basename}.json"), "w") as f:
-        json.dump(data, f, indent=1, default=float, allow_nan=True)
-    with open(os.path.join(out_dir, f"{basename}.md"), "w") as f:
-        f.write(_markdown(data, descriptions, rows, ref, grid_dir, out_dir))
+    write_atomically(os.path.join(out_dir, f"{basename}.json"),
+                     json.dumps(data, indent=1, default=float, allow_nan=True))
+    write_atomically(os.path.join(out_dir, f"{basename}.md"), _markdown(data, descriptions, rows, ref, grid_dir, out_dir))
     return data
 
 
@@ -172,7 +173,7 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
         L.append(f"This is a CPU run with CPU-sized counts ({meta['cpu_cost_note']}; whole run "
                  f"{meta.get('wall_s', '?')} s). A GPU run uses 5000 samples and all 10,000 test images.\n")
     head = ["model", fid_col, "classifier FD", "class acc", "PSNR vs FP (dB)", "SSIM vs FP",
-            "layer SQNR median / min (dB)", "weight MB", "× FP bytes"]
+            "layer SQNR median / min (dB)", "weight MB", "× FP bytes", "sampling s/image"]
     head = [h for h in head if h]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
@@ -182,7 +183,8 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
         cells += [_fmt(r["cls_fd"], 3), f"{r['class_acc'] * 100:.1f}%", _fmt(r["psnr_vs_ref"], 3),
                   _fmt(r["ssim_vs_ref"], 3),
                   f"{_fmt(r.get('sqnr_median_db'), 3)} / {_fmt(r.get('sqnr_min_db'), 3)}" if name != ref else "–",
-                  f"{r['weight_bytes'] / 2**20:.2f}", f"{r['weight_bytes'] / ref_bytes:.3f}"]
+                  f"{r['weight_bytes'] / 2**20:.2f}", f"{r['weight_bytes'] / ref_bytes:.3f}",
+                  _fmt(r["sample_s"] / r["n_samples"], 2) if r.get("sample_s") and r.get("n_samples") else "–"]
         L.append("| " + " | ".join(cells) + " |")
     if data["noise_floor"]:
         nf = "; ".join(f"{k}: floor {_fmt(v['floor'])} (mean {_fmt(v['mean'])}, std {_fmt(v['std'])})"

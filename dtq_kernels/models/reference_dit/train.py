@@ -17,11 +17,14 @@ import argparse
 import copy
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ...fileio import replaced_atomically, write_atomically
 from .data import load_fashion_mnist
 from .model import NUM_TRAIN_TIMESTEPS, WEIGHTS_DIR, build_reference_dit, load_reference_dit
 
@@ -73,14 +76,19 @@ def export(ema, args, step: int, seconds: float, losses: list[float]) -> None:
     """Ship the EMA weights in fp16 (half the bytes; load_reference_dit loads them back as fp32).
     The run's facts (steps, batch, wall time, ...) go to training.json beside --state, not into --export."""
     args.export.mkdir(parents=True, exist_ok=True)
-    copy.deepcopy(ema).half().save_pretrained(args.export, safe_serialization=True)
+    # written beside, then each file renamed in: an interrupted export never leaves torn shipped weights
+    with tempfile.TemporaryDirectory(dir=args.export.parent) as tmp:
+        copy.deepcopy(ema).half().save_pretrained(tmp, safe_serialization=True)
+        for f in sorted(Path(tmp).iterdir()):
+            with replaced_atomically(args.export / f.name) as dst:
+                os.replace(f, dst)
     info = {"steps": step, "batch": args.batch, "samples_seen": step * args.batch, "wall_seconds": round(seconds),
             "threads": args.threads, "device": args.device, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
             "bf16": args.bf16, "min_snr": args.min_snr, "lr_decay_steps": args.lr_decay_steps,
             "dit_init": args.dit_init, "config": dict(ema.config), "init_from": str(args.init_from or ""),
             "loss_avg_last100": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5)}
     args.state.parent.mkdir(parents=True, exist_ok=True)
-    args.state.with_name("training.json").write_text(json.dumps(info, indent=1, default=str))
+    write_atomically(args.state.with_name("training.json"), json.dumps(info, indent=1, default=str))
 
 
 def main(argv=None) -> None:
