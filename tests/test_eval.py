@@ -220,6 +220,47 @@ def test_cli_eval_on_a_saved_checkpoint(tmp_path, monkeypatch):
     assert "`w8`" in (tmp_path / "out" / "quality.md").read_text()
 
 
+@needs_data
+def test_interrupted_quality_run_resumes_without_sampling_finished_models(tmp_path, monkeypatch):
+    import argparse
+
+    from dtq_kernels.eval import add_arguments, cli, cli_eval
+
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["--tiny", "--no-fid", "--cls-ref-n", "100", "--sqnr-samples", "2", "--batch-size", "8",
+            "--recipes", "rtn-w8a8,viditq-w8a8"]
+    whole = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(tmp_path / "whole")]))}
+    assert not (tmp_path / "whole" / "quality.progress.pt").exists()  # a finished run leaves only its report
+
+    built, real_build = [], cli.build_quantized
+
+    def build_then_stop(dtq, fp, name, *a, **k):
+        if name == "viditq-w8a8":
+            raise KeyboardInterrupt  # the session ends while the second recipe calibrates
+        built.append(name)
+        return real_build(dtq, fp, name, *a, **k)
+
+    monkeypatch.setattr(cli, "build_quantized", build_then_stop)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        cli_eval(p.parse_args(argv + ["--out-dir", str(out)]))
+    assert built == ["rtn-w8a8"] and (out / "quality.progress.pt").is_file() and not (out / "quality.md").exists()
+
+    sampled = []
+    real_generate = harness.generate
+    monkeypatch.setattr(harness, "generate", lambda model, n, *a, **k: sampled.append(n) or real_generate(model, n, *a, **k))
+    monkeypatch.setattr(cli, "build_quantized", lambda dtq, fp, name, *a, **k: built.append(name) or real_build(dtq, fp, name, *a, **k))
+    rows = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out)]))}
+    assert built == ["rtn-w8a8", "viditq-w8a8"]  # the finished recipe was not calibrated again
+    assert sampled.count(8) == 1 + cli.NOISE_SEEDS  # viditq-w8a8 and the noise floor; fp and rtn-w8a8 were kept
+    assert not (out / "quality.progress.pt").exists() and "`rtn-w8a8`" in (out / "quality.md").read_text()
+    for name, row in whole.items():  # same seeds, same models: the same numbers as one uninterrupted run
+        for key in ("class_acc", "cls_fd", "psnr_vs_ref", "sqnr_median_db"):
+            assert rows[name].get(key) == pytest.approx(row.get(key)), (name, key)
+
+
 def test_noise_floor_is_the_largest_seed_to_seed_difference_with_mean_and_spread():
     ref_row = {"fid": 30.0, "cls_fd": 2.0}
     seeds = [{"fid": 31.0, "cls_fd": 2.5}, {"fid": 27.0, "cls_fd": 2.1}, {"fid": 32.0, "cls_fd": None}]

@@ -28,6 +28,7 @@ import torch
 
 from ..cli_args import existing_dir, finite_float, nonnegative_int, output_dir, positive_int, torch_device
 from . import activation_stats, harness, hooks, report
+from .progress import RunProgress
 
 # CPU counts chosen from costs measured on this project's (shared, 2-core) CPU machine with the reference
 # DiT (patch 4, 64 tokens; 25 DDIM steps, CFG), 2 threads: sampling ~0.42 s/image in fp32 and ~0.71 s/image
@@ -296,7 +297,28 @@ def _run(args: argparse.Namespace) -> list[dict]:
         guidance = args.guidance if args.guidance is not None else def_guidance
         model_desc = "the shipped reference DiT (dtq_kernels.models.reference_dit, Fashion-MNIST 32×32)"
     fp = fp.to(args.device).eval()
-    models, descriptions = {"fp": fp}, {"fp": "the floating-point (fp32) model"}
+    descriptions = {"fp": "the floating-point (fp32) model"}
+    common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
+                  cls_ref_n=args.cls_ref_n, device=args.device)
+    digest = weights_digest(fp)
+    # with --out-dir every finished model is saved at once: the same command resumes an interrupted run
+    progress = (RunProgress(os.path.join(args.out_dir, "quality.progress.pt"), reference="fp",
+                            key=dict(n_samples=n, seed=args.seed, steps=steps, guidance=guidance,
+                                     batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
+                                     cls_ref_n=args.cls_ref_n, sqnr_samples=args.sqnr_samples,
+                                     fp_weights_sha256=digest, device=str(args.device)))
+                if args.out_dir else None)
+    done = dict(progress.results) if progress else {}
+    descriptions.update(progress.descriptions if progress else {})
+
+    def evaluate_one(name: str, model: torch.nn.Module, description: str) -> None:
+        """Sample and score one model beside FP (FP first, once), recording it in the progress file."""
+        descriptions[name] = description
+        record = (lambda n_, r: progress.add_result(n_, r, descriptions[n_])) if progress else None
+        ev = harness.evaluate({"fp": fp, name: model}, n, args.seed, steps, guidance,
+                              sqnr_samples=args.sqnr_samples, done=done, on_result=record, **common)
+        done.update({m: harness.ModelResult(r, ev.images[m], ev.sqnr.get(m, {}), ev.kept_fp.get(m, []))
+                     for m, r in zip(ev.images, ev.rows)})
 
     wanted = []
     if args.recipes:
@@ -304,24 +326,35 @@ def _run(args: argparse.Namespace) -> list[dict]:
         available = available_recipes(dtq)
         wanted = ([r for r in available if not (args.no_ablations and r in ABLATIONS)] if args.recipes == "all"
                   else args.recipes.split(","))
-        for name in wanted:
-            t0 = time.time()
-            models[name], notes = build_quantized(dtq, fp, name, sample_fn, steps, guidance)
-            descriptions[name] = available[name] + "".join(f" **Note: {m}.**" for m in notes)
-            print(f"calibrated and quantized {name} in {time.time() - t0:.0f} s", flush=True)
+    if "fp" not in done:
+        evaluate_one("fp", fp, descriptions["fp"])
+    for name in wanted:
+        if name in done:
+            continue
+        t0 = time.time()
+        model, notes = build_quantized(dtq, fp, name, sample_fn, steps, guidance)
+        print(f"calibrated and quantized {name} in {time.time() - t0:.0f} s", flush=True)
+        evaluate_one(name, model, available[name] + "".join(f" **Note: {m}.**" for m in notes))
+        del model
     for name, path in args.quantized:
+        if name in done:
+            continue
         dtq = _dtq_api()
-        models[name] = copy.deepcopy(fp)
-        dtq.load_quantized(models[name], path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
-        descriptions[name] = f"checkpoint {path}"
-
-    common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
-                  cls_ref_n=args.cls_ref_n, device=args.device)
-    ev = harness.evaluate(models, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples, **common)
-    ev.config["fp_weights_sha256"] = weights_digest(fp)
+        model = copy.deepcopy(fp)
+        dtq.load_quantized(model, path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
+        evaluate_one(name, model, f"checkpoint {path}")
+    names = ["fp"] + wanted + [name for name, _ in args.quantized]
+    ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
+                          done={m: done[m] for m in names}, **common)  # assembles; samples nothing new
+    ev.config["fp_weights_sha256"] = digest
     if args.out_dir:
-        noise = [harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0, **common).rows[0]
-                 for k in range(1, NOISE_SEEDS + 1)]
+        noise = []
+        for k in range(1, NOISE_SEEDS + 1):
+            if k not in progress.noise:
+                row = harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0,
+                                       **common).rows[0]
+                progress.add_noise(k, row)
+            noise.append(progress.noise[k])
         k = max(args.sqnr_samples, 1)
         with hooks.record_calls(fp) as calls:
             harness.generate(fp, k, args.seed, steps, guidance, k, sample_fn)
@@ -336,6 +369,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 "torch": torch.__version__, "model": model_desc, "descriptions": descriptions,
                 "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(time.time() - t_start)}
         report.write(args.out_dir, ev, descriptions=descriptions, noise_rows=noise, act_stats=stats, meta=meta)
+        progress.discard()
         print(f"wrote {args.out_dir}/quality.md ({time.time() - t_start:.0f} s)", flush=True)
     print_table(ev.rows, fp16_bytes_of(fp))
     return ev.rows

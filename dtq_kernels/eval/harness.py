@@ -167,22 +167,43 @@ class Evaluation:
     kept_fp: dict[str, list[str]] = field(default_factory=dict)  # model -> Linear layers it left in float
 
 
+@dataclass
+class ModelResult:
+    """One model's complete part of an evaluation, handed to `on_result` as soon as it is scored and taken
+    back through `done` by a resumed run, which then does not sample that model again."""
+    row: dict
+    images: torch.Tensor
+    sqnr: dict[str, list[float]] = field(default_factory=dict)  # layer -> dB per recorded call
+    kept_fp: list[str] = field(default_factory=list)
+
+
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
              reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
              fid: bool = True, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
              device: str | torch.device = "cpu", log: Callable[[str], None] = print,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, done: dict[str, ModelResult] | None = None,
+             on_result: Callable[[str, ModelResult], None] | None = None) -> Evaluation:
     """Compare `models` (name -> transformer) on identical noise/labels; `reference` (default: the
     first entry) is the FP model PSNR/SSIM/SQNR are measured against. fid_ref_n / cls_ref_n: test
     images (class-balanced subset) for the FID / classifier-feature reference statistics (default:
-    all 10,000)."""
-    if not models:
+    all 10,000).
+
+    Resuming: `done` holds results of an interrupted evaluation with the same arguments; those models
+    are taken as they are (they need not be in `models`), the others are sampled and scored one by one,
+    each handed to on_result(name, result) when complete. The reference model itself must be in
+    `models` when sqnr_samples > 0 (its recorded calls are replayed through every model)."""
+    done = dict(done or {})
+    names = list(dict.fromkeys([*models, *done]))
+    if not names:
         raise ValueError("evaluate needs at least one model")
     if n_samples < 2 or steps < 1:
         raise ValueError(f"n_samples must be >= 2 and steps >= 1, got {n_samples}, {steps}")
-    reference = reference or next(iter(models))
-    if reference not in models:
-        raise ValueError(f"reference model {reference!r} is not among {list(models)}")
+    reference = reference or names[0]
+    if reference not in names:
+        raise ValueError(f"reference model {reference!r} is not among {names}")
+    replay = sqnr_samples if len(names) > 1 else 0  # SQNR compares models with the reference
+    if replay > 0 and reference not in models:
+        raise ValueError(f"the reference model {reference!r} must be passed in `models` for the SQNR replay")
     sample_fn = sample_fn or default_sample_fn()
     fid_ref_n = fid_ref_n or 10_000
     from .classifier import load_classifier, predict
@@ -191,54 +212,61 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     x_test, y_test = fmnist.load("test")
     cls_ref = feature_stats(predict(classifier, x_test[fmnist.balanced_subset(y_test, cls_ref_n)])[1])
     extractor = fid_ref = None
-    if fid:
+    if fid and any(name not in done for name in names):
         from .inception import InceptionFeatures
 
         extractor = InceptionFeatures(device)
         t0 = time.time()
         fid_ref = inception_reference(extractor, fid_ref_n)
         log(f"FID reference: {fid_ref_n} test images ({time.time() - t0:.0f} s)")
+    calls = []
+    if replay > 0:
+        with hooks.record_calls(models[reference]) as calls:
+            generate(models[reference], replay, seed, steps, guidance, replay, sample_fn)
     labels = balanced_labels(n_samples)
-    order = [reference] + [m for m in models if m != reference]
-    images, rows = {}, []
-    for name in order:
+    results: dict[str, ModelResult] = {}
+    for name in [reference] + [m for m in names if m != reference]:
+        if name in done:
+            results[name] = done[name]
+            log(f"{name}: taken from the interrupted run")
+            continue
         t0 = time.time()
-        images[name] = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn,
-                                progress=f"sampling {name}" if progress else None)
+        images = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn,
+                          progress=f"sampling {name}" if progress else None)
         t_sample = time.time() - t0
-        q8 = fmnist.quantize_8bit(images[name])
+        q8 = fmnist.quantize_8bit(images)
         preds, feats = predict(classifier, q8)
+        ref_images = images if name == reference else results[reference].images
         row = {"model": name, "n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
                "class_acc": (preds == labels).float().mean().item(),
                "cls_fd": frechet_distance(*feature_stats(feats), *cls_ref),
-               "psnr_vs_ref": psnr(images[name], images[reference]).mean().item(),
-               "ssim_vs_ref": ssim(images[name], images[reference]).mean().item(),
+               "psnr_vs_ref": psnr(images, ref_images).mean().item(),
+               "ssim_vs_ref": ssim(images, ref_images).mean().item(),
                "weight_bytes": weight_bytes(models[name]), "sample_s": t_sample}
         if fid:
             t1 = time.time()
             row.update(fid=fid_from_features(extractor(q8), fid_ref), fid_n=n_samples,
                        fid_ref_n=fid_ref_n, fid_s=time.time() - t1)
-        rows.append(row)
-        log(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in row.items() if k != "model"))
-    result = Evaluation(rows=rows, images=images, labels=labels,
-                        config={"n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
-                                "batch_size": batch_size, "fid": fid, "fid_ref_n": fid_ref_n if fid else None,
-                                "cls_ref_n": cls_ref_n,
-                                "sqnr_samples": sqnr_samples, "reference": reference})
-    if sqnr_samples > 0 and len(models) > 1:
-        with hooks.record_calls(models[reference]) as calls:
-            generate(models[reference], sqnr_samples, seed, steps, guidance, sqnr_samples, sample_fn)
-        others = {m: models[m] for m in order[1:]}
-        result.sqnr = sqnr_across_timesteps(models[reference], others, calls)
-        result.sqnr_timesteps = [c.timestep for c in calls]
-        for row in rows[1:]:
-            kept = kept_fp_layers(models[row["model"]], list(result.sqnr[row["model"]]))
-            result.kept_fp[row["model"]] = kept
+        result = ModelResult(row, images)
+        if replay > 0 and name != reference:
+            result.sqnr = sqnr_across_timesteps(models[reference], {name: models[name]}, calls)[name]
+            result.kept_fp = kept_fp_layers(models[name], list(result.sqnr))
             # a layer kept in floating point only carries the error of the quantized layers before it:
             # the row's SQNR summary is over the layers the recipe quantized
-            per_layer = {n: v for n, v in result.sqnr[row["model"]].items() if n not in kept}
+            per_layer = {n: v for n, v in result.sqnr.items() if n not in result.kept_fp}
             worst = min(per_layer, key=lambda n: _finite_stats(per_layer[n])[0]) if per_layer else None
             lo, med = _finite_stats([v for vs in per_layer.values() for v in vs])
             row.update(sqnr_min_db=lo, sqnr_median_db=med, sqnr_worst_layer=worst)
-    return result
+        results[name] = result
+        if on_result is not None:
+            on_result(name, result)
+        log(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if k != "model"))
+    order = [reference] + [m for m in names if m != reference]
+    return Evaluation(rows=[results[m].row for m in order], images={m: results[m].images for m in order},
+                      labels=labels, sqnr={m: results[m].sqnr for m in order[1:] if results[m].sqnr},
+                      sqnr_timesteps=[c.timestep for c in calls],
+                      kept_fp={m: results[m].kept_fp for m in order[1:] if results[m].sqnr},
+                      config={"n_samples": n_samples, "seed": seed, "steps": steps, "guidance": guidance,
+                              "batch_size": batch_size, "fid": fid, "fid_ref_n": fid_ref_n if fid else None,
+                              "cls_ref_n": cls_ref_n, "sqnr_samples": sqnr_samples, "reference": reference})
