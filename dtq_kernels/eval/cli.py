@@ -367,7 +367,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 "device": (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
                            else f"CPU, {args.threads} thread(s)"),
                 "torch": torch.__version__, "model": model_desc, "descriptions": descriptions,
-                "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(time.time() - t_start)}
+                "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(progress.wall_s())}
         report.write(args.out_dir, ev, descriptions=descriptions, noise_rows=noise, act_stats=stats, meta=meta)
         progress.discard()
         print(f"wrote {args.out_dir}/quality.md ({time.time() - t_start:.0f} s)", flush=True)

@@ -12,6 +12,7 @@ measured against them); every other model keeps the images its report grid shows
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -28,6 +29,7 @@ class RunProgress:
         self.results: dict[str, ModelResult] = {}
         self.descriptions: dict[str, str] = {}
         self.noise: dict[int, dict] = {}
+        self.started, self.earlier_s = time.time(), 0.0  # wall time of the sessions before this one
         if not os.path.isfile(path):
             return
         try:
@@ -44,6 +46,7 @@ class RunProgress:
         self.results = {name: ModelResult(**r) for name, r in saved["results"].items()}
         self.descriptions = saved["descriptions"]
         self.noise = {int(k): row for k, row in saved["noise"].items()}
+        self.earlier_s = float(saved.get("wall_s", 0.0))
         log(f"{path}: resuming with {len(self.results)} model(s) and {len(self.noise)} noise-floor row(s) done")
 
     def add_result(self, name: str, result: ModelResult, description: str) -> None:
@@ -56,13 +59,17 @@ class RunProgress:
         self.noise[k] = row
         self._save()
 
+    def wall_s(self) -> float:
+        """Seconds of work in this run so far, over every session that contributed (up to its last save)."""
+        return self.earlier_s + time.time() - self.started
+
     def discard(self) -> None:
         """The report now holds everything: the progress file has served its purpose."""
         if os.path.isfile(self.path):
             os.remove(self.path)
 
     def _save(self) -> None:
-        data = {"key": self.key, "descriptions": self.descriptions, "noise": self.noise,
+        data = {"key": self.key, "descriptions": self.descriptions, "noise": self.noise, "wall_s": self.wall_s(),
                 "results": {name: {"row": r.row, "images": r.images, "sqnr": r.sqnr, "kept_fp": r.kept_fp}
                             for name, r in self.results.items()}}
         with replaced_atomically(self.path) as tmp:
