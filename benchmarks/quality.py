@@ -5,6 +5,11 @@ reference DiT -> benchmarks/results/quality.{md,json} and benchmarks/results/qua
     python benchmarks/quality.py --recipes tqdit-w6a6     # add or refresh rows, keep the others
     python benchmarks/quality.py --tiny                   # dry run: tiny random DiT, to /tmp
 
+    # N = 1000 on a 2-core CPU: one single-thread shard per core, then the report (each step resumes)
+    python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --threads 1 --shard 0/2 &
+    python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --threads 1 --shard 1/2; wait
+    python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --threads 1
+
 Same pipeline and arguments as `dtq eval` (dtq_kernels/eval/cli.py); only the defaults differ:
 every recipe, results written under benchmarks/results.
 """

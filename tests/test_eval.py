@@ -3,6 +3,7 @@ end to end on a tiny random DiT (8 samples, 2 steps)."""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -259,6 +260,23 @@ def test_interrupted_quality_run_resumes_without_sampling_finished_models(tmp_pa
     for name, row in whole.items():  # same seeds, same models: the same numbers as one uninterrupted run
         for key in ("class_acc", "cls_fd", "psnr_vs_ref", "sqnr_median_db"):
             assert rows[name].get(key) == pytest.approx(row.get(key)), (name, key)
+
+    # shards: each process takes every other recipe and noise seed; the unsharded command assembles them
+    shards = tmp_path / "shards"
+    for i in range(2):
+        monkeypatch.setattr(sys, "argv", ["quality.py"] + argv + ["--out-dir", str(shards), "--shard", f"{i}/2"])
+        part = {r["model"] for r in cli_eval(p.parse_args(sys.argv[1:]))}
+        assert part == {"fp", ("rtn-w8a8", "viditq-w8a8")[i]}
+    assert not (shards / "quality.md").exists()  # shards write no report
+    sampled.clear()
+    monkeypatch.setattr(sys, "argv", ["quality.py"] + argv + ["--out-dir", str(shards)])
+    rows = {r["model"]: r for r in cli_eval(p.parse_args(sys.argv[1:]))}
+    assert sampled.count(8) == 0 and not list(shards.glob("quality.progress*"))
+    for name, row in whole.items():
+        for key in ("class_acc", "cls_fd", "psnr_vs_ref", "sqnr_median_db"):
+            assert rows[name].get(key) == pytest.approx(row.get(key)), (name, key)
+    md = (shards / "quality.md").read_text()
+    assert "--shard 0/2" in md and "--shard 1/2" in md and "Noise floor" in md
 
 
 def test_noise_floor_is_the_largest_seed_to_seed_difference_with_mean_and_spread():

@@ -75,7 +75,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     p.add_argument("--out-dir", type=output_dir, default=None, help="write quality.md/.json and sample grids here")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="with --out-dir: evaluate only every N-th recipe (and noise-floor seed) starting at I, into "
+                        "a progress file of its own, and write no report; N such processes of one thread each use "
+                        "N cores better than one process of N threads. The same command without --shard then "
+                        "collects every shard's results and writes the report")
     p.add_argument("--tiny", action="store_true", help="tiny random DiT, 8 samples, 2 steps (dry run)")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type of --shard: 'I/N' with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _recipe_list(text: str) -> str:
@@ -301,8 +317,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
     common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
                   cls_ref_n=args.cls_ref_n, device=args.device)
     digest = weights_digest(fp)
+    if args.shard and not args.out_dir:
+        raise SystemExit("dtq eval: --shard needs --out-dir (the shards meet in its progress files)")
     # with --out-dir every finished model is saved at once: the same command resumes an interrupted run
-    progress = (RunProgress(os.path.join(args.out_dir, "quality.progress.pt"), reference="fp",
+    progress = (RunProgress(str(args.out_dir), shard=args.shard, reference="fp",
                             key=dict(n_samples=n, seed=args.seed, steps=steps, guidance=guidance,
                                      batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
                                      cls_ref_n=args.cls_ref_n, sqnr_samples=args.sqnr_samples,
@@ -326,6 +344,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
         available = available_recipes(dtq)
         wanted = ([r for r in available if not (args.no_ablations and r in ABLATIONS)] if args.recipes == "all"
                   else args.recipes.split(","))
+    noise_seeds = list(range(1, NOISE_SEEDS + 1))
+    if args.shard:  # this shard's share; FP is every shard's (PSNR and SQNR are measured against it)
+        i, n_shards = args.shard
+        wanted, noise_seeds = wanted[i::n_shards], noise_seeds[i::n_shards]
     if "fp" not in done:
         evaluate_one("fp", fp, descriptions["fp"])
     for name in wanted:
@@ -343,18 +365,21 @@ def _run(args: argparse.Namespace) -> list[dict]:
         model = copy.deepcopy(fp)
         dtq.load_quantized(model, path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
         evaluate_one(name, model, f"checkpoint {path}")
-    names = ["fp"] + wanted + [name for name, _ in args.quantized]
-    ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
-                          done={m: done[m] for m in names}, **common)  # assembles; samples nothing new
-    ev.config["fp_weights_sha256"] = digest
     if args.out_dir:
-        noise = []
-        for k in range(1, NOISE_SEEDS + 1):
+        for k in noise_seeds:
             if k not in progress.noise:
                 row = harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0,
                                        **common).rows[0]
                 progress.add_noise(k, row)
-            noise.append(progress.noise[k])
+    names = ["fp"] + wanted + [name for name, _ in args.quantized]
+    ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
+                          done={m: done[m] for m in names}, **common)  # assembles; samples nothing new
+    ev.config["fp_weights_sha256"] = digest
+    if args.shard:
+        print(f"shard {args.shard[0]}/{args.shard[1]} done ({', '.join(names)}); when every shard is, the same "
+              "command without --shard writes the report", flush=True)
+    elif args.out_dir:
+        noise = [progress.noise[k] for k in noise_seeds]
         k = max(args.sqnr_samples, 1)
         with hooks.record_calls(fp) as calls:
             harness.generate(fp, k, args.seed, steps, guidance, k, sample_fn)
@@ -362,7 +387,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         os.makedirs(args.out_dir, exist_ok=True)
         if args.recipes and args.recipes != "all":
             merge_previous(os.path.join(args.out_dir, "quality.json"), ev, descriptions)
-        meta = {"command": " ".join(["python"] + sys.argv),
+        meta = {"command": " ".join(["python"] + sys.argv), "commands": progress.commands,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "device": (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
                            else f"CPU, {args.threads} thread(s)"),

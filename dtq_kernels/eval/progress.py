@@ -1,7 +1,8 @@
 """The progress file of a quality run (`dtq eval --out-dir DIR` writes DIR/quality.progress.pt): every model's
 result and every noise-floor row, saved the moment it is complete, so that an interrupted run, started
 again with the same command, samples only what is missing. On a 2-core CPU the whole table at
-N = 1000 takes hours; this is what lets it span sessions.
+N = 1000 takes hours; this is what lets it span sessions, and shards (`--shard I/N`, one process per core)
+share the work: each writes its own file, and the unsharded run takes them all.
 
 A result is reused only by a run with the same key: the evaluation settings and the FP weights' digest
 (the recipes' code is not in the key: delete the file after changing a recipe). The file is written
@@ -11,7 +12,9 @@ measured against them); every other model keeps the images its report grid shows
 """
 from __future__ import annotations
 
+import glob
 import os
+import sys
 import time
 
 import torch
@@ -21,33 +24,50 @@ from .harness import ModelResult
 from .report import GRID_ROWS
 
 GRID_IMAGES = GRID_ROWS * 10
+SHARD_GLOB = "quality.progress.shard*of*.pt"
 
 
 class RunProgress:
-    def __init__(self, path: str, key: dict, reference: str, log=print):
-        self.path, self.key, self.reference = path, key, reference
+    """The progress of one quality run in `out_dir`: quality.progress.pt, or with shard=(I, N)
+    quality.progress.shard<I>of<N>.pt. The unsharded run also takes every shard file's results (same key),
+    and discard() removes them all once its report is written."""
+
+    def __init__(self, out_dir: str, key: dict, reference: str, shard: tuple[int, int] | None = None, log=print):
+        name = "quality.progress.pt" if shard is None else f"quality.progress.shard{shard[0]}of{shard[1]}.pt"
+        self.path, self.key, self.reference, self.log = os.path.join(out_dir, name), key, reference, log
         self.results: dict[str, ModelResult] = {}
         self.descriptions: dict[str, str] = {}
         self.noise: dict[int, dict] = {}
-        self.started, self.earlier_s = time.time(), 0.0  # wall time of the sessions before this one
-        if not os.path.isfile(path):
-            return
+        self.commands: list[str] = []  # the command lines that contributed, shards first
+        self.started, self.earlier_s = time.time(), 0.0  # wall time of the sessions (and shards) before this
+        self.merged: list[str] = []
+        paths = [self.path] if shard is not None else sorted(glob.glob(os.path.join(out_dir, SHARD_GLOB))) + [self.path]
+        for path in paths:
+            if os.path.isfile(path) and self._take(path):
+                self.merged.append(path)
+        command = " ".join(["python"] + sys.argv)
+        if command not in self.commands:
+            self.commands.append(command)
+
+    def _take(self, path: str) -> bool:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             saved_key = saved["key"]
         except Exception as e:
             raise RuntimeError(f"{path} is not a readable progress file of a quality run ({e}); "
                                "delete it to start the run afresh") from None
-        if saved_key != key:
-            changed = sorted(k for k in set(key) | set(saved_key) if key.get(k) != saved_key.get(k))
-            log(f"{path} belongs to a run with other settings ({', '.join(changed)}): starting afresh, "
-                "it is replaced at the first result")
-            return
-        self.results = {name: ModelResult(**r) for name, r in saved["results"].items()}
-        self.descriptions = saved["descriptions"]
-        self.noise = {int(k): row for k, row in saved["noise"].items()}
-        self.earlier_s = float(saved.get("wall_s", 0.0))
-        log(f"{path}: resuming with {len(self.results)} model(s) and {len(self.noise)} noise-floor row(s) done")
+        if saved_key != self.key:
+            changed = sorted(k for k in set(self.key) | set(saved_key) if self.key.get(k) != saved_key.get(k))
+            self.log(f"{path} belongs to a run with other settings ({', '.join(changed)}): not used"
+                     + (", replaced at the first result" if path == self.path else ""))
+            return False
+        self.results.update({name: ModelResult(**r) for name, r in saved["results"].items()})
+        self.descriptions.update(saved["descriptions"])
+        self.noise.update({int(k): row for k, row in saved["noise"].items()})
+        self.earlier_s += float(saved["wall_s"])
+        self.commands += [c for c in saved["commands"] if c not in self.commands]
+        self.log(f"{path}: {len(saved['results'])} model(s) and {len(saved['noise'])} noise-floor row(s) done")
+        return True
 
     def add_result(self, name: str, result: ModelResult, description: str) -> None:
         images = result.images if name == self.reference else result.images[:GRID_IMAGES]
@@ -60,17 +80,24 @@ class RunProgress:
         self._save()
 
     def wall_s(self) -> float:
-        """Seconds of work in this run so far, over every session that contributed (up to its last save)."""
+        """Seconds of work in this run so far, over every session and shard that contributed (up to its last
+        save)."""
         return self.earlier_s + time.time() - self.started
 
     def discard(self) -> None:
-        """The report now holds everything: the progress file has served its purpose."""
-        if os.path.isfile(self.path):
-            os.remove(self.path)
+        """The report now holds everything: the progress files have served their purpose."""
+        for path in {self.path, *self.merged}:
+            if os.path.isfile(path):
+                os.remove(path)
 
     def _save(self) -> None:
         data = {"key": self.key, "descriptions": self.descriptions, "noise": self.noise, "wall_s": self.wall_s(),
+                "commands": self.commands,
                 "results": {name: {"row": r.row, "images": r.images, "sqnr": r.sqnr, "kept_fp": r.kept_fp}
                             for name, r in self.results.items()}}
         with replaced_atomically(self.path) as tmp:
             torch.save(data, tmp)
+        for path in [p for p in self.merged if p != self.path]:  # now held by this file: never counted twice
+            if os.path.isfile(path):
+                os.remove(path)
+        self.merged = [self.path]
