@@ -98,6 +98,8 @@ def test_scheduler_matches_training_schedule():
     s = ref.reference_scheduler()
     assert s.config.num_train_timesteps == 1000 and s.config.prediction_type == "epsilon"
     assert torch.allclose(s.alphas_cumprod.float(), ddpm_alphas_cumprod(), atol=1e-6)
+    s.set_timesteps(25)  # trailing: the first step starts at the last training timestep
+    assert s.timesteps[0] == 999 and s.timesteps[-1] == 39 and len(s.timesteps) == 25
 
 
 @pytest.mark.skipif(not HAS_DATA, reason="needs the Debian package dataset-fashion-mnist")

@@ -30,18 +30,18 @@ from ..cli_args import existing_dir, finite_float, nonnegative_int, output_dir, 
 from . import activation_stats, harness, hooks, report
 from .progress import RunProgress
 
-# CPU counts chosen from costs measured on this project's (shared, 2-core) CPU machine with the reference
-# DiT (patch 4, 64 tokens; 25 DDIM steps, CFG), 2 threads: sampling ~0.42 s/image in fp32 and ~0.71 s/image
-# quantized (ViDiT-Q W8A8 on the dtq ops' reference backend); Inception-v3 ~0.15 s/image. Calibration on
-# one thread: about 1 min (rtn, smoothquant) to 4-5 min (ptq4dit, dilatequant, hqdit, tqdit's grid search).
-# At 100 samples per model a row costs about a minute of sampling; N = 1000 about 12 minutes per quantized
-# row. FID at N=100 is strongly biased upward: compare it only between rows of one run. A GPU run uses
-# GPU_SAMPLES and all 10,000 test images.
+# CPU counts chosen from costs measured on this project's 2-core CPU machine with the reference DiT (patch 4,
+# 64 tokens; 25 DDIM steps, guidance 1.15), one thread beside another job: sampling ~0.43 s/image in fp32,
+# quantized 1.4x that (ViDiT-Q W8A8) to 9x (HQ-DiT W4A4) on the dtq ops' reference backend (the quality
+# table's sampling column has every model's), two threads alone ~0.25 s/image (1.7x); Inception-v3 ~0.17
+# s/image (0.15 on two threads: one process per core, --shard, uses the machine better). N = 1000 for every recipe is hours of CPU (resumable); FID at
+# N = 100 is strongly biased upward: compare it only between rows of one run. A GPU run uses GPU_SAMPLES and
+# all 10,000 test images.
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
 CPU_COST_NOTE = ("two CPU threads of a 2-core machine; each model's sampling cost per image is in the table "
-                 "(reference ops on the CPU; guidance 1.25 runs two transformer passes per step); Inception "
+                 "(reference ops on the CPU; guidance > 1 runs two transformer passes per step); Inception "
                  "~0.15 s/image; calibration 12 s (rtn) to 108 s (tqdit-w6a6), measured 2026-12-04")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="with --out-dir: evaluate only every N-th recipe (and noise-floor seed) starting at I, into "
                         "a progress file of its own, and write no report; N such processes of one thread each use "
-                        "N cores better than one process of N threads. The same command without --shard then "
-                        "collects every shard's results and writes the report")
+                        "N cores better than one process of N threads (Inception scales poorly with threads). The "
+                        "same command without --shard then collects every shard's results and writes the report")
     p.add_argument("--tiny", action="store_true", help="tiny random DiT, 8 samples, 2 steps (dry run)")
 
 

@@ -14,8 +14,9 @@ NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # diffusers' LabelEmbedding keeps index num_classes for the CFG null label
 NUM_TRAIN_TIMESTEPS = 1000
 # The classifier-free guidance scale the model is evaluated at (MODEL_CARD.md, Quality: measured against 1.0-5.0;
-# in pixel space stronger guidance saturates the samples and the classifier stops recognizing them).
-DEFAULT_GUIDANCE = 1.25
+# in pixel space stronger guidance saturates the samples and the classifier stops recognizing them; 1.15 is
+# where run 5 meets both targets, 86.9 % class accuracy and FID 33.1 at 1 000 samples, vs 88.5 % / 35.2 at 1.25).
+DEFAULT_GUIDANCE = 1.15
 
 
 def reference_config(patch_size: int = 4, num_layers: int = 6, heads: int = 4, head_dim: int = 64) -> dict:
@@ -45,11 +46,15 @@ def load_reference_dit(weights_dir: Path | str = WEIGHTS_DIR, dtype: torch.dtype
 
 
 def reference_scheduler():
-    """The DDIM scheduler matching training: linear betas 1e-4..0.02 over 1000 steps."""
+    """The DDIM scheduler matching training: linear betas 1e-4..0.02 over 1000 steps. Timesteps "trailing"
+    (25 steps: 999, 959, ..., 39): sampling starts at the last training timestep, where the model learned
+    to denoise pure noise, instead of diffusers' default "leading" 960 (Lin et al. 2024, "Common diffusion
+    noise schedules and sample steps are flawed"). Measured on 1 000 samples vs the 10 000 test images:
+    FID 36.5 -> 35.8 with the same weights (the model card)."""
     from diffusers import DDIMScheduler
     return DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4, beta_end=0.02,
                          beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
-                         prediction_type="epsilon")
+                         prediction_type="epsilon", timestep_spacing="trailing")
 
 
 @torch.no_grad()
