@@ -29,7 +29,10 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 DIT_L_2 = dict(DIT_XL_2, attention_head_dim=64, num_layers=24)
 MODEL_CONFIG = DIT_L_2
-MAX_GROWTH = 1.3  # × the checkpoint's bytes
+# × the checkpoint's bytes (the fp32 model would be 2.83×). Measured 1.21–1.27× on the idle 2-core machine and
+# 1.34× once while two other CPU-bound jobs ran beside the test (allocator timing): the bound proves "about the
+# checkpoint", with room for that spread
+MAX_GROWTH = 1.4
 
 MEASURE = r"""
 import json, os, re, sys

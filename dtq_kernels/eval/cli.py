@@ -40,9 +40,9 @@ from .progress import RunProgress
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
-CPU_COST_NOTE = ("two CPU threads of a 2-core machine; each model's sampling cost per image is in the table "
-                 "(reference ops on the CPU; guidance > 1 runs two transformer passes per step); Inception "
-                 "~0.15 s/image; calibration 12 s (rtn) to 108 s (tqdit-w6a6), measured 2026-12-04")
+CPU_COST_NOTE = ("CPU; each model's sampling cost per image is in the table (reference ops; guidance > 1 runs two "
+                 "transformer passes per step); Inception ~0.15-0.17 s/image; calibration 17 s (rtn) to 175 s "
+                 "(tqdit-w6a6-nomrq) per recipe on one thread, measured 2026-12-04")
 CALIB_SAMPLES = 32
 CALIB_BATCH = 16
 CALIB_SEED = 10_000      # calibration noise seeds: disjoint from the evaluation seeds
