@@ -157,6 +157,12 @@ def _safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.float() / torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+def _zero_where_scale_is_zero(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q with code 0 wherever its (broadcast) scale is 0; a pass over q only when some scale is."""
+    zero_scale = torch.as_tensor(scale).float() == 0
+    return torch.where(zero_scale, torch.zeros_like(q), q) if zero_scale.any() else q
+
+
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, bits: int,
                  zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """Codes q = clamp(round_half_even(x / scale) + z, qmin, qmax) as int8. `scale` broadcasts against x.
@@ -164,10 +170,7 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, bits: int,
     Symmetric when zero_point is None (codes in ±qmax), else asymmetric (codes in [-qmax-1, qmax]).
     """
     qmin, qmax = int_qrange(bits, symmetric=zero_point is None)
-    q = torch.round(_safe_div(x, scale))  # torch.round rounds half to even
-    zero_scale = torch.as_tensor(scale).float() == 0
-    if zero_scale.any():  # (a pass over q only where some scale is 0)
-        q = torch.where(zero_scale, torch.zeros_like(q), q)
+    q = _zero_where_scale_is_zero(torch.round(_safe_div(x, scale)), scale)  # torch.round: half to even
     if zero_point is not None:
         q = q + zero_point.float()
     return q.clamp(qmin, qmax).to(torch.int8)
@@ -244,9 +247,7 @@ def quantize_fp4(x: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> tor
     xs = _safe_div(x, scale)
     idx = _round_to_grid(xs.abs(), grid)
     sign = ((xs < 0) & (idx > 0)).to(torch.uint8)  # canonical zero: no -0 code
-    code = idx | (sign << 3)
-    zero_scale = torch.as_tensor(scale).float() == 0
-    return torch.where(zero_scale, torch.zeros_like(code), code) if zero_scale.any() else code
+    return _zero_where_scale_is_zero(idx | (sign << 3), scale)
 
 
 def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Format) -> torch.Tensor:

@@ -34,9 +34,9 @@ from .progress import RunProgress
 # 64 tokens; 25 DDIM steps, guidance 1.15), one thread beside another job: sampling ~0.43 s/image in fp32,
 # quantized 1.4x that (ViDiT-Q W8A8) to 9x (HQ-DiT W4A4) on the dtq ops' reference backend (the quality
 # table's sampling column has every model's), two threads alone ~0.25 s/image (1.7x); Inception-v3 ~0.17
-# s/image (0.15 on two threads: one process per core, --shard, uses the machine better). N = 1000 for every recipe is hours of CPU (resumable); FID at
-# N = 100 is strongly biased upward: compare it only between rows of one run. A GPU run uses GPU_SAMPLES and
-# all 10,000 test images.
+# s/image (0.15 on two threads: one process per core, --shard, uses the machine better). N = 1000 for every
+# recipe is hours of CPU (resumable); FID at N = 100 is strongly biased upward: compare it only between rows
+# of one run. A GPU run uses GPU_SAMPLES and all 10,000 test images.
 CPU_SAMPLES = 100
 CPU_FID_REF = 1000
 GPU_SAMPLES = 5000
@@ -332,11 +332,14 @@ def _run(args: argparse.Namespace) -> list[dict]:
     def evaluate_one(name: str, model: torch.nn.Module, description: str) -> None:
         """Sample and score one model beside FP (FP first, once), recording it in the progress file."""
         descriptions[name] = description
-        record = (lambda n_, r: progress.add_result(n_, r, descriptions[n_])) if progress else None
-        ev = harness.evaluate({"fp": fp, name: model}, n, args.seed, steps, guidance,
-                              sqnr_samples=args.sqnr_samples, done=done, on_result=record, **common)
-        done.update({m: harness.ModelResult(r, ev.images[m], ev.sqnr.get(m, {}), ev.kept_fp.get(m, []))
-                     for m, r in zip(ev.images, ev.rows)})
+
+        def record(name_: str, result: harness.ModelResult) -> None:
+            done[name_] = result
+            if progress:
+                progress.add_result(name_, result, descriptions[name_])
+
+        harness.evaluate({"fp": fp, name: model}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
+                         done=done, on_result=record, **common)
 
     wanted = []
     if args.recipes:

@@ -17,6 +17,7 @@ Generated images are rounded to 8-bit levels before FID and the classifier, as t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -167,6 +168,17 @@ class Evaluation:
     kept_fp: dict[str, list[str]] = field(default_factory=dict)  # model -> Linear layers it left in float
 
 
+@functools.lru_cache(maxsize=2)
+def _classifier_reference(cls_ref_n: int, device: str):
+    """(shipped classifier, feature statistics of cls_ref_n class-balanced test images): 4 s on the CPU, once
+    per process rather than once per evaluate call (a quality run calls it per recipe)."""
+    from .classifier import load_classifier, predict
+
+    classifier = load_classifier(device)
+    x_test, y_test = fmnist.load("test")
+    return classifier, feature_stats(predict(classifier, x_test[fmnist.balanced_subset(y_test, cls_ref_n)])[1])
+
+
 @dataclass
 class ModelResult:
     """One model's complete part of an evaluation, handed to `on_result` as soon as it is scored and taken
@@ -206,11 +218,9 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
         raise ValueError(f"the reference model {reference!r} must be passed in `models` for the SQNR replay")
     sample_fn = sample_fn or default_sample_fn()
     fid_ref_n = fid_ref_n or 10_000
-    from .classifier import load_classifier, predict
+    from .classifier import predict
 
-    classifier = load_classifier(device)
-    x_test, y_test = fmnist.load("test")
-    cls_ref = feature_stats(predict(classifier, x_test[fmnist.balanced_subset(y_test, cls_ref_n)])[1])
+    classifier, cls_ref = _classifier_reference(cls_ref_n, str(device))
     extractor = fid_ref = None
     if fid and any(name not in done for name in names):
         from .inception import InceptionFeatures

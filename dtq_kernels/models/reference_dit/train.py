@@ -211,18 +211,14 @@ def compact_state(src: Path, dst: Path) -> None:
         for k in ("exp_avg", "exp_avg_sq"):
             slot[k] = slot[k].to(torch.bfloat16)
     st["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in st["ema"].items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp")
-    torch.save(st, tmp)
-    tmp.replace(dst)
+    with replaced_atomically(dst) as tmp:
+        torch.save(st, tmp)
 
 
 def save_state(args, model, ema, opt, step, elapsed, losses) -> None:
-    args.state.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.state.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "elapsed": elapsed, "losses": losses, "size": args.size}, tmp)
-    tmp.replace(args.state)
+    with replaced_atomically(args.state) as tmp:
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "losses": losses, "size": args.size}, tmp)
 
 
 if __name__ == "__main__":
