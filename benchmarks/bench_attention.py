@@ -195,30 +195,31 @@ def main() -> int:
                                             f"{str(dtype).replace('torch.', '')}")
     contenders = providers(device, ARGS.dry_run)
     rows = []
-    for B, S, D in shapes:
-        g = torch.Generator(device=device).manual_seed(S + D)
-        q, k, v = (torch.randn(B, S, heads, D, device=device, generator=g, dtype=dtype) for _ in range(3))
-        ref = F.scaled_dot_product_attention(*(t[:, :ACC_ROWS if i == 0 else None].transpose(1, 2).float()
-                                               for i, t in enumerate((q, k, v)))).transpose(1, 2)
-        shape_rows = []
-        for name, layout, fn in contenders:
-            r = {"B": B, "H": heads, "S": S, "D": D, **measure(name, layout, fn, q, k, v, ref, device, ARGS.rep)}
-            shape_rows.append(r)
-            print(f"B{B} S{S} D{D} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TFLOPs'])} TFLOP/s "
-                  f"cos {common.fmt(r['cos'])} relL2 {common.fmt(r['rel_l2'])} {r['note']}", flush=True)
-        timed = {r["provider"]: r["ms"] for r in shape_rows if r["ms"]}
-        sdpa = [ms for n, ms in timed.items() if n.startswith("torch SDPA")]
-        best_sdpa, sage = (min(sdpa) if sdpa else None), timed.get("SageAttention (Triton)")
-        for r in shape_rows:
-            r["speedup_vs_best_sdpa"] = best_sdpa / r["ms"] if best_sdpa and r["ms"] else None
-            r["speedup_vs_sage"] = sage / r["ms"] if sage and r["ms"] else None
-        rows += shape_rows
-        del q, k, v, ref
+    with common.TimeLimit() as limit:
+        for B, S, D in shapes:
+            g = torch.Generator(device=device).manual_seed(S + D)
+            q, k, v = (torch.randn(B, S, heads, D, device=device, generator=g, dtype=dtype) for _ in range(3))
+            ref = F.scaled_dot_product_attention(*(t[:, :ACC_ROWS if i == 0 else None].transpose(1, 2).float()
+                                                   for i, t in enumerate((q, k, v)))).transpose(1, 2)
+            shape_rows = []
+            for name, layout, fn in contenders:
+                r = {"B": B, "H": heads, "S": S, "D": D, **measure(name, layout, fn, q, k, v, ref, device, ARGS.rep)}
+                shape_rows.append(r)
+                print(f"B{B} S{S} D{D} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TFLOPs'])} TFLOP/s "
+                      f"cos {common.fmt(r['cos'])} relL2 {common.fmt(r['rel_l2'])} {r['note']}", flush=True)
+            timed = {r["provider"]: r["ms"] for r in shape_rows if r["ms"]}
+            sdpa = [ms for n, ms in timed.items() if n.startswith("torch SDPA")]
+            best_sdpa, sage = (min(sdpa) if sdpa else None), timed.get("SageAttention (Triton)")
+            for r in shape_rows:
+                r["speedup_vs_best_sdpa"] = best_sdpa / r["ms"] if best_sdpa and r["ms"] else None
+                r["speedup_vs_sage"] = sage / r["ms"] if sage and r["ms"] else None
+            rows += shape_rows
+            del q, k, v, ref
     sweep_rows = sweep(device, shapes, heads, dtype) if ARGS.sweep and device.type == "cuda" else []
     out = common.results_dir(ARGS.out)
     cols = ["B", "H", "S", "D", "provider", "ms", "TFLOPs", "speedup_vs_best_sdpa", "speedup_vs_sage", "cos",
             "rel_l2", "note"]
-    notes = [f"Accuracy: cosine and relative L2 vs fp32 SDPA over the first {ACC_ROWS} query rows of each shape.",
+    notes = limit.notes + [f"Accuracy: cosine and relative L2 vs fp32 SDPA over the first {ACC_ROWS} query rows of each shape.",
              "TFLOP/s = 4·B·H·S²·D / time (head dim 72 counted as 72 although the dtq kernel computes 96)."]
     paths = common.write_results("bench_attention", header, rows, out, cols, notes=notes)
     if sweep_rows:

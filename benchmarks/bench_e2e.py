@@ -64,7 +64,8 @@ def _extra_args(p):
     p.add_argument("--models", help="comma-separated subset of: " + ", ".join(
         ["dit-xl2-256", "dit-xl2-512", "pixart-sigma-1024", "flux-dev-stack"]))
     p.add_argument("--batches", default="1,2", help="comma-separated batch sizes (default 1,2)")
-    p.add_argument("--only", help="comma-separated substrings: run only contenders whose name contains one")
+    p.add_argument("--only", help="comma-separated substrings: run only contenders whose name contains one "
+                   "(and bf16 eager, the baseline; name \"bf16 + compile\" to keep that one)")
     p.add_argument("--flux-double", type=int, default=2, help="double-stream blocks in the Flux stack")
     p.add_argument("--flux-single", type=int, default=4, help="single-stream blocks in the Flux stack")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-op profile of one block")
@@ -301,7 +302,7 @@ def contenders() -> list[Contender]:
     out.append(Contender("dtq W8A8 fast path, eager", _dtq("W8A8", False)))
     if ARGS.only:
         keep = [s.strip() for s in ARGS.only.split(",") if s.strip()]
-        out = [c for c in out if c.name.startswith("bf16") or any(k in c.name for k in keep)]
+        out = [c for c in out if c.name == "bf16 eager" or any(k in c.name for k in keep)]
     return out
 
 
@@ -455,36 +456,37 @@ def main() -> int:
     for f in floors:
         print("floor:", ", ".join(f"{k}={common.fmt(v)}" for k, v in f.items()), flush=True)
     rows, breakdown = [], []
-    for case in cases:
-        fp = case.build().to(device, dtype)
-        for batch in batches:
-            with torch.no_grad():
-                ref = _output(fp(**case.inputs(fp, batch, device, dtype)))
-            for contender in contenders():
-                r = measure(case, fp, contender, batch, ref, device, dtype, cases[0])
-                rows.append(r)
-                print(", ".join(f"{k}={common.fmt(v)}" for k, v in r.items()), flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            base = next((r.get("ms") for r in rows if r["model"] == case.name and r["batch"] == batch
-                         and r["contender"] == "bf16 + compile" and r.get("ms")), None)
-            base = base or next(r["ms"] for r in rows if r["model"] == case.name and r["batch"] == batch
-                                and r["contender"] == "bf16 eager")
-            for r in rows:
-                if r["model"] == case.name and r["batch"] == batch and r.get("ms"):
-                    r["speedup_vs_bf16_compile"] = base / r["ms"]
-        if not ARGS.no_breakdown and (case is cases[0] or not ARGS.dry_run):
-            for label, make in (("bf16 eager", lambda m: m), ("dtq W8A8 fast path", _dtq("W8A8", False)),
-                                ("dtq W8A8 per-layer path", _dtq("W8A8", False, fuse=False))):
-                breakdown += block_breakdown(case, make(fp), max(batches), device, dtype, label)
-        del fp
+    with common.TimeLimit() as limit:
+        for case in cases:
+            fp = case.build().to(device, dtype)
+            for batch in batches:
+                with torch.no_grad():
+                    ref = _output(fp(**case.inputs(fp, batch, device, dtype)))
+                for contender in contenders():
+                    r = measure(case, fp, contender, batch, ref, device, dtype, cases[0])
+                    rows.append(r)
+                    print(", ".join(f"{k}={common.fmt(v)}" for k, v in r.items()), flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                base = next((r.get("ms") for r in rows if r["model"] == case.name and r["batch"] == batch
+                             and r["contender"] == "bf16 + compile" and r.get("ms")), None)
+                base = base or next(r["ms"] for r in rows if r["model"] == case.name and r["batch"] == batch
+                                    and r["contender"] == "bf16 eager")
+                for r in rows:
+                    if r["model"] == case.name and r["batch"] == batch and r.get("ms"):
+                        r["speedup_vs_bf16_compile"] = base / r["ms"]
+            if not ARGS.no_breakdown and (case is cases[0] or not ARGS.dry_run):
+                for label, make in (("bf16 eager", lambda m: m), ("dtq W8A8 fast path", _dtq("W8A8", False)),
+                                    ("dtq W8A8 per-layer path", _dtq("W8A8", False, fuse=False))):
+                    breakdown += block_breakdown(case, make(fp), max(batches), device, dtype, label)
+            del fp
     header = common.env_header(device, note="random weights, one transformer forward; speedup vs bf16 + "
                                             "torch.compile (vs bf16 eager where compile did not run)")
     out_dir = common.results_dir(ARGS.out)
     cols = ["model", "tokens", "batch", "contender", "ms", "speedup_vs_bf16_compile", "peak_MB", "weights_MB",
             "rel_err_vs_bf16", "backends", "paths", "note"]
     paths = list(common.write_results("bench_e2e", header, rows, out_dir, columns=cols,
-                                      notes=["Floors per block (batch 2, H100 SXM):", "",
+                                      notes=limit.notes + ["Floors per block (batch 2, H100 SXM):", "",
                                              common.to_markdown(floors), ""]))
     if breakdown:
         paths += common.write_results("bench_e2e_block_ops", header, breakdown, out_dir)

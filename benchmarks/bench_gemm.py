@@ -509,23 +509,24 @@ def main() -> int:
     header = common.env_header(device, note="bench_gemm: bf16 outputs, bias included unless noted")
     rows = []
     contenders = providers(device, ARGS.dry_run)
-    for model, M, K, N in shapes:
-        check_correct(device, M, K, N)
-        shape_rows = []
-        for name, fn, make in contenders:
-            r = {"model": model, "M": M, "K": K, "N": N, **measure(name, fn, make, M, K, N, device, ARGS.rep)}
-            shape_rows.append(r)
-            print(f"{model} {M}x{K}x{N} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TOPS'])} TOPS {r['note']}",
-                  flush=True)
-        base = next(r["ms"] for r in shape_rows if r["provider"] == "torch F.linear bf16")
-        scaled = next(r["ms"] for r in shape_rows if r["provider"] == "torch._scaled_mm fp8 rowwise")
-        for r in shape_rows:
-            r["speedup_vs_bf16"] = base / r["ms"] if base and r["ms"] else None
-            r["speedup_vs_scaled_mm"] = scaled / r["ms"] if scaled and r["ms"] else None
-        rows += shape_rows
+    with common.TimeLimit() as limit:
+        for model, M, K, N in shapes:
+            check_correct(device, M, K, N)
+            shape_rows = []
+            for name, fn, make in contenders:
+                r = {"model": model, "M": M, "K": K, "N": N, **measure(name, fn, make, M, K, N, device, ARGS.rep)}
+                shape_rows.append(r)
+                print(f"{model} {M}x{K}x{N} {name}: {common.fmt(r['ms'])} ms {common.fmt(r['TOPS'])} TOPS {r['note']}",
+                      flush=True)
+            base = next(r["ms"] for r in shape_rows if r["provider"] == "torch F.linear bf16")
+            scaled = next(r["ms"] for r in shape_rows if r["provider"] == "torch._scaled_mm fp8 rowwise")
+            for r in shape_rows:
+                r["speedup_vs_bf16"] = base / r["ms"] if base and r["ms"] else None
+                r["speedup_vs_scaled_mm"] = scaled / r["ms"] if scaled and r["ms"] else None
+            rows += shape_rows
     out = common.results_dir(ARGS.out)
     cols = ["model", "M", "K", "N", "provider", "ms", "TOPS", "speedup_vs_bf16", "speedup_vs_scaled_mm", "note"]
-    paths = common.write_results("bench_gemm", header, rows, out, cols, notes=_TORCHAO_SKIP)
+    paths = common.write_results("bench_gemm", header, rows, out, cols, notes=limit.notes + _TORCHAO_SKIP)
     paths += common.write_results("bench_gemm_weight_bytes", header, weight_bytes_rows(shapes), out,
                                   ["model", "K", "N", "format", "bytes", "vs_bf16"])
     if ARGS.sweep and device.type == "cuda":

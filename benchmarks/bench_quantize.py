@@ -131,26 +131,27 @@ def main() -> int:
     header = common.env_header(device, note="bench_quantize: bf16 inputs, int8 codes out; GB/s = bytes that "
                                             "must move / median time; pct_copy vs x.clone() in the same run")
     rows = []
-    for model, M, K in shapes:
-        with ops.use_backend("triton"):
-            check_correct(make_inputs(M, K, device))
-            shape_rows = []
-            for name, fn, extra in providers(K):
-                runner = common.Rotating(lambda *t, fn=fn: fn(Inputs(*t)), lambda: make_inputs(M, K, device),
-                                         device=device)
-                ms = common.time_ms(runner, device=device, rep_ms=ARGS.rep)
-                moved = 4 * M * K if extra is None else 2 * M * K + M * K + 4 * M + extra
-                shape_rows.append({"model": model, "M": M, "K": K, "provider": name, "ms": ms,
-                                   "GB/s": moved / (ms * 1e-3) / 1e9, "bytes": moved})
-        copy_gbs = shape_rows[0]["GB/s"]
-        for r in shape_rows:
-            r["pct_copy"] = 100.0 * r["GB/s"] / copy_gbs
-            print(f"{model} {M}x{K} {r['provider']}: {common.fmt(r['ms'])} ms {common.fmt(r['GB/s'])} GB/s "
-                  f"({common.fmt(r['pct_copy'])}% of copy)", flush=True)
-        rows += shape_rows
+    with common.TimeLimit() as limit:
+        for model, M, K in shapes:
+            with ops.use_backend("triton"):
+                check_correct(make_inputs(M, K, device))
+                shape_rows = []
+                for name, fn, extra in providers(K):
+                    runner = common.Rotating(lambda *t, fn=fn: fn(Inputs(*t)), lambda: make_inputs(M, K, device),
+                                             device=device)
+                    ms = common.time_ms(runner, device=device, rep_ms=ARGS.rep)
+                    moved = 4 * M * K if extra is None else 2 * M * K + M * K + 4 * M + extra
+                    shape_rows.append({"model": model, "M": M, "K": K, "provider": name, "ms": ms,
+                                       "GB/s": moved / (ms * 1e-3) / 1e9, "bytes": moved})
+            copy_gbs = shape_rows[0]["GB/s"]
+            for r in shape_rows:
+                r["pct_copy"] = 100.0 * r["GB/s"] / copy_gbs
+                print(f"{model} {M}x{K} {r['provider']}: {common.fmt(r['ms'])} ms {common.fmt(r['GB/s'])} GB/s "
+                      f"({common.fmt(r['pct_copy'])}% of copy)", flush=True)
+            rows += shape_rows
     out = common.results_dir(ARGS.out)
     cols = ["model", "M", "K", "provider", "ms", "GB/s", "pct_copy", "bytes"]
-    notes = ["Rows below ≈5 µs are launch-bound (see the floor table in benchmarks/bench_quantize.py)."]
+    notes = limit.notes + ["Rows below ≈5 µs are launch-bound (see the floor table in benchmarks/bench_quantize.py)."]
     print("wrote", *map(str, common.write_results("bench_quantize", header, rows, out, cols, notes=notes)))
     return 0
 

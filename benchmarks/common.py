@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -120,6 +121,38 @@ def write_results(name: str, header: dict[str, Any], rows: list[dict[str, Any]],
     write_atomically(md_path, "\n".join(md) + "\n")
     write_atomically(json_path, json.dumps({"header": header, "notes": list(notes), "rows": rows}, indent=1))
     return md_path, json_path
+
+
+class _TimeUp(BaseException):
+    pass
+
+
+class TimeLimit:
+    """`with common.TimeLimit() as limit:` around a benchmark's measuring loop. gpu_check.sh stops a benchmark
+    that outruns its share of the device time with SIGTERM; inside the block that ends the loop instead of
+    the process, so the rows measured so far are still written, and `limit.notes` says the table is cut."""
+
+    def __enter__(self) -> "TimeLimit":
+        self.hit = False
+        self._previous = signal.signal(signal.SIGTERM, self._stop)
+        return self
+
+    @staticmethod
+    def _stop(*_):
+        raise _TimeUp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        signal.signal(signal.SIGTERM, self._previous)
+        if exc_type is _TimeUp:
+            self.hit = True
+            print("time limit reached: writing the rows measured so far", flush=True)
+            return True
+        return False
+
+    @property
+    def notes(self) -> list[str]:
+        return (["**Cut short by the time limit**: shapes and contenders after the last row were not measured."]
+                if self.hit else [])
 
 
 class Skip(Exception):

@@ -101,18 +101,26 @@ def image_file(text: str) -> Path:
     return path
 
 
-def torch_device(text: str) -> str:
-    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+def device_spec(text: str) -> str:
+    """An argparse type: a cpu or cuda[:N] device name, which this machine need not have (e.g. where another
+    machine's results were made)."""
     import torch
     try:
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu or cuda[:N])")
+    return text
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    import torch
+    dev = torch.device(device_spec(text))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu or cuda[:N])")
     return text

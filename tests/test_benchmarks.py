@@ -26,3 +26,25 @@ def test_quality_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "rtn-w8a8" in (tmp_path / "quality.md").read_text()
+
+
+def test_a_benchmark_stopped_by_its_time_limit_writes_the_rows_it_measured(tmp_path):
+    """gpu_check.sh stops a benchmark that outruns its share of the device time with SIGTERM (timeout): the
+    rows measured so far must reach the results, marked as cut, instead of dying with the process."""
+    script = tmp_path / "cut.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(BENCHMARKS)!r})
+import common
+rows = []
+with common.TimeLimit() as limit:
+    for i in range(5):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        rows.append(i)
+print(rows, limit.hit, limit.notes[0][:23])
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored after the block
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 1] True **Cut short by the time"

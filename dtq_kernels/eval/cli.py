@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..cli_args import existing_dir, finite_float, nonnegative_int, output_dir, positive_int, torch_device
+from ..cli_args import device_spec, existing_dir, finite_float, nonnegative_int, output_dir, positive_int, torch_device
 from . import activation_stats, harness, hooks, report
 from .progress import RunProgress
 
@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"test images for the FID statistics (default: 10000 on a GPU, {CPU_FID_REF} on CPU)")
     p.add_argument("--cls-ref-n", type=positive_int, default=10_000, help="test images for the classifier-feature statistics")
     p.add_argument("--no-fid", action="store_true", help="skip Inception FID (classifier metrics only)")
+    p.add_argument("--defer-fid", action="store_true",
+                   help="with --out-dir: score everything but FID and keep every model's 8-bit samples in the progress "
+                        "file instead (for a machine without the Inception weights, e.g. the GPU machine); the run "
+                        "that computes the FIDs and writes the report is the same command without --defer-fid, "
+                        "elsewhere with --sampled-on")
+    p.add_argument("--sampled-on", type=device_spec, default=None, metavar="DEVICE",
+                   help="finish a run whose models were sampled on DEVICE (e.g. cuda, on the GPU machine) rather "
+                        "than on --device: compute the FIDs it deferred and write the report; samples no model")
     p.add_argument("--sqnr-samples", type=nonnegative_int, default=4)
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
@@ -319,15 +327,22 @@ def _run(args: argparse.Namespace) -> list[dict]:
     digest = weights_digest(fp)
     if args.shard and not args.out_dir:
         raise SystemExit("dtq eval: --shard needs --out-dir (the shards meet in its progress files)")
+    if (args.defer_fid or args.sampled_on) and not args.out_dir:
+        raise SystemExit("dtq eval: --defer-fid and --sampled-on need --out-dir (their results meet in its "
+                         "progress files)")
+    if args.defer_fid and (args.no_fid or args.sampled_on):
+        raise SystemExit("dtq eval: --defer-fid keeps samples for a later FID: not with --no-fid or --sampled-on")
+    sampled_on = str(args.sampled_on or args.device)
     # with --out-dir every finished model is saved at once: the same command resumes an interrupted run
     progress = (RunProgress(str(args.out_dir), shard=args.shard, reference="fp",
                             key=dict(n_samples=n, seed=args.seed, steps=steps, guidance=guidance,
                                      batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
                                      cls_ref_n=args.cls_ref_n, sqnr_samples=args.sqnr_samples,
-                                     fp_weights_sha256=digest, device=str(args.device)))
+                                     fp_weights_sha256=digest, device=sampled_on))
                 if args.out_dir else None)
     done = dict(progress.results) if progress else {}
     descriptions.update(progress.descriptions if progress else {})
+    common["defer_fid"] = args.defer_fid
 
     def evaluate_one(name: str, model: torch.nn.Module, description: str) -> None:
         """Sample and score one model beside FP (FP first, once), recording it in the progress file."""
@@ -351,6 +366,12 @@ def _run(args: argparse.Namespace) -> list[dict]:
     if args.shard:  # this shard's share; FP is every shard's (PSNR and SQNR are measured against it)
         i, n_shards = args.shard
         wanted, noise_seeds = wanted[i::n_shards], noise_seeds[i::n_shards]
+    if sampled_on != str(args.device):  # finishing another machine's run: everything must be sampled already
+        missing = [m for m in ["fp", *wanted, *(name for name, _ in args.quantized)] if m not in done]
+        missing += [f"noise-floor seed {args.seed + k}" for k in noise_seeds if k not in progress.noise]
+        if missing:
+            raise SystemExit(f"dtq eval: --sampled-on {sampled_on}: the progress files in {args.out_dir} lack "
+                             f"{', '.join(missing)}; run the sampling command on {sampled_on} first")
     if "fp" not in done:
         evaluate_one("fp", fp, descriptions["fp"])
     for name in wanted:
@@ -368,21 +389,28 @@ def _run(args: argparse.Namespace) -> list[dict]:
         model = copy.deepcopy(fp)
         dtq.load_quantized(model, path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
         evaluate_one(name, model, f"checkpoint {path}")
+    if progress and not args.no_fid and not args.defer_fid:  # FIDs a deferred run left, each saved when scored
+        harness.fill_deferred_fid(done, fid_ref_n, args.device,
+                                  on_result=lambda name, r: progress.add_result(name, r, descriptions[name]))
     if args.out_dir:
         for k in noise_seeds:
             if k not in progress.noise:
-                row = harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0,
-                                       **common).rows[0]
-                progress.add_noise(k, row)
+                harness.evaluate({"fp": fp}, n, args.seed + k, steps, guidance, sqnr_samples=0,
+                                 on_result=lambda _, result, k=k: progress.add_noise(k, result), **common)
+        if not args.no_fid and not args.defer_fid:
+            harness.fill_deferred_fid({k: progress.noise[k] for k in noise_seeds}, fid_ref_n, args.device,
+                                      on_result=progress.add_noise)
     names = ["fp"] + wanted + [name for name, _ in args.quantized]
     ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
                           done={m: done[m] for m in names}, **common)  # assembles; samples nothing new
     ev.config["fp_weights_sha256"] = digest
-    if args.shard:
-        print(f"shard {args.shard[0]}/{args.shard[1]} done ({', '.join(names)}); when every shard is, the same "
-              "command without --shard writes the report", flush=True)
+    if args.shard or args.defer_fid:
+        part = f"shard {args.shard[0]}/{args.shard[1]}" if args.shard else "sampling"
+        then = ("the same command without --shard" + (" and --defer-fid, with --sampled-on where it runs elsewhere,"
+                                                      if args.defer_fid else ""))
+        print(f"{part} done ({', '.join(names)}); when every shard is, {then} writes the report", flush=True)
     elif args.out_dir:
-        noise = [progress.noise[k] for k in noise_seeds]
+        noise = [progress.noise[k].row for k in noise_seeds]
         k = max(args.sqnr_samples, 1)
         with hooks.record_calls(fp) as calls:
             harness.generate(fp, k, args.seed, steps, guidance, k, sample_fn)
@@ -392,8 +420,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
             merge_previous(os.path.join(args.out_dir, "quality.json"), ev, descriptions)
         meta = {"command": " ".join(["python"] + sys.argv), "commands": progress.commands,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "device": (torch.cuda.get_device_name() if torch.device(args.device).type == "cuda"
-                           else f"CPU, {args.threads} thread(s)"),
+                "device": _devices_note(ev.rows, args),
                 "torch": torch.__version__, "model": model_desc, "descriptions": descriptions,
                 "cpu_cost_note": CPU_COST_NOTE, "wall_s": round(progress.wall_s())}
         report.write(args.out_dir, ev, descriptions=descriptions, noise_rows=noise, act_stats=stats, meta=meta)
@@ -401,6 +428,16 @@ def _run(args: argparse.Namespace) -> list[dict]:
         print(f"wrote {args.out_dir}/quality.md ({time.time() - t_start:.0f} s)", flush=True)
     print_table(ev.rows, fp16_bytes_of(fp))
     return ev.rows
+
+
+def _devices_note(rows: list[dict], args: argparse.Namespace) -> str:
+    """Where the samples were drawn (and with which kernels), and where this run scored them."""
+    here = harness.device_name(args.device)
+    here = f"CPU, {args.threads} thread(s)" if here == "CPU" else here
+    sampled = sorted({r.get("sampled_on", here) for r in rows})
+    if sampled == [harness.device_name(args.device)]:
+        return here
+    return f"sampled on {', '.join(sampled)}; FID and report on {here}"
 
 
 def main(argv=None) -> None:

@@ -14,6 +14,11 @@ arguments). Metrics per model:
   own sampling calls through each model (same inputs at every step, so the error is the layer's
   plus what the layers before it in the same forward add, not the drift of the trajectory).
 Generated images are rounded to 8-bit levels before FID and the classifier, as the test set is.
+
+FID can be deferred (`defer_fid`): a machine without the Inception weights (the GPU machine, whose tree
+may carry 64 MiB) keeps each model's 8-bit samples instead, and a later `evaluate` on another machine
+fills in the FIDs from them (`fill_deferred_fid`): the same features a direct run computes, from the same
+8-bit images.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch.nn as nn
 
 from ..fileio import replaced_atomically
 from . import fmnist, hooks
+from ..ops import last_backend
 from .metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
 
 NUM_CLASSES = 10
@@ -53,6 +59,12 @@ def tiny_random_dit(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return build_reference_dit(num_layers=2, heads=2, head_dim=16).eval()
+
+
+def device_name(device: str | torch.device) -> str:
+    """'NVIDIA H200' for a CUDA device, 'CPU' otherwise: where a row's samples were drawn."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def balanced_labels(n: int) -> torch.Tensor:
@@ -100,6 +112,16 @@ def generate(model: nn.Module, n: int, seed: int, steps: int, guidance: float, b
         raise RuntimeError(f"sampler returned {tuple(images.shape)} images (finite: "
                            f"{bool(torch.isfinite(images).all())}) for {n} labels")
     return images
+
+
+def to_codes(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> their 8-bit levels as uint8 (1 byte a pixel: what a deferred FID keeps)."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def from_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 levels -> the float images fmnist.quantize_8bit gives (bit for bit: the same operations)."""
+    return codes.float().div(127.5).sub(1)
 
 
 def inception_reference(extractor, n_ref: int) -> torch.Tensor:
@@ -187,11 +209,53 @@ class ModelResult:
     images: torch.Tensor
     sqnr: dict[str, list[float]] = field(default_factory=dict)  # layer -> dB per recorded call
     kept_fp: list[str] = field(default_factory=list)
+    fid_images: torch.Tensor | None = None  # uint8 8-bit samples, kept while the row's FID is deferred
+
+
+@functools.lru_cache(maxsize=2)
+def _inception(device: str):
+    from .inception import InceptionFeatures
+
+    return InceptionFeatures(device)
+
+
+def _fid_reference(fid_ref_n: int, device, log: Callable[[str], None]):
+    """(Inception feature extractor, features of fid_ref_n test images; both loaded once per process)."""
+    extractor = _inception(str(device))
+    t0 = time.time()
+    ref = inception_reference(extractor, fid_ref_n)
+    log(f"FID reference: {fid_ref_n} test images ({time.time() - t0:.0f} s)")
+    return extractor, ref
+
+
+def _score_fid(row: dict, q8: torch.Tensor, fid_reference, fid_ref_n: int) -> None:
+    extractor, ref = fid_reference
+    t0 = time.time()
+    row.update(fid=fid_from_features(extractor(q8), ref), fid_n=q8.shape[0], fid_ref_n=fid_ref_n,
+               fid_s=time.time() - t0)
+
+
+def fill_deferred_fid(results: dict, fid_ref_n: int, device: str | torch.device = "cpu",
+                      log: Callable[[str], None] = print,
+                      on_result: Callable[[object, ModelResult], None] | None = None) -> None:
+    """Score the FID of every result whose row has none but whose 8-bit samples were kept (a deferred run);
+    each is handed to on_result(key, result) as soon as it has its FID (a progress file saves it)."""
+    todo = [key for key, r in results.items() if "fid" not in r.row and r.fid_images is not None]
+    if not todo:
+        return
+    fid_reference = _fid_reference(fid_ref_n, device, log)
+    for key in todo:
+        result = results[key]
+        _score_fid(result.row, from_codes(result.fid_images), fid_reference, fid_ref_n)
+        result.fid_images = None
+        log(f"{key}: FID {result.row['fid']:.4g} from the kept samples ({result.row['fid_s']:.0f} s)")
+        if on_result is not None:
+            on_result(key, result)
 
 
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
              reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
-             fid: bool = True, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
+             fid: bool = True, defer_fid: bool = False, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
              device: str | torch.device = "cpu", log: Callable[[str], None] = print,
              progress: bool = False, done: dict[str, ModelResult] | None = None,
              on_result: Callable[[str, ModelResult], None] | None = None) -> Evaluation:
@@ -203,7 +267,11 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     Resuming: `done` holds results of an interrupted evaluation with the same arguments; those models
     are taken as they are (they need not be in `models`), the others are sampled and scored one by one,
     each handed to on_result(name, result) when complete. The reference model itself must be in
-    `models` when sqnr_samples > 0 (its recorded calls are replayed through every model)."""
+    `models` when sqnr_samples > 0 (its recorded calls are replayed through every model).
+
+    defer_fid: score everything but FID and keep each model's 8-bit samples in its result instead; an
+    evaluate with fid=True given those results as `done` computes the missing FIDs (handing each updated
+    result to on_result)."""
     done = dict(done or {})
     names = list(dict.fromkeys([*models, *done]))
     if not names:
@@ -221,14 +289,12 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
     from .classifier import predict
 
     classifier, cls_ref = _classifier_reference(cls_ref_n, str(device))
-    extractor = fid_ref = None
-    if fid and any(name not in done for name in names):
-        from .inception import InceptionFeatures
-
-        extractor = InceptionFeatures(device)
-        t0 = time.time()
-        fid_ref = inception_reference(extractor, fid_ref_n)
-        log(f"FID reference: {fid_ref_n} test images ({time.time() - t0:.0f} s)")
+    fid_now = fid and not defer_fid
+    fid_reference = None
+    if fid_now:
+        fill_deferred_fid(done, fid_ref_n, device, log, on_result)
+        if any(name not in done for name in names):
+            fid_reference = _fid_reference(fid_ref_n, device, log)
     calls = []
     if replay > 0:
         with hooks.record_calls(models[reference]) as calls:
@@ -241,9 +307,11 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
             log(f"{name}: taken from the interrupted run")
             continue
         t0 = time.time()
+        last_backend.clear()
         images = generate(models[name], n_samples, seed, steps, guidance, batch_size, sample_fn,
                           progress=f"sampling {name}" if progress else None)
         t_sample = time.time() - t0
+        backends = sorted(f"{op}: {backend}" for op, backend in last_backend.items())
         q8 = fmnist.quantize_8bit(images)
         preds, feats = predict(classifier, q8)
         ref_images = images if name == reference else results[reference].images
@@ -252,12 +320,13 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
                "cls_fd": frechet_distance(*feature_stats(feats), *cls_ref),
                "psnr_vs_ref": psnr(images, ref_images).mean().item(),
                "ssim_vs_ref": ssim(images, ref_images).mean().item(),
-               "weight_bytes": weight_bytes(models[name]), "sample_s": t_sample}
-        if fid:
-            t1 = time.time()
-            row.update(fid=fid_from_features(extractor(q8), fid_ref), fid_n=n_samples,
-                       fid_ref_n=fid_ref_n, fid_s=time.time() - t1)
+               "weight_bytes": weight_bytes(models[name]), "sample_s": t_sample,
+               "sampled_on": device_name(device), "torch": str(torch.__version__), "kernels": backends}
         result = ModelResult(row, images)
+        if fid_now:
+            _score_fid(row, q8, fid_reference, fid_ref_n)
+        elif fid:
+            result.fid_images = to_codes(images)
         if replay > 0 and name != reference:
             result.sqnr = sqnr_across_timesteps(models[reference], {name: models[name]}, calls)[name]
             result.kept_fp = kept_fp_layers(models[name], list(result.sqnr))

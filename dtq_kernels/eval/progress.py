@@ -8,10 +8,13 @@ A result is reused only by a run with the same key: the evaluation settings and 
 (the recipes' code is not in the key: delete the file after changing a recipe). The file is written
 atomically and loaded with torch.load(weights_only=True) (plain containers and tensors, no code). To keep
 it small, only the reference model keeps all its images (PSNR/SSIM of the models still to come are
-measured against them); every other model keeps the images its report grid shows.
+measured against them); every other model keeps the images its report grid shows. A run that defers FID
+(`--defer-fid`, for a machine without the Inception weights) also keeps every model's and noise-floor
+seed's 8-bit samples (1 KB an image) until a run elsewhere has scored their FID.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import sys
@@ -37,7 +40,7 @@ class RunProgress:
         self.path, self.key, self.reference, self.log = os.path.join(out_dir, name), key, reference, log
         self.results: dict[str, ModelResult] = {}
         self.descriptions: dict[str, str] = {}
-        self.noise: dict[int, dict] = {}
+        self.noise: dict[int, ModelResult] = {}  # the FP model sampled from seed + k (rows and kept samples)
         self.commands: list[str] = []  # the command lines that contributed, shards first
         self.started, self.earlier_s = time.time(), 0.0  # wall time of the sessions (and shards) before this
         self.merged: list[str] = []
@@ -63,7 +66,7 @@ class RunProgress:
             return False
         self.results.update({name: ModelResult(**r) for name, r in saved["results"].items()})
         self.descriptions.update(saved["descriptions"])
-        self.noise.update({int(k): row for k, row in saved["noise"].items()})
+        self.noise.update({int(k): ModelResult(**r) for k, r in saved["noise"].items()})
         self.earlier_s += float(saved["wall_s"])
         self.commands += [c for c in saved["commands"] if c not in self.commands]
         self.log(f"{path}: {len(saved['results'])} model(s) and {len(saved['noise'])} noise-floor row(s) done")
@@ -71,12 +74,13 @@ class RunProgress:
 
     def add_result(self, name: str, result: ModelResult, description: str) -> None:
         images = result.images if name == self.reference else result.images[:GRID_IMAGES]
-        self.results[name] = ModelResult(result.row, images.clone(), result.sqnr, result.kept_fp)
+        self.results[name] = ModelResult(result.row, images.clone(), result.sqnr, result.kept_fp, result.fid_images)
         self.descriptions[name] = description
         self._save()
 
-    def add_noise(self, k: int, row: dict) -> None:
-        self.noise[k] = row
+    def add_noise(self, k: int, result: ModelResult) -> None:
+        """The noise-floor row of seed + k (its images are not kept, only a deferred FID's 8-bit samples)."""
+        self.noise[k] = ModelResult(result.row, torch.empty(0), fid_images=result.fid_images)
         self._save()
 
     def wall_s(self) -> float:
@@ -91,10 +95,10 @@ class RunProgress:
                 os.remove(path)
 
     def _save(self) -> None:
-        data = {"key": self.key, "descriptions": self.descriptions, "noise": self.noise, "wall_s": self.wall_s(),
+        data = {"key": self.key, "descriptions": self.descriptions, "wall_s": self.wall_s(),
                 "commands": self.commands,
-                "results": {name: {"row": r.row, "images": r.images, "sqnr": r.sqnr, "kept_fp": r.kept_fp}
-                            for name, r in self.results.items()}}
+                "noise": {k: dataclasses.asdict(r) for k, r in self.noise.items()},
+                "results": {name: dataclasses.asdict(r) for name, r in self.results.items()}}
         with replaced_atomically(self.path) as tmp:
             torch.save(data, tmp)
         for path in [p for p in self.merged if p != self.path]:  # now held by this file: never counted twice

@@ -174,6 +174,10 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
     if str(meta.get("device", "")).startswith("CPU") and meta.get("cpu_cost_note"):
         L.append(f"This is a CPU run with CPU-sized counts ({meta['cpu_cost_note']}; whole run "
                  f"{meta.get('wall_s', '?')} s of work over all its processes). A GPU run uses 5000 samples and all 10,000 test images.\n")
+    kernels = sorted({k for r in rows.values() for k in r.get("kernels", [])})
+    if kernels:
+        L.append("dtq ops and the backend that ran them while sampling (every model's list is in the JSON, "
+                 "`kernels`): " + ", ".join(f"`{k}`" for k in kernels) + ".\n")
     head = ["model", fid_col, "classifier FD", "class acc", "PSNR vs FP (dB)", "SSIM vs FP",
             "layer SQNR median / min (dB)", "weight MB", "× FP bytes", "sampling s/image"]
     head = [h for h in head if h]
