@@ -37,8 +37,8 @@ What is timed (all outputs bf16 [M, N], bias included unless a row says otherwis
 * dtq w4a4_gemm (W4A4: 4-bit codes two per byte for both operands, fp32 block scales along K, decoded to
   int8 in registers for the int8 MMA): FP4 E2M1 with group 32 (HQ-DiT's format, MXFP4's block), INT4 with
   group 128 (equal bits), and dtq quantize_act_4bit (E2M1, group 32, online Hadamard rotation fused) +
-  w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the byte-permute (prmt)
-  decode that is off by default until measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
+  w4a4_gemm from bf16 activations: the whole W4A4 linear; and w4a4_gemm with the table decode, which the
+  byte-permute (prmt) decode replaced as the default once measured (gemm_w4a4.PRMT_DECODE_DEFAULT);
 * int8_gemm, int8_gemm_static and fp8_gemm on the CUDA backend ("[cuda]" rows; CUTLASS: sm_90a TMA +
   wgmma, sm_80/89 mma.sync; scales and bias fused in the epilogue), and int8_gemm with packed int4 weights
   (W4A8, per channel) and w4a16_gemm, per channel and g128 (CUTLASS mixed-input GEMM, sm_90a only), skipped
@@ -206,10 +206,10 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
             return a, a_s, w, w_s, torch.randn(N, device=device, dtype=BF16), group, fmt, fmt, BF16
         return make
 
-    def w4a4_prmt(*args):  # the byte-permute decode (gemm_w4a4.PRMT_DECODE_DEFAULT decides the op's default)
+    def w4a4_other_decode(*args):  # the decode gemm_w4a4.PRMT_DECODE_DEFAULT does not choose for the op
         if device.type != "cuda":
             raise common.Skip("the prmt decode is inline PTX: CUDA only")
-        return gemm_w4a4.launch(*args, prmt=True)
+        return gemm_w4a4.launch(*args, prmt=not gemm_w4a4.PRMT_DECODE_DEFAULT)
 
     def w4a4_linear(x, w, w_s, b):
         a, a_s = ops.quantize_act_4bit(x, "fp4_e2m1", 32, None, True)
@@ -272,7 +272,8 @@ def providers(device: torch.device, dry: bool) -> list[tuple[str, Callable, Call
         ("dtq quantize_act_fp8 + fp8_gemm", fp8_linear, mk_fp8_linear),
         ("dtq w4a4_gemm fp4_e2m1 g32 (W4A4 FP4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("fp4_e2m1", 32)),
         ("dtq w4a4_gemm int4 g128 (W4A4 INT4)", _dtq("w4a4_gemm", dtq_backend), mk_w4a4("int4", 128)),
-        ("dtq w4a4_gemm fp4_e2m1 g32, prmt decode", w4a4_prmt, mk_w4a4("fp4_e2m1", 32)),
+        (f"dtq w4a4_gemm fp4_e2m1 g32, {'table' if gemm_w4a4.PRMT_DECODE_DEFAULT else 'prmt'} decode",
+         w4a4_other_decode, mk_w4a4("fp4_e2m1", 32)),
         ("dtq quantize_act_4bit(rotate) + w4a4_gemm fp4_e2m1 g32", w4a4_linear, mk_w4a4_linear),
         ("torch F.linear bf16", F.linear, mk_bf16),
         ("torch._int_mm (int32 out)", int_mm, mk_int8),

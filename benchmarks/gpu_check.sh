@@ -20,8 +20,8 @@
 # (pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl), or set DTQ_CUTLASS_INCLUDE_DIR. The quality
 # run needs the Fashion-MNIST test files: carry them in .gpu_data/fashion-mnist/.
 #
-# With $OUT set (the device tool), everything is packed into $OUT/gpu_check.tar.gz (the tool brings back at
-# most 8 files) and the main log is copied beside it.
+# With $OUT set (the device tool), everything is packed into $OUT/gpu_check.tgz.part_* (the tool brings back
+# at most 8 files of 16 MB; `cat gpu_check.tgz.part_* | tar xz` unpacks) and the main log is copied beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,9 +40,10 @@ log() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$RESULTS/gpu_check.lo
 # be left, and then the stage is skipped (never `timeout 0`, which means no limit at all)
 cap() { local c=$1 r=$(( DEADLINE - $(date +%s) - ${2:-0} )); (( r < c )) && c=$r; (( c < 10 )) && c=0; echo $c; }
 
-pack() {
+pack() {  # the device tool brings back at most 8 files of 16 MB: the archive goes in 15 MB parts
   [ -n "${OUT:-}" ] || return 0
-  tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" . && cp "$RESULTS/gpu_check.log" "$OUT/" && ls -la "$OUT"
+  tar czf - -C "$WORK" . | split -b 15000000 - "$OUT/gpu_check.tgz.part_" && cp "$RESULTS/gpu_check.log" "$OUT/"
+  ls -la "$OUT"
 }
 trap pack EXIT
 
@@ -119,8 +120,8 @@ fi
 # Benchmarks, most important first; each gets its cap or what is left, and writes what it measured if cut.
 status_bench=0
 # bench_e2e's default cut: eager rows only (each torch.compile of a 28-block model costs tens of seconds)
-E2E_ARGS=${GPU_CHECK_E2E_ARGS:---models dit-xl2-256,pixart-sigma-1024 --batches 2 --only "fast path, eager" --no-breakdown}
-for spec in "bench_gemm:150:" "bench_e2e:120:$E2E_ARGS" "bench_quantize:60:" "bench_attention:80:"; do
+E2E_ARGS=${GPU_CHECK_E2E_ARGS:-'--models dit-xl2-256,pixart-sigma-1024 --batches 2 --only "fast path, eager" --no-breakdown'}
+for spec in "bench_gemm:150:" "bench_overhead:60:" "bench_e2e:120:$E2E_ARGS" "bench_quantize:60:" "bench_attention:80:"; do
   IFS=: read -r name limit args <<< "$spec"
   t=$(cap "$limit" 15)
   if (( t == 0 )); then log "benchmark $name skipped: out of time"; status_bench=1; continue; fi

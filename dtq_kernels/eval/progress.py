@@ -64,7 +64,9 @@ class RunProgress:
             self.log(f"{path} belongs to a run with other settings ({', '.join(changed)}): not used"
                      + (", replaced at the first result" if path == self.path else ""))
             return False
-        self.results.update({name: ModelResult(**r) for name, r in saved["results"].items()})
+        for name, r in saved["results"].items():  # FP sits in every shard's file: keep a copy with its FID
+            if name not in self.results or ("fid" in r["row"] and "fid" not in self.results[name].row):
+                self.results[name] = ModelResult(**r)
         self.descriptions.update(saved["descriptions"])
         self.noise.update({int(k): ModelResult(**r) for k, r in saved["noise"].items()})
         self.earlier_s += float(saved["wall_s"])

@@ -171,6 +171,11 @@ def _markdown(data, descriptions, rows, ref, grid_dir, out_dir) -> str:
                  f"(compare rows only with each other, never with published FIDs at 10k/50k samples).\n")
     else:
         L.append("FID was not computed in this run (classifier metrics only).\n")
+    if str(meta.get("device", "")).startswith("sampled on"):
+        L.append("Sampled on another machine than the one that scored the FIDs (the progress files carry each "
+                 "model's 8-bit samples; --defer-fid / --sampled-on, docs/gpu.md); the sampling s/image column "
+                 f"is that machine's, measured with the other shards sharing it (whole run "
+                 f"{meta.get('wall_s', '?')} s of work over all its processes, sampling and scoring).\n")
     if str(meta.get("device", "")).startswith("CPU") and meta.get("cpu_cost_note"):
         L.append(f"This is a CPU run with CPU-sized counts ({meta['cpu_cost_note']}; whole run "
                  f"{meta.get('wall_s', '?')} s of work over all its processes). A GPU run uses 5000 samples and all 10,000 test images.\n")

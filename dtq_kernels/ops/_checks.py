@@ -32,8 +32,9 @@ def check_tensor(t: torch.Tensor, op: str, name: str, dtypes: Sequence[torch.dty
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
-    check(len(devices) == 1, op, "all tensors must be on one device, got "
-          + ", ".join(f"{k} on {v.device}" for k, v in present.items()))
+    if len(devices) != 1:  # the message is built only on failure: this runs on every op call
+        check(False, op, "all tensors must be on one device, got "
+              + ", ".join(f"{k} on {v.device}" for k, v in present.items()))
     return devices.pop()
 
 

@@ -15,7 +15,7 @@ one K-tile, a dot from zero; group 16 (NVFP4) runs two dots per K-tile, each on 
 block's activation codes zeroed, at twice the MMA work. After each block's dot the int32 partial sum is
 converted and accumulated in fp32 with that block's a_scale · w_scale.
 
-Cost model (datasheet rates, NOT measured: no GPU yet). An H100 SM does ~8.5K int8 MMA ops per clock
+Cost model (datasheet rates; the measured rates are in the last sentence below). An H100 SM does ~8.5K int8 MMA ops per clock
 but only 64 int32 and 128 fp32 ALU ops. Per K-tile of a 128x64 tile at group 32, the MMA is
 2·128·64·32 = 524K ops (~61 clocks); decoding (128 + 64)·32 codes at ~12 int32 ops each (nibble split,
 table select, shift, sign extension, repack) is ~74K ops (~1150 clocks), and the rescale of the
@@ -23,9 +23,9 @@ table select, shift, sign extension, repack) is ~74K ops (~1150 clocks), and the
 decode, ~20x the MMA time: expect W4A4 well BELOW bf16 cuBLAS speed on sm_90 until the decode changes;
 its gains today are 4-bit weight and activation memory. A byte-permute decode is built beside it
 (PRMT_DECODE_ASM: PTX prmt through the same 16-entry table, ~3 instructions per code instead of
-~12) but off by default until it has run on a GPU (see PRMT_DECODE_DEFAULT); with it the per-block
+~12), the default on CUDA since it was measured faster (PRMT_DECODE_DEFAULT); with it the per-block
 rescale bounds group 32 (~4x the MMA) while group 128 is closer to balanced. benchmarks/bench_gemm.py
-measures both.
+measures both. Measured on an H200: 57-100 TOP/s, 7-13x slower than bf16 cuBLAS at the Flux shapes.
 """
 from __future__ import annotations
 
@@ -180,10 +180,11 @@ def choose_config(device: torch.device, M: int, N: int, group_size: int) -> Gemm
     return c._replace(block_k=block_k(group_size))
 
 
-# The byte-permute decode (PRMT_DECODE_ASM) is off by default: its instruction sequence is checked by an
-# emulation in tests/test_w4a4.py and it compiles without spills, but it has not run on a GPU yet.
-# Switch it on once tests/test_w4a4.py's GPU tests pass with it and bench_gemm.py shows it faster.
-PRMT_DECODE_DEFAULT = False
+# The byte-permute decode (PRMT_DECODE_ASM) is the default on CUDA since its first GPU run (H200, 2026-12-04,
+# benchmarks/results/2026-12-04_NVIDIA_H200): tests/test_w4a4.py's GPU tests pass with both decodes, and
+# bench_gemm timed it faster at 20 of 21 shapes, 1.7x at every compute-bound one (Flux, M = 4096: 3.08 ms vs
+# 5.28 ms at 4096x3072x12288), though both stay far below bf16 (decode-bound, as the cost model above says).
+PRMT_DECODE_DEFAULT = True
 
 
 def launch(a, a_scale, w, w_scale, bias, group_size, a_fmt, w_fmt, out_dtype,
