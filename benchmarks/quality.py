@@ -10,6 +10,11 @@ reference DiT -> benchmarks/results/quality.{md,json} and benchmarks/results/qua
     python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --threads 1 --shard 1/2; wait
     python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --threads 1
 
+    # the committed table: sampled on a GPU (GPU_CHECK_QUALITY=8 bash benchmarks/gpu_check.sh runs
+    # ... --defer-fid --shard I/8 there), the FIDs and the report on the CPU from its progress files
+    seq 0 7 | xargs -P 2 -I{} python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --sampled-on cuda --shard {}/8
+    python benchmarks/quality.py --n-samples 1000 --fid-ref-n 10000 --sampled-on cuda
+
 Same pipeline and arguments as `dtq eval` (dtq_kernels/eval/cli.py); only the defaults differ:
 every recipe, results written under benchmarks/results.
 """

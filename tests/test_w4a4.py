@@ -445,8 +445,8 @@ def test_gpu_matches_reference(m, k, n, group):
             call = (a, sa, w, sw, bias, group, a_fmt, w_fmt, dtype)
             ref = gemm(call, "reference")
             assert_matches(gemm(call), ref, mag, k // group)
-            # both decodes: the default one and the byte-permute one (PRMT_DECODE_DEFAULT)
-            assert_matches(gemm_w4a4.launch(*call, prmt=True), ref, mag, k // group)
+            # both decodes: the default one (PRMT_DECODE_DEFAULT) and the other
+            assert_matches(gemm_w4a4.launch(*call, prmt=not gemm_w4a4.PRMT_DECODE_DEFAULT), ref, mag, k // group)
 
 
 @pytest.mark.gpu
