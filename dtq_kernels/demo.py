@@ -20,12 +20,8 @@ from pathlib import Path
 
 import torch
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .cli_args import positive_int
+from .fileio import replaced_atomically
 
 
 def main(argv=None) -> None:
@@ -64,10 +60,12 @@ def main(argv=None) -> None:
     print()
     print_table(ev.rows, fp16_bytes_of(fp))
     args.out.mkdir(parents=True, exist_ok=True)
-    comparison_grid(ev.images, ev.labels, CLASSES, per_class=max(1, min(2, args.samples // 10))).save(
-        args.out / "comparison.png")
+    # every image is written whole or not at all (an interrupted demo leaves no torn PNG)
+    with replaced_atomically(args.out / "comparison.png") as tmp:
+        comparison_grid(ev.images, ev.labels, CLASSES, per_class=max(1, min(2, args.samples // 10))).save(tmp)
     for name, images in ev.images.items():
-        report.save_grid(images, str(args.out / f"samples_{name}.png"))
+        with replaced_atomically(args.out / f"samples_{name}.png") as tmp:
+            report.save_grid(images, str(tmp))
     for name, model in list(models.items())[1:]:
         dtq.save_quantized(model, args.out / f"ckpt_{name}", overwrite=True)  # the demo's own output
     print(f"\nwrote {args.out}/comparison.png (a row per model, a column per class), one grid per model, and the "
