@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 from dtq_kernels import ops  # noqa: E402
-from dtq_kernels.ops import _dispatch, gemm_ops, quantize_ops  # noqa: E402
+from dtq_kernels.ops import _dispatch, gemm_ops  # noqa: E402
 
 
 def per_call_us(fn, calls: int, device: torch.device) -> float:
@@ -86,7 +86,6 @@ def main() -> int:
     header = common.env_header(device, note="bench_overhead: microseconds of wall time per call, "
                                             f"{calls} back-to-back calls, one sync at the end")
     rows, profiles = [], []
-    assert quantize_ops  # registers the quantize ops
     with common.TimeLimit() as limit:
         for M, K, N in shapes:
             table, whole = cases(device, M, K, N)

@@ -62,6 +62,7 @@ log "environment"
   nproc; nvcc --version | tail -1; } 2>&1 | tee -a "$RESULTS/gpu_check.log"
 
 quality_pids=()
+status_quality=0
 q_cap=$(cap 390 170)
 if (( QUALITY_SHARDS > 0 && q_cap > 0 )); then
   # the shards only sample (the Triton kernels; _C is not needed): nothing they do is timed against anything
@@ -111,9 +112,9 @@ fi
 
 if (( ${#quality_pids[@]} > 0 )); then
   log "waiting for the quality shards"
-  status_quality=0
   for pid in "${quality_pids[@]}"; do wait "$pid" || status_quality=1; done
-  for f in "$QUALITY_DIR"/shard*.log; do log "$(basename "$f"): $(tail -1 "$f")"; done
+  # each shard's closing line ("shard I/N done (...)"), or its error
+  for f in "$QUALITY_DIR"/shard*.log; do log "$(basename "$f"): $(grep -E "done \(|Error" "$f" | tail -1)"; done
   log "quality shards rc $status_quality"
 fi
 
@@ -131,5 +132,6 @@ for spec in "bench_gemm:150:" "bench_overhead:60:" "bench_e2e:120:$E2E_ARGS" "be
   [ "$rc" -eq 0 ] || { log "$name rc $rc"; status_bench=1; }
 done
 
-log "results in $RESULTS (build rc $status_build, tests rc $status_tests, memcheck rc $status_memcheck, benchmarks rc $status_bench)"
-[ "$status_build" -eq 0 ] && [ "$status_tests" -eq 0 ] && [ "$status_memcheck" -eq 0 ] && [ "$status_bench" -eq 0 ]
+log "results in $RESULTS (build rc $status_build, tests rc $status_tests, memcheck rc $status_memcheck, quality rc $status_quality, benchmarks rc $status_bench)"
+[ "$status_build" -eq 0 ] && [ "$status_tests" -eq 0 ] && [ "$status_memcheck" -eq 0 ] && [ "$status_quality" -eq 0 ] \
+  && [ "$status_bench" -eq 0 ]

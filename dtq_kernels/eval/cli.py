@@ -322,8 +322,8 @@ def _run(args: argparse.Namespace) -> list[dict]:
         model_desc = "the shipped reference DiT (dtq_kernels.models.reference_dit, Fashion-MNIST 32×32)"
     fp = fp.to(args.device).eval()
     descriptions = {"fp": "the floating-point (fp32) model"}
-    common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, fid_ref_n=fid_ref_n,
-                  cls_ref_n=args.cls_ref_n, device=args.device)
+    common = dict(sample_fn=sample_fn, batch_size=args.batch_size, fid=not args.no_fid, defer_fid=args.defer_fid,
+                  fid_ref_n=fid_ref_n, cls_ref_n=args.cls_ref_n, device=args.device)
     digest = weights_digest(fp)
     if args.shard and not args.out_dir:
         raise SystemExit("dtq eval: --shard needs --out-dir (the shards meet in its progress files)")
@@ -342,7 +342,6 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 if args.out_dir else None)
     done = dict(progress.results) if progress else {}
     descriptions.update(progress.descriptions if progress else {})
-    common["defer_fid"] = args.defer_fid
 
     def evaluate_one(name: str, model: torch.nn.Module, description: str) -> None:
         """Sample and score one model beside FP (FP first, once), recording it in the progress file."""
@@ -405,7 +404,8 @@ def _run(args: argparse.Namespace) -> list[dict]:
                                       on_result=progress.add_noise)
     # assembles the table; samples nothing new, and in a shard scores no FID beyond the shard's share above
     ev = harness.evaluate({"fp": fp}, n, args.seed, steps, guidance, sqnr_samples=args.sqnr_samples,
-                          done={m: done[m] for m in names}, **{**common, "defer_fid": args.defer_fid or bool(args.shard)})
+                          done={m: done[m] for m in names},
+                          **{**common, "defer_fid": args.defer_fid or bool(args.shard)})
     ev.config["fp_weights_sha256"] = digest
     if args.shard or args.defer_fid:
         part = f"shard {args.shard[0]}/{args.shard[1]}" if args.shard else "sampling"

@@ -29,6 +29,21 @@ def balanced_subset(labels: torch.Tensor, n: int, num_classes: int = 10) -> torc
     return torch.stack(by_class, 1).flatten()[:n]  # interleaved: class 0, 1, ..., 9, 0, 1, ...
 
 
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> their 8-bit levels 0..255, as floats."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round()
+
+
 def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
     """Round [-1, 1] images onto the 256 levels a saved PNG (and the test set) has."""
-    return (images.clamp(-1, 1).add(1).mul(127.5).round().div(127.5).sub(1))
+    return _levels(images).div(127.5).sub(1)
+
+
+def to_8bit_codes(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] finite images -> their 8-bit levels as uint8 (1 byte a pixel: what a deferred FID keeps)."""
+    return _levels(images).to(torch.uint8)
+
+
+def from_8bit_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 levels -> the images quantize_8bit gives, bit for bit (the levels are exact in float32)."""
+    return codes.float().div(127.5).sub(1)

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from ..fileio import replaced_atomically
-from . import fmnist, hooks
 from ..ops import last_backend
+from . import fmnist, hooks
 from .metrics import feature_stats, fid_from_features, frechet_distance, psnr, sqnr_db, ssim
 
 NUM_CLASSES = 10
@@ -112,16 +112,6 @@ def generate(model: nn.Module, n: int, seed: int, steps: int, guidance: float, b
         raise RuntimeError(f"sampler returned {tuple(images.shape)} images (finite: "
                            f"{bool(torch.isfinite(images).all())}) for {n} labels")
     return images
-
-
-def to_codes(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> their 8-bit levels as uint8 (1 byte a pixel: what a deferred FID keeps)."""
-    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-
-
-def from_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 levels -> the float images fmnist.quantize_8bit gives (bit for bit: the same operations)."""
-    return codes.float().div(127.5).sub(1)
 
 
 def inception_reference(extractor, n_ref: int) -> torch.Tensor:
@@ -246,7 +236,7 @@ def fill_deferred_fid(results: dict, fid_ref_n: int, device: str | torch.device 
     fid_reference = _fid_reference(fid_ref_n, device, log)
     for key in todo:
         result = results[key]
-        _score_fid(result.row, from_codes(result.fid_images), fid_reference, fid_ref_n)
+        _score_fid(result.row, fmnist.from_8bit_codes(result.fid_images), fid_reference, fid_ref_n)
         result.fid_images = None
         log(f"{key}: FID {result.row['fid']:.4g} from the kept samples ({result.row['fid_s']:.0f} s)")
         if on_result is not None:
@@ -255,7 +245,8 @@ def fill_deferred_fid(results: dict, fid_ref_n: int, device: str | torch.device 
 
 def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int, guidance: float, *,
              reference: str | None = None, sample_fn: SampleFn | None = None, batch_size: int = 50,
-             fid: bool = True, defer_fid: bool = False, fid_ref_n: int | None = None, cls_ref_n: int = 10_000, sqnr_samples: int = 4,
+             fid: bool = True, defer_fid: bool = False, fid_ref_n: int | None = None, cls_ref_n: int = 10_000,
+             sqnr_samples: int = 4,
              device: str | torch.device = "cpu", log: Callable[[str], None] = print,
              progress: bool = False, done: dict[str, ModelResult] | None = None,
              on_result: Callable[[str, ModelResult], None] | None = None) -> Evaluation:
@@ -326,7 +317,7 @@ def evaluate(models: dict[str, nn.Module], n_samples: int, seed: int, steps: int
         if fid_now:
             _score_fid(row, q8, fid_reference, fid_ref_n)
         elif fid:
-            result.fid_images = to_codes(images)
+            result.fid_images = fmnist.to_8bit_codes(images)
         if replay > 0 and name != reference:
             result.sqnr = sqnr_across_timesteps(models[reference], {name: models[name]}, calls)[name]
             result.kept_fp = kept_fp_layers(models[name], list(result.sqnr))
